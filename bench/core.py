@@ -1,0 +1,163 @@
+"""Speed of the diffusion core without Ray: UNet forward and forward+backward (img/s) and
+DDIM sampler steps, for the cifar10 and stl10 configs, with MFU from a FLOP count.
+
+    python bench/core.py --smoke                                  # tiny sizes, CPU, seconds
+    python bench/core.py --device cuda --bf16 --channels-last     # GPU
+    python bench/core.py --device cuda --bf16 --channels-last --compile --json bench/results/core-h100.json
+
+MFU = achieved FLOP/s / peak FLOP/s, with FLOPs counted by torch.utils.flop_counter on one
+forward (a training step counts 3x the forward). Peak defaults to the dense bf16 peak of
+the GPU when known (--peak-tflops overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion import build_unet, ddim_sample, make_betas
+
+# Dense bf16 tensor-core peaks, TFLOP/s.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def forward_flops(model, size: int, device) -> int:
+    x = torch.randn(1, model.config.in_channels, size, size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: str, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters: int, warmup: int, device: str) -> float:
+    """Median seconds per call over `iters` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_config(name: str, batch: int, args) -> list[dict]:
+    device = args.device
+    model = build_unet(name).to(device)
+    size = model.config.image_size
+    flops = forward_flops(model, size, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    autocast = (
+        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        if args.bf16
+        else contextlib.nullcontext()
+    )
+    net = torch.compile(model) if args.compile else model
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, **({"fused": True} if device.startswith("cuda") else {}))
+    betas = make_betas("linear")
+
+    def forward():
+        with torch.no_grad(), autocast:
+            net(x, t)
+
+    def train_step():
+        with autocast:
+            loss = net(x, t).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sample():
+        with torch.no_grad(), autocast:
+            ddim_sample(net, betas, x, steps=args.sampler_steps)
+
+    rows = []
+    for task, fn, flop_mult, calls in [
+        ("forward", forward, 1, 1),
+        ("train_step", train_step, 3, 1),
+        (f"ddim{args.sampler_steps}", sample, 1, args.sampler_steps),
+    ]:
+        model.train(task == "train_step")
+        seconds = timed(fn, args.iters, args.warmup, device)
+        achieved = flops * flop_mult * calls * batch / seconds
+        peak = peak_tflops(device, args.peak_tflops)
+        rows.append(
+            {
+                "config": name,
+                "task": task,
+                "batch": batch,
+                "seconds": seconds,
+                "img_per_s": batch / seconds,
+                "gflop_per_img_forward": flops / 1e9,
+                "tflops": achieved / 1e12,
+                "mfu": achieved / (peak * 1e12) if peak else None,
+            }
+        )
+        print(
+            f"{name:8s} {task:10s} batch {batch:4d}: {batch / seconds:9.1f} img/s  "
+            f"{achieved / 1e12:7.2f} TFLOP/s" + (f"  MFU {rows[-1]['mfu']:.1%}" if peak else ""),
+            flush=True,
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["cifar10", "stl10"], help="UNet configs to time")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128], help="batch sizes to time")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps in the sampling timing")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--smoke", action="store_true", help="tiny config, batch 2, 1 iteration: a CPU check that it runs")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.configs, args.batch_sizes, args.iters, args.warmup, args.sampler_steps = ["tiny"], [2], 1, 0, 2
+
+    rows = [row for name in args.configs for batch in args.batch_sizes for row in bench_config(name, batch, args)]
+    if args.json:
+        meta = {
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "bf16": args.bf16,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
