@@ -1,11 +1,11 @@
 """DDPM and DDIM in plain PyTorch: schedules, the Ho et al. UNet, samplers, interpolation.
 
 This package imports only torch and numpy (torchvision when writing PNGs); Ray, MLflow
-and boto3 live in the modules that need them.
+and boto3 live in the modules that need them (`diffusion.data` needs pyarrow).
 """
 
 from .ema import EMA
-from .images import from_uint8, save_grid, to_uint8
+from .images import from_uint8, save_grid, to_model_input, to_uint8
 from .interpolate import ddim_interpolate, ddim_interpolate_images, ddpm_interpolate, slerp
 from .samplers import (
     Recorded,
@@ -45,5 +45,6 @@ __all__ = [
     "save_grid",
     "slerp",
     "timesteps",
+    "to_model_input",
     "to_uint8",
 ]

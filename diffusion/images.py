@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
@@ -27,3 +28,14 @@ def save_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
     nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
     save_image(to_uint8(x).float() / 255, path, nrow=nrow, padding=2)
     return path
+
+
+def to_model_input(images: Tensor, flip: bool = True, generator=None) -> Tensor:
+    """The per-batch training transform, run where the batch lands (worker CPU or GPU):
+    uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (a channels_last view), each image
+    flipped left-right with probability 1/2 when `flip` (DDPM section 4, CIFAR-10)."""
+    x = from_uint8(images.permute(0, 3, 1, 2))
+    if flip:
+        mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
+        x = torch.where(mask, x.flip(3), x)
+    return x

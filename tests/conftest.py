@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import tarfile
-from pathlib import Path
+import uuid
 
 import numpy as np
 import pytest
 import torch
 
 from diffusion import NoiseSchedule
+from helpers import SHARED_CIFAR, free_port
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# boto3 must never probe the EC2 metadata address for credentials from a test.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
 class GaussianOracle:
@@ -61,3 +65,44 @@ def load_cifar(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
             labels.append(label)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) really listening on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """Environment pointing at the test S3 server, and a fresh bucket; yields the bucket name."""
+    import boto3
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "test-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) shared by the tests that need it."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,77 @@
+"""Test helpers: the shared CIFAR-10 copy, free ports, and synthetic data sets written in
+the exact official layouts with the arrays they must read back as."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from diffusion.data.sources import CIFAR10_SPLITS
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_cifar10(path: Path, per_batch: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """cifar-10-python.tar.gz: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta},
+    each a pickled dict with b"data" (N x 3072: R, G, B planes of 32x32) and b"labels"."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    with tarfile.open(path, "w:gz") as tar:
+        meta = {b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": per_batch}
+        _add(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+        for split, batches in CIFAR10_SPLITS.items():
+            images, labels = [], []
+            for batch in batches:
+                hwc = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+                lab = rng.integers(0, 10, per_batch).tolist()
+                data = hwc.transpose(0, 3, 1, 2).reshape(per_batch, 3072)
+                d = {
+                    b"batch_label": batch.encode(),
+                    b"labels": lab,
+                    b"data": data,
+                    b"filenames": [b"x.png"] * per_batch,
+                }
+                _add(tar, f"cifar-10-batches-py/{batch}", pickle.dumps(d, protocol=2))
+                images.append(hwc)
+                labels.extend(lab)
+            expected[split] = (np.concatenate(images), np.asarray(labels))
+    return expected
+
+
+def write_stl10(path: Path, sizes=None, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """stl10_binary.tar.gz: stl10_binary/{train,test}_{X,y}.bin, unlabeled_X.bin, class_names.txt,
+    fold_indices.txt; X is N x 3 x 96 x 96 uint8 with each plane column-major, y uint8 1..10."""
+    sizes = sizes or {"train": 5, "test": 4, "unlabeled": 7}
+    rng = np.random.default_rng(seed)
+    expected = {}
+    with tarfile.open(path, "w:gz") as tar:
+        _add(tar, "stl10_binary/class_names.txt", "\n".join(STL_CLASSES).encode() + b"\n")
+        _add(tar, "stl10_binary/fold_indices.txt", b"0 1 2\n")
+        for split, n in sizes.items():
+            hwc = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+            _add(tar, f"stl10_binary/{split}_X.bin", hwc.transpose(0, 3, 2, 1).tobytes())  # (N, C, W, H)
+            labels = np.full(n, -1)
+            if split != "unlabeled":
+                labels = rng.integers(0, 10, n)
+                _add(tar, f"stl10_binary/{split}_y.bin", (labels + 1).astype(np.uint8).tobytes())
+            expected[split] = (hwc, labels)
+    return expected
