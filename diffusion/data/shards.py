@@ -1,0 +1,223 @@
+"""Parquet shards + manifest.json: the on-storage form of a prepared data set.
+
+Each shard holds rows of (image: uint8 H x W x C as Arrow's fixed-shape tensor, label,
+index, split). `manifest.json` lists every shard with its row count, byte size and
+sha256, and is written LAST: a folder without a manifest is never a complete data set.
+Shard names carry their checksum, so a re-run never overwrites a file an older manifest
+points to; the old manifest is removed before anything else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .sources import DataError, Source
+from .storage import Location
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_BYTES = 32 * 2**20  # images per shard: as many as fit in about 32 MiB
+
+
+def _table(images: np.ndarray, labels: np.ndarray, index: np.ndarray, splits: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "image": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(images)),
+            "label": pa.array(labels, type=pa.int64()),
+            "index": pa.array(index, type=pa.int64()),
+            "split": pa.array(splits, type=pa.string()),
+        }
+    )
+
+
+def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BYTES, quiet: bool = False) -> dict:
+    """Write `source` as shards + manifest at `location`; returns the manifest.
+
+    Idempotent: when a valid manifest for the same input and options is already there, it is
+    returned untouched."""
+    fingerprint = {"dataset": source.dataset, "splits": source.splits, "shard_bytes": shard_bytes, **source.fingerprint}
+    if location.exists(MANIFEST):
+        try:
+            existing = read_manifest(location, verify="size")
+        except DataError:
+            existing = None
+        if existing and existing.get("fingerprint") == fingerprint:
+            _say(quiet, f"{location.uri} already holds this data set ({existing['count']} images); nothing to do")
+            return existing
+    location.delete(MANIFEST)  # from here on, the old shard set is no longer complete
+    location.fs.create_dir(location.path, recursive=True)
+
+    shards, pending, shape, count, start = [], [], None, 0, time.time()
+    rows_per_shard = None
+
+    def flush(rows):
+        images = np.concatenate([r[1] for r in rows])
+        labels = np.concatenate([r[2] for r in rows])
+        splits = [r[0] for r in rows for _ in range(len(r[1]))]
+        index = np.arange(count - len(images), count)
+        sink = pa.BufferOutputStream()
+        pq.write_table(_table(images, labels, index, splits), sink, compression="none")
+        data = sink.getvalue().to_pybytes()
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"shard-{len(shards):05d}-{sha[:16]}.parquet"
+        location.write_bytes(name, data)
+        shards.append({"path": name, "rows": len(images), "bytes": len(data), "sha256": sha})
+
+    buffered = 0
+    for split, images, labels in source.chunks:
+        if shape is None:
+            shape = tuple(images.shape[1:])
+            rows_per_shard = max(1, shard_bytes // int(np.prod(shape)))
+        elif tuple(images.shape[1:]) != shape:
+            raise DataError(f"image shape {images.shape[1:]} differs from the first images' {shape}")
+        while len(images):
+            take = min(len(images), rows_per_shard - buffered)
+            pending.append((split, images[:take], labels[:take]))
+            images, labels = images[take:], labels[take:]
+            buffered += take
+            count += take
+            if buffered == rows_per_shard:
+                flush(pending)
+                pending, buffered = [], 0
+        if not quiet:
+            print(f"\r{count} images ({count / max(time.time() - start, 1e-9):.0f}/s)", end="", file=sys.stderr, flush=True)
+    if pending:
+        flush(pending)
+    if count == 0:
+        raise DataError(f"{source.dataset} {source.splits} holds no images: nothing was written")
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": source.dataset,
+        "splits": source.splits,
+        "count": count,
+        "height": shape[0],
+        "width": shape[1],
+        "channels": shape[2],
+        "classes": source.classes,
+        "columns": {"image": "uint8 HWC fixed-shape tensor", "label": "int64 (-1: none)", "index": "int64", "split": "string"},
+        "fingerprint": fingerprint,
+        "shards": shards,
+    }
+    location.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+    keep = {s["path"] for s in shards} | {MANIFEST}
+    for info in location.fs.get_file_info(_selector(location)):
+        name = info.path.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet") and name not in keep:
+            location.fs.delete_file(info.path)  # shards of an older data set at the same URI
+    _say(quiet, f"wrote {count} images in {len(shards)} shards to {location.uri} ({time.time() - start:.1f} s)")
+    return manifest
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, flush=True)
+
+
+def _selector(location: Location):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(location.path, allow_not_found=True)
+
+
+def read_manifest(location: Location, verify: str = "full") -> dict:
+    """The manifest at `location`, checked: "size" compares every shard's byte size, "full"
+    also its sha256 (reads every byte), "none" checks nothing beyond the manifest itself."""
+    if verify not in ("full", "size", "none"):
+        raise ValueError(f"verify must be 'full', 'size' or 'none', got {verify!r}")
+    if not location.exists(MANIFEST):
+        raise DataError(
+            f"no {MANIFEST} at {location.uri}: it is not a prepared data set (or its preparation did not finish). "
+            f"Prepare it with: python jobs/prepare_data.py --dataset cifar10|stl10|imagefolder --out {location.uri}"
+        )
+    manifest = json.loads(location.read_bytes(MANIFEST))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{location.uri}/{MANIFEST} has format version {manifest.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}: prepare the data set again"
+        )
+    if verify == "none":
+        return manifest
+    for shard in manifest["shards"]:
+        size = location.size(shard["path"])
+        if size is None:
+            raise DataError(f"{location.uri} is missing shard {shard['path']}: prepare the data set again")
+        if size != shard["bytes"] or (verify == "full" and _sha256(location, shard["path"]) != shard["sha256"]):
+            raise DataError(
+                f"shard {shard['path']} at {location.uri} does not match its checksum in {MANIFEST} "
+                "(changed or corrupted): prepare the data set again"
+            )
+    return manifest
+
+
+def _sha256(location: Location, name: str) -> str:
+    return hashlib.sha256(location.read_bytes(name)).hexdigest()
+
+
+@dataclass
+class ShardSet:
+    """A prepared data set: its verified manifest and where its shards are."""
+
+    location: Location
+    manifest: dict
+
+    @classmethod
+    def open(cls, uri: str, endpoint_url: str | None = None, verify: str = "full") -> "ShardSet":
+        from .storage import open_location
+
+        location = open_location(uri, endpoint_url)
+        return cls(location, read_manifest(location, verify))
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [self.location.join(s["path"]) for s in self.manifest["shards"]]
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> Iterator[dict]:
+        """Batches {"image": uint8 (B, H, W, C), "label": int64 (B,), "index": int64 (B,)} as
+        numpy arrays, without Ray; each shard's bytes are checked against its sha256 as read.
+        With `shuffle`, shard order and rows within a shard are permuted (seeded)."""
+        rng = np.random.default_rng(seed)
+        shards = list(self.manifest["shards"])
+        if shuffle:
+            rng.shuffle(shards)
+        carry = None
+        for shard in shards:
+            data = self.location.read_bytes(shard["path"])
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise DataError(f"shard {shard['path']} at {self.location.uri} does not match its checksum: prepare again")
+            table = pq.read_table(pa.BufferReader(data), columns=["image", "label", "index"])
+            batch = {
+                "image": table.column("image").combine_chunks().to_numpy_ndarray(),
+                "label": table.column("label").to_numpy(),
+                "index": table.column("index").to_numpy(),
+            }
+            if shuffle:
+                order = rng.permutation(len(batch["label"]))
+                batch = {k: v[order] for k, v in batch.items()}
+            if carry is not None:
+                batch = {k: np.concatenate([carry[k], v]) for k, v in batch.items()}
+            n = len(batch["label"])
+            full = n - n % batch_size
+            for start in range(0, full, batch_size):
+                yield {k: v[start : start + batch_size] for k, v in batch.items()}
+            carry = {k: v[full:] for k, v in batch.items()} if full < n else None
+        if carry is not None and not drop_last:
+            yield carry
+
+    def ray_dataset(self, **read_kwargs):
+        """A ray.data.Dataset streaming exactly the manifest's shards (never a folder listing)."""
+        import ray.data
+
+        return ray.data.read_parquet(self.shard_paths, filesystem=self.location.fs, **read_kwargs)
