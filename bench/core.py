@@ -13,7 +13,6 @@ the GPU when known (--peak-tflops overrides).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import time
@@ -21,7 +20,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion import build_unet, ddim_sample, make_betas
+from diffusion import ddim_sample
+from diffusion.training import TrainConfig, autocast, build_state, train_step
 
 # Dense bf16 tensor-core peaks, TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -64,48 +64,37 @@ def timed(fn, iters: int, warmup: int, device: str) -> float:
 
 
 def bench_config(name: str, batch: int, args) -> list[dict]:
-    device = args.device
-    model = build_unet(name).to(device)
-    size = model.config.image_size
+    device = torch.device(args.device)
+    config = TrainConfig(model=name, bf16=args.bf16, channels_last=args.channels_last, compile=args.compile)
+    state = build_state(config, device)  # the library's model, Adam and EMA, as training uses them
+    model, size = state.model, state.model.config.image_size
     flops = forward_flops(model, size, device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    autocast = (
-        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-        if args.bf16
-        else contextlib.nullcontext()
-    )
     net = torch.compile(model) if args.compile else model
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).to(memory_format=memory_format)
     t = torch.randint(0, 1000, (batch,), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, **({"fused": True} if device.startswith("cuda") else {}))
-    betas = make_betas("linear")
 
     def forward():
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(config, device):
             net(x, t)
 
-    def train_step():
-        with autocast:
-            loss = net(x, t).float().square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():
+        train_step(state, net, x, config)  # L_simple, backward, clip, Adam, EMA
 
     def sample():
-        with torch.no_grad(), autocast:
-            ddim_sample(net, betas, x, steps=args.sampler_steps)
+        with torch.no_grad(), autocast(config, device):
+            ddim_sample(net, state.schedule.betas, x, steps=args.sampler_steps)
 
     rows = []
     for task, fn, flop_mult, calls in [
         ("forward", forward, 1, 1),
-        ("train_step", train_step, 3, 1),
+        ("train_step", step, 3, 1),
         (f"ddim{args.sampler_steps}", sample, 1, args.sampler_steps),
     ]:
         model.train(task == "train_step")
-        seconds = timed(fn, args.iters, args.warmup, device)
+        seconds = timed(fn, args.iters, args.warmup, args.device)
         achieved = flops * flop_mult * calls * batch / seconds
-        peak = peak_tflops(device, args.peak_tflops)
+        peak = peak_tflops(args.device, args.peak_tflops)
         rows.append(
             {
                 "config": name,
@@ -131,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=["cifar10", "stl10"], help="UNet configs to time")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128], help="batch sizes to time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as in training)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps in the sampling timing")

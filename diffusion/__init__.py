@@ -4,6 +4,7 @@ This package imports only torch and numpy (torchvision when writing PNGs); Ray, 
 and boto3 live in the modules that need them (`diffusion.data` needs pyarrow).
 """
 
+from .checkpoint import load_checkpoint
 from .ema import EMA
 from .images import from_uint8, save_grid, to_model_input, to_uint8
 from .interpolate import ddim_interpolate, ddim_interpolate_images, ddpm_interpolate, slerp
@@ -37,6 +38,7 @@ __all__ = [
     "ddpm_interpolate",
     "ddpm_sample",
     "fixed_batch",
+    "load_checkpoint",
     "from_uint8",
     "l_simple",
     "make_betas",

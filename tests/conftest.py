@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusion import NoiseSchedule
-from helpers import SHARED_CIFAR, free_port
+from helpers import SHARED_CIFAR, cifar_subset_folder, free_port
 
 # boto3 must never probe the EC2 metadata address for credentials from a test.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
@@ -106,3 +106,16 @@ def ray_local():
     ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory):
+    """A real CIFAR-10 subset (100 train + 20 test images per class) prepared as shards."""
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"real-data check skipped: {SHARED_CIFAR} is absent (it exists on developer machines and CI)")
+    from diffusion.data import imagefolder_source, open_location, write_shards
+
+    root = tmp_path_factory.mktemp("cifar-subset")
+    folder = cifar_subset_folder(root / "images", {"train": 100, "test": 20})
+    write_shards(imagefolder_source(folder, None, None), open_location(str(root / "shards")), quiet=True)
+    return str(root / "shards")

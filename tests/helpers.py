@@ -75,3 +75,21 @@ def write_stl10(path: Path, sizes=None, seed: int = 0) -> dict[str, tuple[np.nda
                 _add(tar, f"stl10_binary/{split}_y.bin", (labels + 1).astype(np.uint8).tobytes())
             expected[split] = (hwc, labels)
     return expected
+
+
+def cifar_subset_folder(dst: Path, per_class: dict[str, int]) -> Path:
+    """The first per_class[split] JPEGs of every class of each split of the shared CIFAR-10
+    copy, as dst/<split>/<class>/<file>.jpg (the caller skips where the copy is absent)."""
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(SHARED_CIFAR, "r|gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            key = (parts[0], parts[1])
+            if counts.get(key, 0) < per_class[parts[0]]:
+                counts[key] = counts.get(key, 0) + 1
+                path = dst / member.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(tar.extractfile(member).read())
+    return dst

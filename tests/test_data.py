@@ -257,3 +257,20 @@ def test_to_model_input_scales_and_flips():
     same = (flipped == x).flatten(1).all(1)
     mirrored = (flipped == x.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+
+
+def test_split_selection_in_both_readers(tmp_path, ray_local):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    expected = write_cifar10(archive, per_batch=3)
+    out = tmp_path / "shards"
+    prepare(
+        "--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--splits", "train", "test", "--out", out
+    )
+    shards = ShardSet.open(str(out))
+    test_rows = rows_by_index(shards.iter_batches(4, splits=["test"]))
+    assert sorted(test_rows) == list(range(15, 18))  # train is rows 0..14
+    assert all(np.array_equal(test_rows[15 + i][0], expected["test"][0][i]) for i in range(3))
+    ds = shards.ray_dataset(splits=["train"], columns=["index", "split"])
+    assert sorted(r["index"] for r in ds.take_all()) == list(range(15))
+    with pytest.raises(DataError, match=r"has no split\(s\) \['val'\]; it has \['train', 'test'\]"):
+        shards.ray_dataset(splits=["val"])

@@ -1,9 +1,9 @@
 """Data sets as Parquet shards in object storage: archives/folders -> shards -> Ray Data.
 
-    storage.py  URIs (local path or s3://bucket/prefix) -> pyarrow filesystems
-    sources.py  readers of the official CIFAR-10 / STL-10 archives and of image folders
-    shards.py   shards + manifest.json (written last); ShardSet: verified reading, plain
-                iterator without Ray, and a ray.data.Dataset
+storage.py  URIs (local path or s3://bucket/prefix) -> pyarrow filesystems
+sources.py  readers of the official CIFAR-10 / STL-10 archives and of image folders
+shards.py   shards + manifest.json (written last); ShardSet: verified reading, plain
+            iterator without Ray, and a ray.data.Dataset
 """
 
 from ..images import to_model_input

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .sources import DataError, Source
@@ -89,7 +90,12 @@ def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BY
                 flush(pending)
                 pending, buffered = [], 0
         if not quiet:
-            print(f"\r{count} images ({count / max(time.time() - start, 1e-9):.0f}/s)", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{count} images ({count / max(time.time() - start, 1e-9):.0f}/s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if pending:
         flush(pending)
     if count == 0:
@@ -104,7 +110,12 @@ def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BY
         "width": shape[1],
         "channels": shape[2],
         "classes": source.classes,
-        "columns": {"image": "uint8 HWC fixed-shape tensor", "label": "int64 (-1: none)", "index": "int64", "split": "string"},
+        "columns": {
+            "image": "uint8 HWC fixed-shape tensor",
+            "label": "int64 (-1: none)",
+            "index": "int64",
+            "split": "string",
+        },
         "fingerprint": fingerprint,
         "shards": shards,
     }
@@ -184,10 +195,19 @@ class ShardSet:
     def shard_paths(self) -> list[str]:
         return [self.location.join(s["path"]) for s in self.manifest["shards"]]
 
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> Iterator[dict]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        splits: list[str] | None = None,
+    ) -> Iterator[dict]:
         """Batches {"image": uint8 (B, H, W, C), "label": int64 (B,), "index": int64 (B,)} as
         numpy arrays, without Ray; each shard's bytes are checked against its sha256 as read.
-        With `shuffle`, shard order and rows within a shard are permuted (seeded)."""
+        With `shuffle`, shard order and rows within a shard are permuted (seeded); `splits`
+        keeps only rows of those splits."""
+        self._check_splits(splits)
         rng = np.random.default_rng(seed)
         shards = list(self.manifest["shards"])
         if shuffle:
@@ -196,10 +216,14 @@ class ShardSet:
         for shard in shards:
             data = self.location.read_bytes(shard["path"])
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise DataError(f"shard {shard['path']} at {self.location.uri} does not match its checksum: prepare again")
-            table = pq.read_table(pa.BufferReader(data), columns=["image", "label", "index"])
+                raise DataError(
+                    f"shard {shard['path']} at {self.location.uri} does not match its checksum: prepare again"
+                )
+            table = pq.read_table(pa.BufferReader(data), columns=["image", "label", "index", "split"])
+            if splits is not None:
+                table = table.filter(pa.compute.is_in(table.column("split"), pa.array(splits)))
             batch = {
-                "image": table.column("image").combine_chunks().to_numpy_ndarray(),
+                "image": self._images(table.column("image")),
                 "label": table.column("label").to_numpy(),
                 "index": table.column("index").to_numpy(),
             }
@@ -216,8 +240,24 @@ class ShardSet:
         if carry is not None and not drop_last:
             yield carry
 
-    def ray_dataset(self, **read_kwargs):
-        """A ray.data.Dataset streaming exactly the manifest's shards (never a folder listing)."""
+    def ray_dataset(self, splits: list[str] | None = None, **read_kwargs):
+        """A ray.data.Dataset streaming exactly the manifest's shards (never a folder listing),
+        with only the rows of `splits` when given."""
         import ray.data
+        from ray.data.expressions import col
 
-        return ray.data.read_parquet(self.shard_paths, filesystem=self.location.fs, **read_kwargs)
+        self._check_splits(splits)
+        ds = ray.data.read_parquet(self.shard_paths, filesystem=self.location.fs, **read_kwargs)
+        return ds if splits is None else ds.filter(expr=col("split").is_in(list(splits)))
+
+    def _images(self, column: pa.ChunkedArray) -> np.ndarray:
+        """uint8 (N, H, W, C) from the image column, chunk by chunk (pyarrow cannot combine
+        the chunks of a fixed-shape tensor column)."""
+        m = self.manifest
+        parts = [chunk.to_numpy_ndarray() for chunk in column.chunks if len(chunk)]
+        return np.concatenate(parts) if parts else np.empty((0, m["height"], m["width"], m["channels"]), np.uint8)
+
+    def _check_splits(self, splits: list[str] | None) -> None:
+        unknown = sorted(set(splits or []) - set(self.manifest["splits"]))
+        if unknown:
+            raise DataError(f"{self.location.uri} has no split(s) {unknown}; it has {self.manifest['splits']}")

@@ -47,13 +47,21 @@ class Archive:
 
 
 CIFAR10 = Archive(
-    "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+    "cifar-10-python.tar.gz",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
 )
 STL10 = Archive(
-    "stl10_binary.tar.gz", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb"
+    "stl10_binary.tar.gz",
+    "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+    "91f7769df0f17e558f3565bffb0c7dfb",
 )
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-STL10_SPLITS = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"), "unlabeled": ("unlabeled_X.bin", None)}
+STL10_SPLITS = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin", None),
+}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CHUNK = 1000
 
@@ -82,9 +90,13 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
         if e.code == 416 and have:  # the partial file is already whole
             response = None
         else:
-            raise DataError(f"download of {url} failed: HTTP {e.code}. Pass --source with a local copy instead.") from None
+            raise DataError(
+                f"download of {url} failed: HTTP {e.code}. Pass --source with a local copy instead."
+            ) from None
     except OSError as e:
-        raise DataError(f"cannot download {url}: {e}. Pass --source with a local copy of {dest.name} instead.") from None
+        raise DataError(
+            f"cannot download {url}: {e}. Pass --source with a local copy of {dest.name} instead."
+        ) from None
     if response is not None:
         with response:
             if have and response.status != 206:  # the server ignored the range: start over
@@ -96,7 +108,11 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
                     f.write(block)
                     done += len(block)
                     if total:
-                        print(f"\rdownloading {dest.name}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB", end="", file=sys.stderr)
+                        print(
+                            f"\rdownloading {dest.name}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
+                            end="",
+                            file=sys.stderr,
+                        )
             print(file=sys.stderr)
     try:
         check_md5(part, md5, url)
@@ -145,7 +161,9 @@ def _tar_members(path: Path) -> dict[str, tarfile.TarInfo]:
     return {PurePosixPath(m.name).name: m for m in tarfile.open(path).getmembers() if m.isfile()}
 
 
-def _read_member(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str, archive: Path) -> io.BufferedReader:
+def _read_member(
+    tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str, archive: Path
+) -> io.BufferedReader:
     if name not in members:
         raise DataError(f"{archive} has no {name}: it is not the official archive layout")
     return tar.extractfile(members[name])
@@ -184,7 +202,12 @@ def stl10_source(archive: Path, splits: list[str]) -> Source:
                 n = members[x_name].size // image_bytes
                 labels = np.full(n, -1, dtype=np.int64)
                 if y_name:
-                    labels = np.frombuffer(_read_member(tar, members, y_name, archive).read(), dtype=np.uint8).astype(np.int64) - 1
+                    labels = (
+                        np.frombuffer(_read_member(tar, members, y_name, archive).read(), dtype=np.uint8).astype(
+                            np.int64
+                        )
+                        - 1
+                    )
                     if len(labels) != n:
                         raise DataError(f"{archive}: {x_name} holds {n} images but {y_name} {len(labels)} labels")
                 for start in range(0, n, CHUNK):
@@ -212,7 +235,11 @@ def _list_folder(root: Path) -> tuple[list[str], callable]:
         return names, read_all
     if root.is_file() and tarfile.is_tarfile(root):
         with tarfile.open(root, "r|*") as tar:
-            names = [m.name.lstrip("./") for m in tar if m.isfile() and PurePosixPath(m.name).suffix.lower() in IMAGE_SUFFIXES]
+            names = [
+                m.name.lstrip("./")
+                for m in tar
+                if m.isfile() and PurePosixPath(m.name).suffix.lower() in IMAGE_SUFFIXES
+            ]
 
         def read_all(wanted: set[str]):
             with tarfile.open(root, "r|*") as tar:  # one streaming pass, in archive order

@@ -1,0 +1,155 @@
+"""Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): checkpoints,
+MLflow, resume, failure recovery, identical replicas."""
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from diffusion import load_checkpoint
+from diffusion.checkpoint import read_checkpoint
+from diffusion.ray_train import RUN_NAME_TAG, fit
+from diffusion.training import PRESETS
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def tiny(data, storage, name, **overrides):
+    options = dict(
+        data=data,
+        storage=str(storage),
+        name=name,
+        num_workers=2,
+        log_every=5,
+        eval_every=10,
+        checkpoint_every=10,
+        sample_every=20,
+        sample_n=4,
+        sample_steps=4,
+        heldout_size=32,
+    )
+    return PRESETS["tiny"].replace(**{**options, **overrides})
+
+
+def the_run(uri, name):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ray-diffusion")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def steps_of(client, run_id, metric):
+    return [m.step for m in client.get_metric_history(run_id, metric)]
+
+
+def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, cifar_shards, tmp_path, mlflow_uri):
+    config = tiny(cifar_shards, tmp_path / "runs", "resume", max_steps=20)
+    result = fit(config)
+    assert result.error is None
+    run_dir = tmp_path / "runs" / "resume"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000000010", "checkpoint-000000020"]
+    payload = torch.load(run_dir / "checkpoint-000000020" / "checkpoint.pt", weights_only=True)
+    assert payload["step"] == 20 and {"model", "ema", "optimizer", "betas", "config", "rng"} <= set(payload)
+
+    client, run = the_run(mlflow_uri, "resume")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.001" and run.data.params["schedule"] == "linear"
+    assert set(config.to_dict()) <= set(run.data.params)
+    assert {"loss", "lr", "grad_norm", "images_per_s", "heldout_loss", "heldout_loss_ema"} <= set(run.data.metrics)
+    assert run.data.metrics["replicas_identical"] == 1.0  # the DDP replicas end with identical weights and EMA
+    assert run.data.tags["git_commit"] and run.data.tags["ray_job_id"]
+    png = Path(client.download_artifacts(run.info.run_id, "samples/step_000000020.png", str(tmp_path)))
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+    # The same name again, with more steps: it continues from step 20, not from 0.
+    assert fit(config.replace(max_steps=30)).error is None
+    client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
+    assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
+    assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
+    assert "max_steps" in run.data.tags["resumed_with_changes"]
+    assert read_checkpoint(run_dir)["step"] == 30
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*"))[-1] == "checkpoint-000000030"
+
+    # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1.
+    heldout = client.get_metric_history(run.info.run_id, "heldout_loss")
+    assert heldout[0].step == 0 and heldout[0].value == pytest.approx(1.0, abs=0.05)
+    assert heldout[-1].step == 30 and heldout[-1].value < 0.8 * heldout[0].value
+
+    model, ema_model, loaded = load_checkpoint(str(run_dir))
+    assert loaded.max_steps == 30 and loaded.model == "tiny"
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), ema_model.parameters()) if a.abs().sum() > 0)
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(ray_local, cifar_shards, tmp_path, mlflow_uri):
+    config = tiny(cifar_shards, tmp_path / "runs", "failure", max_steps=30)
+    snapshot = tmp_path / "runs" / "failure" / "checkpoint_manager_snapshot.json"
+    killed = []
+
+    def registered(name):
+        # Ray Train's controller registers a reported checkpoint when it next polls the
+        # workers (every 2 s) and records it in this snapshot; a crash before that loses it.
+        return snapshot.exists() and f'"checkpoint_dir_name":"{name}"' in snapshot.read_text().replace(" ", "")
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline and not registered("checkpoint-000000010"):
+            time.sleep(0.2)
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+                killed.append(proc.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = fit(config)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert result.error is None
+    assert read_checkpoint(tmp_path / "runs" / "failure")["step"] == 30
+    client, run = the_run(mlflow_uri, "failure")
+    resumed = steps_of(client, run.info.run_id, "resumed_from_step")
+    assert len(resumed) == 1 and resumed[0] >= 10  # restarted from a checkpoint, not from step 0
+    assert run.data.metrics["replicas_identical"] == 1.0 and run.info.status == "FINISHED"
+
+
+def test_training_reads_and_checkpoints_on_s3_without_logging_credentials(
+    ray_local, cifar_shards, s3, tmp_path, mlflow_uri, monkeypatch
+):
+    from diffusion.data import ShardSet, write_shards
+    from diffusion.data.sources import Source
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-log-this-secret")
+    local = ShardSet.open(cifar_shards)  # copy the real subset into the bucket
+    chunks = (("train", b["image"], b["label"]) for b in local.iter_batches(256))
+    data_uri = f"s3://{s3}/data/cifar-subset"
+    write_shards(Source("imagefolder", ["train"], local.manifest["classes"], chunks), open_s3(data_uri), quiet=True)
+
+    config = tiny(data_uri, f"s3://{s3}/runs", "on-s3", max_steps=10, num_workers=1)
+    assert fit(config).error is None
+    model, ema_model, loaded = load_checkpoint(f"s3://{s3}/runs/on-s3")
+    assert loaded.max_steps == 10 and loaded.storage == f"s3://{s3}/runs"
+    client, run = the_run(mlflow_uri, "on-s3")
+    logged = str(run.data.params) + str(run.data.tags)
+    assert "do-not-log-this-secret" not in logged and "test-key" not in logged
+    assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so
+
+
+def open_s3(uri):
+    from diffusion.data import open_location
+
+    return open_location(uri)

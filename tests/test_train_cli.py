@@ -1,0 +1,114 @@
+"""jobs/train.py's options: presets, a YAML/JSON file, flags, and clear errors (no Ray started)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion.training import PRESETS, TrainConfig, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
+train_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_cli)
+
+
+def test_presets_follow_the_ddpm_recipe():
+    c = PRESETS["cifar10"]
+    assert (c.model, c.lr, c.warmup_steps, c.batch_size, c.grad_clip, c.ema_decay, c.dropout, c.flip, c.max_steps) == (
+        "cifar10",
+        2e-4,
+        5000,
+        128,
+        1.0,
+        0.9999,
+        0.1,
+        True,
+        800_000,
+    )
+    assert (c.schedule, c.num_timesteps, c.beta_start, c.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    assert PRESETS["stl10"].model == "stl10" and PRESETS["tiny"].model == "tiny"
+
+
+def test_learning_rate_warms_up_linearly_then_stays():
+    c = PRESETS["cifar10"]
+    assert lr_at(c, 0) == pytest.approx(2e-4 / 5000)
+    assert lr_at(c, 2499) == pytest.approx(1e-4)
+    assert lr_at(c, 4999) == lr_at(c, 700_000) == 2e-4
+
+
+def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.0005\nschedule: cosine\nmax_steps: 99\n")
+    config = train_cli.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--max-steps",
+            "7",
+            "--no-flip",
+            "--num-workers",
+            "2",
+        ]
+    )
+    assert isinstance(config, TrainConfig)
+    assert (config.model, config.lr, config.schedule, config.max_steps, config.flip, config.num_workers) == (
+        "tiny",
+        5e-4,
+        "cosine",
+        7,
+        False,
+        2,
+    )
+    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 32, "ema_decay": 0.999}))
+    config = train_cli.parse_args(["--config", str(tmp_path / "c.json")])
+    assert (config.model, config.batch_size, config.ema_decay) == ("cifar10", 32, 0.999)
+
+
+def test_every_config_field_is_a_flag_with_help():
+    out = subprocess.run([sys.executable, "jobs/train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--schedule", "sigmoid"], "schedule must be linear or cosine, got 'sigmoid'"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml does not exist"),
+    ],
+)
+def test_bad_options_are_named(args, message):
+    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_unknown_keys_in_a_config_file_are_named(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", str(tmp_path / "bad.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "unknown option(s) ['learning_rate']" in proc.stderr
+
+
+def test_missing_data_set_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--preset", "tiny", "--data", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert proc.returncode == 1 and "no manifest.json at" in proc.stderr and "prepare_data.py" in proc.stderr
