@@ -3,7 +3,7 @@ plain Python values so that it loads with torch.load(weights_only=True).
 
 Ray Train writes each checkpoint folder under <storage>/<run name>/checkpoint-<step>;
 `load_checkpoint` takes such a folder, the run folder (it picks the latest checkpoint), or
-the file itself, on a local path or s3://.
+the file itself, on a local path or s3://, or an MLflow training run as `runs:/<run_id>`.
 """
 
 from __future__ import annotations
@@ -57,13 +57,28 @@ def restore_state(payload: dict, state: TrainState) -> None:
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
 
 
+def resolve_mlflow_uri(uri: str) -> str:
+    """`runs:/<run_id>`: the latest checkpoint of that MLflow training run (its checkpoint_uri tag)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = uri[len("runs:/") :].strip("/").split("/")[0]
+    tag = MlflowClient().get_run(run_id).data.tags.get("checkpoint_uri")
+    if not tag:
+        raise FileNotFoundError(f"MLflow run {run_id} has no checkpoint_uri tag: it has not checkpointed yet")
+    return tag
+
+
 def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) -> dict:
-    """The payload of a checkpoint file, checkpoint folder or run folder (latest checkpoint)."""
+    """The payload of a checkpoint file, checkpoint folder, run folder (latest checkpoint) or
+    MLflow training run (`runs:/<run_id>`)."""
+    from pyarrow import fs as pafs
+
     from .data.storage import open_location
 
     uri = str(path_or_uri)
+    if uri.startswith("runs:/"):
+        uri = resolve_mlflow_uri(uri)
     location = open_location(uri, endpoint_url, check=False)
-    from pyarrow import fs as pafs
 
     info = location.fs.get_file_info(location.path)
     if info.type == pafs.FileType.NotFound:

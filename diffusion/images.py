@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -19,14 +20,16 @@ def from_uint8(x: Tensor) -> Tensor:
     return x.float() / 127.5 - 1
 
 
-def save_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write (B, C, H, W) images in [-1, 1] as one PNG grid (nrow per row, square by default)."""
+def save_grid(x: Tensor, path: str | Path | BinaryIO, nrow: int | None = None) -> Path | BinaryIO:
+    """Write (B, C, H, W) images in [-1, 1] as one PNG grid (nrow per row, square by default)
+    to a file path or a binary file object."""
     from torchvision.utils import save_image  # torchvision is needed only to write images
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
-    save_image(to_uint8(x).float() / 255, path, nrow=nrow, padding=2)
+    save_image(to_uint8(x).float() / 255, path, nrow=nrow, padding=2, format="png")
     return path
 
 

@@ -222,6 +222,9 @@ class MlflowLogger:
             self.client.log_batch, self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
         )
 
+    def tag(self, key: str, value: str) -> None:
+        self._safe(self.client.set_tag, self.run_id, key, value)
+
     def image(self, path: str, artifact_path: str) -> None:
         self._safe(self.client.log_artifact, self.run_id, path, artifact_path)
 
@@ -288,6 +291,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint=Checkpoint.from_directory(d) if rank == 0 else None,
                 checkpoint_dir_name=checkpoint_dir_name(state.step),
             )
+        if rank == 0:  # lets `runs:/<run_id>` stand for the latest checkpoint (Serve, sampling jobs)
+            logger.tag("checkpoint_uri", f"{config.storage}/{config.name}/{checkpoint_dir_name(state.step)}")
 
     def evaluate() -> dict:
         if rank != 0:

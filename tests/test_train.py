@@ -82,6 +82,8 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, ci
     assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
     assert "max_steps" in run.data.tags["resumed_with_changes"]
     assert read_checkpoint(run_dir)["step"] == 30
+    assert run.data.tags["checkpoint_uri"].endswith("resume/checkpoint-000000030")
+    assert read_checkpoint(f"runs:/{run.info.run_id}")["step"] == 30  # an MLflow run stands for its checkpoint
     assert sorted(p.name for p in run_dir.glob("checkpoint-*"))[-1] == "checkpoint-000000030"
 
     # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1.

@@ -1,0 +1,98 @@
+"""Sampling from a trained model by seeds: the one code path behind the Serve endpoint and
+the batch sampling job. Image i depends only on its seed and the sampler settings, never on
+which other seeds share its batch (per-seed generators + `fixed_batch`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .images import to_uint8
+from .interpolate import ddim_interpolate, ddpm_interpolate
+from .samplers import ddim_sample, ddpm_sample, fixed_batch, make_generators, randn, timesteps
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything but the seeds that decides a sample; requests with equal settings can share a batch."""
+
+    sampler: str = "ddim"  # "ddim" or "ddpm"
+    steps: int = 50  # DDIM steps (DDPM always runs all T)
+    eta: float = 0.0
+    spacing: str = "uniform"
+    variance: str = "posterior"  # DDPM sigma^2
+
+
+class Sampler:
+    """A model ready to sample: eval mode, on its device, evaluated at one batch shape."""
+
+    def __init__(self, model: nn.Module, betas: Tensor, batch_size: int = 16):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.betas = betas
+        self.net = fixed_batch(model, batch_size)
+        self.shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+
+    def noise(self, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:
+        """x_T for each seed, and the per-seed generators that continue with its sampling noise."""
+        generators = make_generators(seeds, self.device)
+        return randn((len(seeds), *self.shape), generators, self.device), generators
+
+    @torch.no_grad()
+    def samples(self, seeds: Sequence[int], settings: SamplerSettings, record=None):
+        """Images in [-1, 1], (N, C, H, W); with `record`, also the recorded trajectory."""
+        x_T, generators = self.noise(seeds)
+        if settings.sampler == "ddim":
+            return ddim_sample(
+                self.net,
+                self.betas,
+                x_T,
+                settings.steps,
+                settings.eta,
+                settings.spacing,
+                generator=generators,
+                record=record,
+            )
+        if settings.sampler == "ddpm":
+            return ddpm_sample(self.net, self.betas, x_T, settings.variance, generator=generators, record=record)
+        raise ValueError(f"unknown sampler {settings.sampler!r}: choose ddim or ddpm")
+
+    @torch.no_grad()
+    def sequence(self, seed: int, settings: SamplerSettings, record: Sequence[int] | None = None, count: int = 10):
+        """The diffusion sequence of one seed: (timesteps from noisiest, x_t frames, predicted x_0
+        frames), at `record` or at `count` evenly spaced timesteps the sampler visits."""
+        if record is None:
+            T = len(self.betas)
+            visited = (
+                list(range(T))
+                if settings.sampler == "ddpm"
+                else timesteps(T, settings.steps, settings.spacing).tolist()
+            )
+            picks = torch.linspace(0, len(visited) - 1, min(count, len(visited))).round().long().tolist()
+            record = [visited[i] for i in picks]
+        record = sorted(set(record), reverse=True)
+        _, trajectory = self.samples([seed], settings, record=record)
+        return (
+            record,
+            torch.cat([trajectory[t].x_t for t in record]),
+            torch.cat([trajectory[t].pred_x0 for t in record]),
+        )
+
+    @torch.no_grad()
+    def ddim_interpolation(
+        self, seed_a: int, seed_b: int, lambdas: Sequence[float], steps: int, spacing: str
+    ) -> Tensor:
+        x_T, _ = self.noise([seed_a, seed_b])
+        return ddim_interpolate(self.net, self.betas, x_T[:1], x_T[1:], lambdas, steps, spacing)
+
+    @torch.no_grad()
+    def ddpm_interpolation(self, x0_a: Tensor, x0_b: Tensor, t: int, lambdas: Sequence[float], seed: int) -> Tensor:
+        return ddpm_interpolate(self.net, self.betas, x0_a.to(self.device), x0_b.to(self.device), t, lambdas, seed=seed)
+
+
+def as_uint8_hwc(x: Tensor) -> Tensor:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) on the CPU."""
+    return to_uint8(x).permute(0, 2, 3, 1).contiguous().cpu()

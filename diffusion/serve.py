@@ -1,0 +1,231 @@
+"""Ray Serve application: sampling, interpolation and diffusion sequences over HTTP.
+
+    POST /v1/samples        {n | seeds | seed, sampler, steps, eta, spacing, variance, format}
+    POST /v1/interpolations {mode: ddim (slerp of two seeds' noise) | ddpm (two uploaded images), lambdas | count, t}
+    POST /v1/sequences      {seed, sampler, steps, eta, record: [timesteps], format}
+    GET  /healthz           model, image size, checkpoint step
+    GET  /openapi.json      the schema (FastAPI)
+
+Concurrent /v1/samples requests are batched across callers by @serve.batch; requests with
+the same sampler settings share one model batch. The model is evaluated at a fixed batch
+shape, so a seed gives the same image whether or not its request was batched with others.
+"""
+
+import base64
+import io
+import json
+import random
+from collections import defaultdict
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from .checkpoint import load_checkpoint
+from .generate import Sampler, SamplerSettings, as_uint8_hwc
+from .images import from_uint8
+from .schedule import make_betas
+
+MAX_IMAGES = 64  # per request
+MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1, le=1000, description="DDIM steps (DDPM runs all 1000)")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta: 0 deterministic, 1 DDPM-like")
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    variance: Literal["posterior", "beta"] = "posterior"
+
+    def key(self) -> SamplerSettings:
+        return SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance)
+
+
+class SamplesRequest(Settings):
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="number of images (default: len(seeds) or 1)")
+    seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_IMAGES, description="one seed per image")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="first seed; image i uses seed + i")
+    format: Literal["png", "npz", "json"] = "png"
+
+    @model_validator(mode="after")
+    def _seeds(self):
+        if self.seeds is not None:
+            if any(not 0 <= s < 2**63 for s in self.seeds):
+                raise ValueError("seeds: every seed must be in [0, 2**63)")
+            if self.n is not None and self.n != len(self.seeds):
+                raise ValueError(f"n: {self.n} does not match the {len(self.seeds)} seeds given")
+            if self.seed is not None:
+                raise ValueError("seed: give either seed or seeds, not both")
+        return self
+
+    def resolved_seeds(self) -> list[int]:
+        if self.seeds is not None:
+            return list(self.seeds)
+        first = self.seed if self.seed is not None else random.randrange(2**62)
+        return [first + i for i in range(self.n or 1)]
+
+
+class InterpolationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["ddim", "ddpm"] = "ddim"
+    seeds: list[int] | None = Field(None, min_length=2, max_length=2, description="ddim: the two noises' seeds")
+    images: list[str] | None = Field(None, min_length=2, max_length=2, description="ddpm: two base64 PNGs")
+    lambdas: list[float] | None = Field(None, min_length=1, max_length=MAX_IMAGES)
+    count: int = Field(9, ge=2, le=MAX_IMAGES, description="evenly spaced lambdas in [0, 1] when none are given")
+    t: int = Field(250, ge=0, le=999, description="ddpm: 0-based timestep the images are noised to")
+    steps: int = Field(50, ge=1, le=1000, description="ddim: DDIM steps")
+    spacing: Literal["uniform", "quadratic"] = "uniform"
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="ddpm: noise seed")
+    format: Literal["png", "npz", "json"] = "png"
+
+    @model_validator(mode="after")
+    def _inputs(self):
+        if self.lambdas is not None and any(not 0.0 <= x <= 1.0 for x in self.lambdas):
+            raise ValueError("lambdas: every lambda must be in [0, 1]")
+        if self.mode == "ddim" and self.seeds is None:
+            raise ValueError("seeds: mode ddim needs two seeds")
+        if self.mode == "ddpm" and self.images is None:
+            raise ValueError("images: mode ddpm needs two base64-encoded PNG images")
+        return self
+
+    def resolved_lambdas(self) -> list[float]:
+        return self.lambdas if self.lambdas is not None else np.linspace(0, 1, self.count).tolist()
+
+
+class SequenceRequest(Settings):
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    record: list[int] | None = Field(None, min_length=1, max_length=MAX_IMAGES, description="timesteps to show")
+    show: Literal["x_t", "pred_x0"] = "x_t"
+    format: Literal["png", "npz", "json"] = "png"
+
+
+app = FastAPI(title="ray-diffusion", description=__doc__)
+
+
+def encode(images: np.ndarray, fmt: str, headers: dict) -> Response:
+    """uint8 (N, H, W, C) as one PNG grid, an npz of the array, or JSON of base64 PNGs."""
+    from PIL import Image
+
+    if fmt == "npz":
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images)
+        return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+    if fmt == "json":
+        pngs = []
+        for image in images:
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            pngs.append(base64.b64encode(buf.getvalue()).decode())
+        return Response(json.dumps({"images": pngs, **headers}), media_type="application/json", headers=headers)
+    from .images import save_grid
+
+    buf = io.BytesIO()
+    save_grid(from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2)), buf)
+    return Response(buf.getvalue(), media_type="image/png", headers=headers)
+
+
+def decode_png(data: str, shape: tuple[int, int, int], field: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise HTTPException(422, f"{field}: not valid base64") from None
+    if len(raw) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"{field}: image larger than {MAX_UPLOAD_BYTES} bytes")
+    try:
+        image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        raise HTTPException(422, f"{field}: not a decodable image") from None
+    channels, size, _ = shape
+    if image.shape != (size, size, channels):
+        raise HTTPException(422, f"{field}: image is {image.shape[1]}x{image.shape[0]}, the model needs {size}x{size}")
+    return from_uint8(torch.from_numpy(image).permute(2, 0, 1))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress(app)
+class DiffusionService:
+    def __init__(self, checkpoint: str, batch_size: int = 16, batch_wait_s: float = 0.05, ema: bool = True):
+        model, ema_model, config = load_checkpoint(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config = config
+        betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
+        self.sampler = Sampler((ema_model if ema else model).to(device), betas, batch_size)
+        self.weights = "ema" if ema else "raw"
+        self._sample_batch.set_max_batch_size(batch_size)
+        self._sample_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        c, h, w = self.sampler.shape
+        return {"status": "ok", "model": self.config.model, "image_shape": [h, w, c], "weights": self.weights}
+
+    @app.post("/v1/samples")
+    async def samples(self, request: SamplesRequest) -> Response:
+        seeds = request.resolved_seeds()
+        images, batch_requests, batch_images = await self._sample_batch((request.key(), seeds))
+        headers = {
+            "x-seeds": ",".join(map(str, seeds)),
+            "x-batch-requests": str(batch_requests),
+            "x-batch-images": str(batch_images),
+        }
+        return encode(images, request.format, headers)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def _sample_batch(self, jobs: list[tuple[SamplerSettings, list[int]]]) -> list[tuple[np.ndarray, int, int]]:
+        """Requests from many callers; those with equal settings are sampled as one batch."""
+        groups: dict[SamplerSettings, list[int]] = defaultdict(list)
+        for i, (settings, _) in enumerate(jobs):
+            groups[settings].append(i)
+        results: list = [None] * len(jobs)
+        for settings, members in groups.items():
+            seeds = [s for i in members for s in jobs[i][1]]
+            images = as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy()
+            start = 0
+            for i in members:
+                n = len(jobs[i][1])
+                results[i] = (images[start : start + n], len(members), len(seeds))
+                start += n
+        return results
+
+    @app.post("/v1/interpolations")
+    def interpolations(self, request: InterpolationRequest) -> Response:
+        lambdas = request.resolved_lambdas()
+        if request.mode == "ddim":
+            x = self.sampler.ddim_interpolation(
+                request.seeds[0], request.seeds[1], lambdas, request.steps, request.spacing
+            )
+        else:
+            a, b = (decode_png(img, self.sampler.shape, f"images[{i}]") for i, img in enumerate(request.images))
+            x = self.sampler.ddpm_interpolation(a, b, request.t, lambdas, request.seed)
+        return encode(as_uint8_hwc(x).numpy(), request.format, {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)})
+
+    @app.post("/v1/sequences")
+    def sequences(self, request: SequenceRequest) -> Response:
+        try:
+            record, x_t, pred_x0 = self.sampler.sequence(request.seed, request.key(), request.record)
+        except ValueError as e:
+            raise HTTPException(422, f"record: {e}") from None
+        frames = x_t if request.show == "x_t" else pred_x0
+        return encode(as_uint8_hwc(frames).numpy(), request.format, {"x-timesteps": ",".join(map(str, record))})
+
+
+def build_app(
+    checkpoint: str,
+    batch_size: int = 16,
+    batch_wait_s: float = 0.05,
+    ema: bool = True,
+    replicas: int = 1,
+    gpus: float = 0.0,
+):
+    """The Serve application for `serve.run` / `serve run diffusion.serve:build_app checkpoint=...`."""
+    deployment = DiffusionService.options(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": 0.5, "num_gpus": gpus},
+    )
+    return deployment.bind(checkpoint, int(batch_size), float(batch_wait_s), ema)

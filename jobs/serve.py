@@ -1,0 +1,51 @@
+"""Serve a trained model over HTTP with Ray Serve (sampling, interpolation, sequences).
+
+    python jobs/serve.py --checkpoint runs/cifar10-linear                 # latest checkpoint of a run
+    python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 4 --gpus 1 --host 0.0.0.0
+    python jobs/serve.py --checkpoint runs:/<mlflow run id>               # a training run tracked in MLflow
+    serve run jobs/serve_config.yaml                                      # the same, from a Serve config
+
+Then: curl -X POST localhost:8000/v1/samples -d '{"n": 16, "seed": 0}' -o samples.png
+The schema is at /docs and /openapi.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI or runs:/<mlflow run id>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model batch (the fixed batch shape)")
+    p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits for more requests")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas")
+    p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
+    p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
+    args = p.parse_args(argv)
+
+    import signal
+
+    import ray
+    from ray import serve
+
+    from diffusion.serve import build_app
+
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait below, in every thread
+    ray.init()
+    gpus = args.gpus if args.gpus >= 0 else float(ray.cluster_resources().get("GPU", 0) > 0)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(args.checkpoint, args.batch_size, args.batch_wait_s, not args.raw, args.replicas, gpus)
+    serve.run(app, blocking=False)
+    print(f"serving {args.checkpoint} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    signal.sigwait(stop)
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
