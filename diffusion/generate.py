@@ -61,9 +61,12 @@ class Sampler:
         raise ValueError(f"unknown sampler {settings.sampler!r}: choose ddim or ddpm")
 
     @torch.no_grad()
-    def sequence(self, seed: int, settings: SamplerSettings, record: Sequence[int] | None = None, count: int = 10):
-        """The diffusion sequence of one seed: (timesteps from noisiest, x_t frames, predicted x_0
-        frames), at `record` or at `count` evenly spaced timesteps the sampler visits."""
+    def sequences(
+        self, seeds: Sequence[int], settings: SamplerSettings, record: Sequence[int] | None = None, count: int = 10
+    ):
+        """Diffusion sequences of `seeds`, sampled as one batch: (timesteps from noisiest, x_t
+        frames, predicted x_0 frames), frames seed-major, (len(seeds) * len(record), C, H, W);
+        at `record` or at `count` evenly spaced timesteps the sampler visits."""
         if record is None:
             T = len(self.betas)
             visited = (
@@ -74,12 +77,12 @@ class Sampler:
             picks = torch.linspace(0, len(visited) - 1, min(count, len(visited))).round().long().tolist()
             record = [visited[i] for i in picks]
         record = sorted(set(record), reverse=True)
-        _, trajectory = self.samples([seed], settings, record=record)
-        return (
-            record,
-            torch.cat([trajectory[t].x_t for t in record]),
-            torch.cat([trajectory[t].pred_x0 for t in record]),
-        )
+        _, trajectory = self.samples(seeds, settings, record=record)
+
+        def frames(name: str) -> Tensor:
+            return torch.stack([getattr(trajectory[t], name) for t in record], dim=1).flatten(0, 1)
+
+        return record, frames("x_t"), frames("pred_x0")
 
     @torch.no_grad()
     def ddim_interpolation(

@@ -208,7 +208,7 @@ class DiffusionService:
     @app.post("/v1/sequences")
     def sequences(self, request: SequenceRequest) -> Response:
         try:
-            record, x_t, pred_x0 = self.sampler.sequence(request.seed, request.key(), request.record)
+            record, x_t, pred_x0 = self.sampler.sequences([request.seed], request.key(), request.record)
         except ValueError as e:
             raise HTTPException(422, f"record: {e}") from None
         frames = x_t if request.show == "x_t" else pred_x0
@@ -222,10 +222,21 @@ def build_app(
     ema: bool = True,
     replicas: int = 1,
     gpus: float = 0.0,
+    max_replicas: int = 0,
+    target_ongoing_requests: float = 32,
 ):
-    """The Serve application for `serve.run` / `serve run diffusion.serve:build_app checkpoint=...`."""
-    deployment = DiffusionService.options(
-        num_replicas=replicas,
-        ray_actor_options={"num_cpus": 0.5, "num_gpus": gpus},
-    )
-    return deployment.bind(checkpoint, int(batch_size), float(batch_wait_s), ema)
+    """The Serve application for `serve.run` / `serve run diffusion.serve:build_app checkpoint=...`.
+
+    With max_replicas > replicas, Serve autoscales between the two, adding a replica (a GPU
+    each, with gpus=1) when replicas average more than `target_ongoing_requests` in flight."""
+    options = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": float(gpus)}}
+    if max_replicas > replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": int(replicas),
+            "initial_replicas": int(replicas),
+            "max_replicas": int(max_replicas),
+            "target_ongoing_requests": float(target_ongoing_requests),
+        }
+    else:
+        options["num_replicas"] = int(replicas)
+    return DiffusionService.options(**options).bind(checkpoint, int(batch_size), float(batch_wait_s), ema)

@@ -1,7 +1,7 @@
 """Serve a trained model over HTTP with Ray Serve (sampling, interpolation, sequences).
 
     python jobs/serve.py --checkpoint runs/cifar10-linear                 # latest checkpoint of a run
-    python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 4 --gpus 1 --host 0.0.0.0
+    python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 1 --max-replicas 8 --gpus 1 --host 0.0.0.0
     python jobs/serve.py --checkpoint runs:/<mlflow run id>               # a training run tracked in MLflow
     serve run jobs/serve_config.yaml                                      # the same, from a Serve config
 
@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch (the fixed batch shape)")
     p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits for more requests")
-    p.add_argument("--replicas", type=int, default=1, help="model replicas")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (the minimum when autoscaling)")
+    p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0: fixed)")
+    p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
     p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
     p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
     args = p.parse_args(argv)
@@ -39,9 +41,21 @@ def main(argv=None) -> int:
     ray.init()
     gpus = args.gpus if args.gpus >= 0 else float(ray.cluster_resources().get("GPU", 0) > 0)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(args.checkpoint, args.batch_size, args.batch_wait_s, not args.raw, args.replicas, gpus)
+    app = build_app(
+        args.checkpoint,
+        args.batch_size,
+        args.batch_wait_s,
+        not args.raw,
+        args.replicas,
+        gpus,
+        args.max_replicas,
+        args.target_ongoing,
+    )
     serve.run(app, blocking=False)
-    print(f"serving {args.checkpoint} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas
+    print(
+        f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} (Ctrl-C to stop)", flush=True
+    )
     signal.sigwait(stop)
     serve.shutdown()
     return 0

@@ -93,3 +93,20 @@ def cifar_subset_folder(dst: Path, per_class: dict[str, int]) -> Path:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(tar.extractfile(member).read())
     return dst
+
+
+def tiny_checkpoint(path: Path, mlflow_run_id: str = "") -> str:
+    """A tiny-UNet checkpoint (no training) whose EMA weights are perturbed from the zero
+    initialisation, so that samples are not trivially equal."""
+    import torch
+
+    from diffusion.checkpoint import save_checkpoint
+    from diffusion.training import PRESETS, build_state
+
+    torch.manual_seed(0)
+    state = build_state(PRESETS["tiny"], torch.device("cpu"))
+    with torch.no_grad():
+        for p in state.ema.ema_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_checkpoint(path, state, PRESETS["tiny"], mlflow_run_id=mlflow_run_id)
+    return str(path)

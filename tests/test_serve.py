@@ -6,28 +6,15 @@ import json
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from diffusion.checkpoint import save_checkpoint
-from diffusion.training import PRESETS, build_state
-from helpers import free_port
+from helpers import free_port, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def tiny_checkpoint(path):
-    """A tiny-UNet checkpoint whose weights are perturbed from the zero initialisation."""
-    torch.manual_seed(0)
-    state = build_state(PRESETS["tiny"], torch.device("cpu"))
-    with torch.no_grad():
-        for p in state.ema.ema_model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(path, state, PRESETS["tiny"])
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +173,8 @@ def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
             str(port),
             "--batch-size",
             "4",
+            "--max-replicas",
+            "2",
         ],
         cwd=root,
         env=env,
@@ -207,3 +196,18 @@ def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+    assert "replicas 1..2 autoscaled" in proc.stdout.read()
+
+
+def test_serve_config_file_is_a_valid_serve_application(tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from diffusion.serve import build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    args = {**config["applications"][0]["args"], "max_replicas": 4, "gpus": 1}
+    deployment = build_app(**args)._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
