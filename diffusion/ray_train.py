@@ -85,24 +85,27 @@ def _git_commit() -> str:
         return os.environ.get("GIT_COMMIT", "unknown")
 
 
-def mlflow_run(config: TrainConfig, uri: str) -> str:
+def mlflow_experiment(client, name: str, uri: str) -> str:
+    """The id of MLflow experiment `name`, created if new. A sqlite store keeps no artifacts of
+    its own: they go beside the database, not into the folder each Ray worker runs in."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def mlflow_run(config: TrainConfig, uri: str, tags: dict | None = None) -> str:
     """The MLflow run of this training run: the one tagged with its name (a resume), or a new
-    one. Params are the full config; a resume that changes some (say max_steps) records them
-    in a tag, as MLflow params cannot change."""
+    one with `tags`. Params are the full config; a resume that changes some (say max_steps)
+    records them in a tag, as MLflow params cannot change."""
     import ray
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(config.experiment)
-    if experiment is None:
-        # A sqlite store keeps no artifacts of its own: put them beside the database, not in
-        # the folder each Ray worker happens to run in. A tracking server decides for itself.
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
-        experiment_id = client.create_experiment(config.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = mlflow_experiment(client, config.experiment, uri)
     params = {k: str(v) for k, v in config.to_dict().items()}
     found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{config.name}'", max_results=1)
     if found:
@@ -117,6 +120,7 @@ def mlflow_run(config: TrainConfig, uri: str) -> str:
             RUN_NAME_TAG: config.name,
             "git_commit": _git_commit(),
             "ray_job_id": ray.get_runtime_context().get_job_id(),
+            **(tags or {}),
         }
         run_id = client.create_run(experiment_id, run_name=config.name, tags=tags).info.run_id
     from mlflow.entities import Param
@@ -144,9 +148,11 @@ def heldout_images(shards: ShardSet, config: TrainConfig) -> tuple[np.ndarray, l
     return np.concatenate(images)[: config.heldout_size], train_splits, source
 
 
-def fit(config: TrainConfig, callbacks: list | None = None):
+def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | None = None, close_run: bool = True):
     """Train with Ray Train on the current Ray cluster (a local one is started if none is
-    connected). The same name and storage resume the latest checkpoint."""
+    connected). The same name and storage resume the latest checkpoint. `callbacks` are Ray
+    Train callbacks; `mlflow_tags` go on a new MLflow run (a sweep's parent, say); with
+    close_run=False the caller sets the run's final status (a sweep, whose scheduler may stop it)."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -160,7 +166,7 @@ def fit(config: TrainConfig, callbacks: list | None = None):
     heldout, train_splits, heldout_source = heldout_images(shards, config)
     storage = open_location(config.storage, config.endpoint_url or None)
     uri = tracking_uri()
-    run_id = mlflow_run(config, uri)
+    run_id = mlflow_run(config, uri, mlflow_tags)
     client = MlflowClient(uri)
     client.set_tag(run_id, "heldout_source", heldout_source)
     print(
@@ -197,9 +203,11 @@ def fit(config: TrainConfig, callbacks: list | None = None):
     try:
         result = trainer.fit()
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        if close_run:
+            client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    if close_run:
+        client.set_terminated(run_id, status="FINISHED")
     return result
 
 

@@ -1,0 +1,58 @@
+"""Command-line options of TrainConfig, shared by jobs/train.py and tune/sweep.py: a preset,
+then an optional YAML/JSON file, then one flag per TrainConfig field, each overriding the last."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .training import PRESETS, TrainConfig
+
+
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--preset, --config FILE and a flag per TrainConfig field (but those in `skip`)."""
+    parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS), help="recipe to start from")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options (between preset and flags)")
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=f.metadata["help"])
+
+
+def train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    """The validated TrainConfig the options describe (a parser error names a bad option)."""
+    config = PRESETS[args.preset]
+    if args.config:
+        config = config.replace(**read_options_file(Path(args.config), parser, "--config"))
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
+    try:
+        return config.replace(**{k: v for k, v in overrides.items() if v is not None}).validate()
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, known: set[str] | None = None) -> dict:
+    """A YAML or JSON mapping whose keys are all `known` (TrainConfig fields by default)."""
+    if not path.is_file():
+        parser.error(f"{flag} {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        parser.error(f"{flag} {path}: expected a mapping of option names to values")
+    allowed = known if known is not None else {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        hint = f"; choose from {sorted(known)}" if known is not None else " (see --help)"
+        parser.error(f"{flag} {path}: unknown option(s) {unknown}{hint}")
+    return values
