@@ -37,28 +37,32 @@ def sampler_from(payload: dict, batch_size: int, ema: bool = True) -> Sampler:
 
 
 class SampleWriter:
-    """A Ray Data actor: samples a batch of seeds and writes it to `out`."""
+    """A Ray Data actor: samples a batch of seeds and writes it to `out` (unless None)."""
 
-    def __init__(self, checkpoint, settings, out, fmt, batch_size, endpoint_url):
-        self.sampler = sampler_from(read_checkpoint(checkpoint, endpoint_url), batch_size)
+    def __init__(self, checkpoint, settings, out, fmt, batch_size, endpoint_url, ema=True):
+        self.sampler = sampler_from(read_checkpoint(checkpoint, endpoint_url), batch_size, ema)
         self.settings, self.fmt = settings, fmt
-        self.location = open_location(out, endpoint_url, check=False)
+        self.location = open_location(out, endpoint_url, check=False) if out else None
 
     def __call__(self, batch: dict) -> dict:
         seeds = batch["seed"].tolist()
         images = as_uint8_hwc(self.sampler.samples(seeds, self.settings)).numpy()
+        if self.location is not None:
+            self._write(seeds, images)
+        return {"seed": batch["seed"], "image": images}
+
+    def _write(self, seeds: list[int], images: np.ndarray) -> None:
         if self.fmt == "npz":
             buf = io.BytesIO()
             np.savez(buf, images=images, seeds=np.asarray(seeds))
             self.location.write_bytes(f"shard-{seeds[0]:010d}.npz", buf.getvalue())
-        else:
-            from PIL import Image
+            return
+        from PIL import Image
 
-            for seed, image in zip(seeds, images):
-                buf = io.BytesIO()
-                Image.fromarray(image).save(buf, format="PNG")
-                self.location.write_bytes(f"{seed:010d}.png", buf.getvalue())
-        return {"seed": batch["seed"], "image": images}
+        for seed, image in zip(seeds, images):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            self.location.write_bytes(f"{seed:010d}.png", buf.getvalue())
 
 
 def figures(sampler: Sampler, seeds: list[int]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -87,6 +91,44 @@ def figures(sampler: Sampler, seeds: list[int]) -> dict[str, tuple[torch.Tensor,
     return out
 
 
+def resolve_workers(workers: int, gpus_per_worker: float) -> tuple[int, float]:
+    """Actors and GPUs per actor: by default one actor per GPU of the cluster, or one on CPU."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus_per_worker = (1.0 if gpus else 0.0) if gpus_per_worker < 0 else gpus_per_worker
+    return workers or (max(1, int(gpus)) if gpus else 1), gpus_per_worker
+
+
+def sample_dataset(
+    checkpoint: str,
+    n: int,
+    settings: SamplerSettings,
+    out: str | None,
+    seed: int = 0,
+    fmt: str = "png",
+    batch_size: int = 64,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    endpoint_url: str | None = None,
+    ema: bool = True,
+):
+    """A ray.data.Dataset of {"seed", "image": uint8 (B, H, W, C)} for seeds seed..seed+n-1,
+    sampled by an actor pool (each actor writes its images to `out` unless it is None)."""
+    import ray
+
+    ds = ray.data.range(n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
+    return ds.map_batches(
+        SampleWriter,
+        fn_constructor_args=(checkpoint, settings, out, fmt, batch_size, endpoint_url, ema),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=gpus_per_worker,
+        num_cpus=0.5 if not gpus_per_worker else 1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+    )
+
+
 def run(
     checkpoint: str,
     n: int,
@@ -108,9 +150,7 @@ def run(
 
     if not ray.is_initialized():
         ray.init()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_worker = (1.0 if gpus else 0.0) if gpus_per_worker < 0 else gpus_per_worker
-    workers = workers or (max(1, int(gpus)) if gpus else 1)
+    workers, gpus_per_worker = resolve_workers(workers, gpus_per_worker)
     payload = read_checkpoint(checkpoint, endpoint_url)
     location = open_location(out, endpoint_url)
     location.fs.create_dir(location.path, recursive=True)
@@ -133,16 +173,7 @@ def run(
     for k, v in params.items():
         client.log_param(run_id, k, v)
 
-    ds = ray.data.range(n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
-    ds = ds.map_batches(
-        SampleWriter,
-        fn_constructor_args=(checkpoint, settings, out, fmt, batch_size, endpoint_url),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_gpus=gpus_per_worker,
-        num_cpus=0.5 if not gpus_per_worker else 1,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-    )
+    ds = sample_dataset(checkpoint, n, settings, out, seed, fmt, batch_size, workers, gpus_per_worker, endpoint_url)
     start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,5 +1,6 @@
-"""Command-line options of TrainConfig, shared by jobs/train.py and tune/sweep.py: a preset,
-then an optional YAML/JSON file, then one flag per TrainConfig field, each overriding the last."""
+"""Command-line options shared by the entry points: TrainConfig's (jobs/train.py, tune/sweep.py:
+a preset, then an optional YAML/JSON file, then one flag per field, each overriding the last)
+and the sampler's (jobs/sample.py, jobs/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from .generate import SamplerSettings
 from .training import PRESETS, TrainConfig
 
 
@@ -56,3 +58,18 @@ def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, kn
         hint = f"; choose from {sorted(known)}" if known is not None else " (see --help)"
         parser.error(f"{flag} {path}: unknown option(s) {unknown}{hint}")
     return values
+
+
+def add_sampler_options(parser: argparse.ArgumentParser, steps: int = 50, spacing: str = "uniform") -> None:
+    """--sampler, --steps, --eta, --spacing, --variance: a SamplerSettings."""
+    parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (steps, eta) or DDPM (all T)")
+    parser.add_argument("--steps", type=int, default=steps, help="DDIM steps")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--spacing", default=spacing, choices=["uniform", "quadratic"], help="DDIM tau spacing")
+    parser.add_argument("--variance", default="posterior", choices=["posterior", "beta"], help="DDPM sigma^2")
+
+
+def sampler_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerSettings:
+    if not 1 <= args.steps <= 1000 or args.eta < 0:
+        parser.error(f"--steps must be in [1, 1000] and --eta >= 0, got {args.steps} and {args.eta}")
+    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.variance)

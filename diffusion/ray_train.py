@@ -24,7 +24,7 @@ import torch
 from .checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, restore_state, save_checkpoint
 from .data import ShardSet, open_location
 from .images import from_uint8, save_grid, to_model_input
-from .training import HeldoutSet, TrainConfig, build_state, lr_at, sample_grid, train_step
+from .training import HeldoutSet, TrainConfig, build_state, ddim_samples, lr_at, sample_grid, train_step
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
 log = logging.getLogger("ray_diffusion")
@@ -148,6 +148,30 @@ def heldout_images(shards: ShardSet, config: TrainConfig) -> tuple[np.ndarray, l
     return np.concatenate(images)[: config.heldout_size], train_splits, source
 
 
+def fid_reference(config: TrainConfig, client, run_id: str):
+    """For in-training FID: the data set's reference statistics (cached beside its shards) and
+    the Inception weights, in the object store for the workers; the settings go to MLflow."""
+    import ray
+
+    from .batch_sample import resolve_workers
+    from .evaluate import reference_stats
+    from .fid import inception_weights
+
+    weights = inception_weights(config.inception_weights or None)
+    workers, gpus = resolve_workers(0, -1)
+    reference = reference_stats(
+        config.data,
+        config.fid_splits.split("+"),
+        str(weights),
+        workers=workers,
+        gpus_per_worker=gpus,
+        endpoint_url=config.endpoint_url or None,
+    )
+    for key in ("n", "manifest_sha256", "weights_sha256"):
+        client.set_tag(run_id, f"fid_reference_{key}", str(reference[key]))
+    return ray.put({"mu": reference["mu"], "sigma": reference["sigma"], "weights": weights.read_bytes()})
+
+
 def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | None = None, close_run: bool = True):
     """Train with Ray Train on the current Ray cluster (a local one is started if none is
     connected). The same name and storage resume the latest checkpoint. `callbacks` are Ray
@@ -181,6 +205,7 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
             "tracking_uri": uri,
             "run_id": run_id,
             "heldout": ray.put(heldout),
+            "fid_reference": fid_reference(config, client, run_id) if config.fid_every else None,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -315,6 +340,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         return metrics
 
+    fid_net = fid_reference = None
+    if config.fid_every:
+        import io
+
+        from .fid import InceptionFeatures
+
+        fid_reference = ray.get(loop_config["fid_reference"])
+        fid_net = InceptionFeatures(io.BytesIO(fid_reference.pop("weights"))).to(device)
+
+    def evaluate_fid() -> dict:
+        """FID of fid_n EMA samples, their seeds spread over the ranks; statistics summed across ranks."""
+        from .fid import FeatureStats, frechet_distance
+        from .generate import as_uint8_hwc
+
+        stats = FeatureStats()
+        seeds = list(range(rank, config.fid_n, world))
+        for start in range(0, len(seeds), per_worker):
+            x = ddim_samples(state.ema.ema_model, state.schedule, config, seeds[start : start + per_worker])
+            stats.add(fid_net(as_uint8_hwc(x))[0].cpu().numpy())
+        if world > 1:
+            sums = torch.from_numpy(np.concatenate([[stats.n], stats.sum, stats.outer.ravel()])).to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu().numpy()
+            dim = len(stats.sum)
+            stats.n, stats.sum, stats.outer = int(sums[0]), sums[1 : 1 + dim], sums[1 + dim :].reshape(dim, dim)
+        if rank != 0:
+            return {}
+        fid = frechet_distance(stats.mu, stats.sigma, fid_reference["mu"], fid_reference["sigma"])
+        logger.metrics({"fid": fid}, state.step)
+        log.info(f"step {state.step}: FID {fid:.2f} ({stats.n} EMA samples, {config.sample_steps} DDIM steps)")
+        return {"fid": fid}
+
     def log_samples() -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -365,6 +422,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics.update(evaluate())
             if step % config.sample_every == 0 or step == config.max_steps:
                 log_samples()
+            if config.fid_every and (step % config.fid_every == 0 or step == config.max_steps):
+                metrics.update(evaluate_fid())
             if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.max_steps:
                 report(
                     dict(metrics, step=step),

@@ -34,7 +34,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 class SweepConfig:
     name: str = "sweep"  # the sweep's name: its Tune folder, MLflow parent run and trial-name prefix
     num_samples: int = 8  # trials drawn from the space (times every grid's size)
-    metric: str = "heldout_loss"  # what ASHA and the best trial minimise
+    metric: str = "heldout_loss"  # what ASHA and the best trial minimise: heldout_loss(_ema) or fid
     grace_steps: int = 0  # steps every trial runs before ASHA may stop it (0: max_steps // 8)
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
     max_concurrent: int = 0  # trials at once (0: as many as resources allow)
@@ -109,8 +109,9 @@ class CloseTrialRuns(Callback):
     max_t, before their own code can) and prints one line per finished trial. A trial cut
     off by Ctrl-C is not complete: its run stays RUNNING until --resume finishes it."""
 
-    def __init__(self, uri: str, experiment_id: str, sweep_name: str, max_steps: int):
+    def __init__(self, uri: str, experiment_id: str, sweep_name: str, max_steps: int, metric: str):
         self.uri, self.experiment_id, self.sweep_name, self.max_steps = uri, experiment_id, sweep_name, max_steps
+        self.metric = metric
 
     def _run_id(self, trial) -> str | None:
         from mlflow.tracking import MlflowClient
@@ -134,7 +135,7 @@ class CloseTrialRuns(Callback):
                 client.set_tag(run_id, "stopped_early", f"by ASHA at step {step}")
             client.set_terminated(run_id, status="KILLED" if early else "FINISHED")
         how = f"stopped early by ASHA at step {step}" if early else f"finished {step} steps"
-        print(f"trial {trial.trial_id} {how}, heldout_loss {result.get('heldout_loss', float('nan')):.4f}", flush=True)
+        print(f"trial {trial.trial_id} {how}, {self.metric} {result.get(self.metric, float('nan')):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from mlflow.tracking import MlflowClient
@@ -186,7 +187,10 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     every = base.log_every
     base = resolve_paths(
         base.replace(
-            name=sweep.name, eval_every=every, checkpoint_every=max(every, base.checkpoint_every // every * every)
+            name=sweep.name,
+            eval_every=every,
+            checkpoint_every=max(every, base.checkpoint_every // every * every),
+            fid_every=every if sweep.metric == "fid" else base.fid_every,
         )
     )
     for name, value in space.items():  # fixed values must make a valid config too
@@ -214,7 +218,7 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     scheduler = ASHAScheduler(
         time_attr="step", max_t=base.max_steps, grace_period=grace, reduction_factor=sweep.reduction_factor
     )
-    callbacks = [CloseTrialRuns(uri, experiment_id, sweep.name, base.max_steps)]
+    callbacks = [CloseTrialRuns(uri, experiment_id, sweep.name, base.max_steps, sweep.metric)]
     if sweep.resume:
         tuner = tune.Tuner.restore(
             experiment_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs

@@ -57,6 +57,10 @@ class TrainConfig:
     sample_every: int = _opt(20000, "steps between EMA sample grids logged to MLflow")
     sample_n: int = _opt(64, "images in a sample grid")
     sample_steps: int = _opt(50, "DDIM steps for sample grids")
+    fid_every: int = _opt(0, "steps between FIDs of fid_n EMA DDIM samples (sample_steps) in training (0: off)")
+    fid_n: int = _opt(5000, "samples per in-training FID, spread over the workers")
+    fid_splits: str = _opt("train", "reference splits of the in-training FID, e.g. train or test+train")
+    inception_weights: str = _opt("", "FID Inception weights (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)")
     # resources and speed
     num_workers: int = _opt(0, "Ray Train workers (0: one per GPU, or 1 without GPUs)")
     gpus_per_worker: float = _opt(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)")
@@ -98,6 +102,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.fid_every < 0 or (self.fid_every and self.fid_n < 2):
+            problems.append(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -204,11 +210,15 @@ class HeldoutSet:
 
 
 @torch.no_grad()
-def sample_grid(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig) -> Tensor:
-    """DDIM (eta=0) samples from fixed seeds 0..sample_n-1: the same x_T at every step of a run."""
+def ddim_samples(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig, seeds) -> Tensor:
+    """DDIM (eta=0, sample_steps) samples of `model` from the per-seed x_T of `seeds`, in [-1, 1]."""
     device = next(model.parameters()).device
     size, channels = model.config.image_size, model.config.in_channels
-    generators = make_generators(range(config.sample_n), "cpu")
-    x_T = randn((config.sample_n, channels, size, size), generators).to(device)
+    x_T = randn((len(seeds), channels, size, size), make_generators(seeds, "cpu")).to(device)
     with autocast(config, device):
         return ddim_sample(model, schedule.betas, x_T, min(config.sample_steps, config.num_timesteps)).float()
+
+
+def sample_grid(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig) -> Tensor:
+    """Samples from fixed seeds 0..sample_n-1: the same x_T at every step of a run."""
+    return ddim_samples(model, schedule, config, list(range(config.sample_n)))

@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusion.generate import SamplerSettings
+from diffusion.options import add_sampler_options, sampler_settings
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI or runs:/<mlflow run id>")
     p.add_argument("--n", type=int, default=64, help="number of images (seeds seed .. seed+n-1)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (steps, eta) or DDPM (all T)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM tau spacing")
-    p.add_argument("--variance", default="posterior", choices=["posterior", "beta"], help="DDPM sigma^2")
+    add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--format", default="png", choices=["png", "npz"], help="one PNG per image, or npz shards")
@@ -31,15 +27,15 @@ def main(argv=None) -> int:
     p.add_argument("--figure-seeds", type=int, default=8, help="seeds per figure (an even number)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1 or not 1 <= args.steps <= 1000 or args.eta < 0:
-        p.error("--n and --batch-size must be >= 1, --steps in [1, 1000], --eta >= 0")
+    settings = sampler_settings(args, p)
+    if args.n < 1 or args.batch_size < 1:
+        p.error("--n and --batch-size must be >= 1")
     if args.figure_seeds < 2 or args.figure_seeds % 2:
         p.error("--figure-seeds must be an even number >= 2 (interpolations take seeds in pairs)")
 
     from diffusion.batch_sample import run
     from diffusion.data import StorageError
 
-    settings = SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.variance)
     try:
         run_id = run(
             args.checkpoint,

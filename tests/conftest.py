@@ -119,3 +119,11 @@ def cifar_shards(tmp_path_factory):
     folder = cifar_subset_folder(root / "images", {"train": 100, "test": 20})
     write_shards(imagefolder_source(folder, None, None), open_location(str(root / "shards")), quiet=True)
     return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """A randomly initialised FID Inception weights file (labelled: not the real weights)."""
+    from helpers import random_fid_inception
+
+    return random_fid_inception(tmp_path_factory.mktemp("inception") / "random-init-fid-inception-NOT-REAL.pth")

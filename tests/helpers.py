@@ -110,3 +110,22 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "") -> str:
             p.add_(0.02 * torch.randn_like(p))
     save_checkpoint(path, state, PRESETS["tiny"], mlflow_run_id=mlflow_run_id)
     return str(path)
+
+
+def random_fid_inception(path: Path) -> Path:
+    """A randomly initialised FID InceptionV3 saved as a weights file: NOT the real FID weights.
+    Its BatchNorm statistics come from two batches of noise, so activations stay O(1)."""
+    import torch
+
+    from diffusion.fid import build_fid_inception
+
+    torch.manual_seed(0)
+    net = build_fid_inception()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over the batches
+    with torch.no_grad():
+        for _ in range(2):
+            net.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
+    torch.save(net.state_dict(), path)
+    return path

@@ -170,3 +170,30 @@ def test_the_compare_page_screenshot_shows_the_trials(swept):
     assert len(names) == 4 and all(name in page for name in names)  # the compare view lists every trial
     with Image.open(out) as image:
         assert image.size == (1600, 1400) and np.asarray(image.convert("L")).std() > 5
+
+
+def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_inception, tmp_path):
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_ADDRESS="local", RAY_AUTH_MODE="disabled"
+    )
+    options = (
+        f"--preset tiny --data {cifar_shards} --storage {tmp_path / 'runs'} --name by-fid --metric fid "
+        f"--num-samples 2 --max-steps 5 --log-every 5 --grace-steps 5 --max-concurrent 1 --num-workers 1 "
+        f"--cpus-per-worker 0.25 --heldout-size 8 --sample-n 2 --sample-steps 2 --fid-n 4 --fid-splits test "
+        f"--inception-weights {random_inception}"
+    )
+    proc = subprocess.run(
+        [sys.executable, "tune/sweep.py", *options.split()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'sweep'"
+    )
+    assert parent.data.metrics["best_fid"] > 0

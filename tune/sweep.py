@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     s.add_argument(
         "--metric",
         default="heldout_loss",
-        choices=["heldout_loss", "heldout_loss_ema"],
-        help="what ASHA and the best trial minimise (held-out L_simple of the raw or EMA weights)",
+        choices=["heldout_loss", "heldout_loss_ema", "fid"],
+        help="what ASHA and the best trial minimise: held-out L_simple of the raw or EMA weights, or the FID of "
+        "--fid-n EMA samples against --fid-splits (computed at every report: costly)",
     )
     s.add_argument("--grace-steps", type=int, default=0, help="steps before ASHA may stop a trial (0: max_steps/8)")
     s.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung")
