@@ -118,6 +118,7 @@ def mlflow_run(config: TrainConfig, uri: str, tags: dict | None = None) -> str:
     else:
         tags = {
             RUN_NAME_TAG: config.name,
+            "kind": "training",
             "git_commit": _git_commit(),
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             **(tags or {}),

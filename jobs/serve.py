@@ -4,6 +4,7 @@
     python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 1 --max-replicas 8 --gpus 1 --host 0.0.0.0
     python jobs/serve.py --checkpoint runs:/<mlflow run id>               # a training run tracked in MLflow
     serve run jobs/serve_config.yaml                                      # the same, from a Serve config
+    ray job submit --working-dir . -- python jobs/serve.py --checkpoint s3://bucket/runs/NAME --detach   # on a cluster
 
 Then: curl -X POST localhost:8000/v1/samples -d '{"n": 16, "seed": 0}' -o samples.png
 The schema is at /docs and /openapi.json.
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
     p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
     p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
+    p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
 
     import signal
@@ -53,9 +55,10 @@ def main(argv=None) -> int:
     )
     serve.run(app, blocking=False)
     scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas
-    print(
-        f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} (Ctrl-C to stop)", flush=True
-    )
+    stop_with = "`serve shutdown` to stop" if args.detach else "Ctrl-C to stop"
+    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} ({stop_with})", flush=True)
+    if args.detach:
+        return 0
     signal.sigwait(stop)
     serve.shutdown()
     return 0

@@ -12,6 +12,7 @@ Re-running with the same --name (and --storage) resumes from the latest checkpoi
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
 
 from diffusion.options import add_train_options, train_config
@@ -37,7 +38,9 @@ def main(argv=None) -> int:
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if result.checkpoint:  # as a URI the other jobs take (Ray's path drops the s3:// scheme)
+        run_and_checkpoint = result.checkpoint.path.rstrip("/").split("/")[-2:]
+        print(f"latest checkpoint: {posixpath.join(config.storage, *run_and_checkpoint)}")
     return 0
 
 
