@@ -22,25 +22,26 @@ from .data.storage import open_location
 from .generate import Sampler, SamplerSettings, as_uint8_hwc
 from .images import from_uint8, save_grid
 from .schedule import make_betas
+from .speed import SamplerSpeed
 from .training import TrainConfig
 from .unet import build_unet
 
 
-def sampler_from(payload: dict, batch_size: int, ema: bool = True) -> Sampler:
+def sampler_from(payload: dict, batch_size: int, ema: bool = True, speed: SamplerSpeed = SamplerSpeed()) -> Sampler:
     """A Sampler on this process's GPU (or CPU) from a checkpoint payload."""
     config = TrainConfig(**payload["config"])
     model = build_unet(config.model, dropout=config.dropout)
     model.load_state_dict(payload["ema" if ema else "model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
-    return Sampler(model.to(device), betas, batch_size)
+    return Sampler(model.to(device), betas, batch_size, speed)
 
 
 class SampleWriter:
     """A Ray Data actor: samples a batch of seeds and writes it to `out` (unless None)."""
 
-    def __init__(self, checkpoint, settings, out, fmt, batch_size, endpoint_url, ema=True):
-        self.sampler = sampler_from(read_checkpoint(checkpoint, endpoint_url), batch_size, ema)
+    def __init__(self, checkpoint, settings, out, fmt, batch_size, endpoint_url, ema=True, speed=SamplerSpeed()):
+        self.sampler = sampler_from(read_checkpoint(checkpoint, endpoint_url), batch_size, ema, speed)
         self.settings, self.fmt = settings, fmt
         self.location = open_location(out, endpoint_url, check=False) if out else None
 
@@ -112,6 +113,7 @@ def sample_dataset(
     gpus_per_worker: float = 0,
     endpoint_url: str | None = None,
     ema: bool = True,
+    speed: SamplerSpeed = SamplerSpeed(),
 ):
     """A ray.data.Dataset of {"seed", "image": uint8 (B, H, W, C)} for seeds seed..seed+n-1,
     sampled by an actor pool (each actor writes its images to `out` unless it is None)."""
@@ -120,7 +122,7 @@ def sample_dataset(
     ds = ray.data.range(n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
     return ds.map_batches(
         SampleWriter,
-        fn_constructor_args=(checkpoint, settings, out, fmt, batch_size, endpoint_url, ema),
+        fn_constructor_args=(checkpoint, settings, out, fmt, batch_size, endpoint_url, ema, speed),
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=gpus_per_worker,
@@ -143,6 +145,7 @@ def run(
     with_figures: bool = False,
     figure_seeds: int = 8,
     experiment: str = "ray-diffusion",
+    speed: SamplerSpeed = SamplerSpeed(),
 ) -> str:
     """Sample seeds seed..seed+n-1 to `out`; returns the MLflow run id."""
     import ray
@@ -169,11 +172,14 @@ def run(
         "out": out,
         "checkpoint_step": payload["step"],
         **asdict(settings),
+        **asdict(speed),
     }
     for k, v in params.items():
         client.log_param(run_id, k, v)
 
-    ds = sample_dataset(checkpoint, n, settings, out, seed, fmt, batch_size, workers, gpus_per_worker, endpoint_url)
+    ds = sample_dataset(
+        checkpoint, n, settings, out, seed, fmt, batch_size, workers, gpus_per_worker, endpoint_url, speed=speed
+    )
     start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -201,7 +207,8 @@ def run(
         save_grid(from_uint8(grid), Path(d) / "samples.png")
         client.log_artifact(run_id, str(Path(d) / "samples.png"))
         if with_figures:
-            local = sampler_from(payload, batch_size)
+            # The figures' batches hold figure_seeds images or 10 lambdas: no padding to batch_size.
+            local = sampler_from(payload, min(batch_size, max(figure_seeds, 10)), speed=speed)
             for name, (grid, per_row) in figures(local, list(range(seed, seed + figure_seeds))).items():
                 save_grid(grid, Path(d) / f"{name}.png", nrow=per_row)
                 client.log_artifact(run_id, str(Path(d) / f"{name}.png"), "figures")

@@ -22,6 +22,7 @@ from .checkpoint import read_checkpoint
 from .data import ShardSet
 from .fid import FeatureStats, InceptionFeatures, file_sha256, frechet_distance, inception_score
 from .generate import SamplerSettings
+from .speed import SamplerSpeed
 
 
 class InceptionActor:
@@ -105,6 +106,7 @@ def evaluate(
     out: str | None = None,
     endpoint_url: str | None = None,
     experiment: str = "ray-diffusion",
+    speed: SamplerSpeed = SamplerSpeed(),
 ) -> dict:
     """FID and IS of n samples of `checkpoint` against the data set's reference statistics,
     logged to an MLflow run (linked to the training run); returns the results and settings."""
@@ -121,7 +123,7 @@ def evaluate(
     start = time.time()
     reference = reference_stats(data, splits, weights, batch_size, workers, gpus_per_worker, endpoint_url)
     samples = sample_dataset(
-        checkpoint, n, settings, out, seed, "npz", batch_size, workers, gpus_per_worker, endpoint_url, ema
+        checkpoint, n, settings, out, seed, "npz", batch_size, workers, gpus_per_worker, endpoint_url, ema, speed
     )
     stats, logits = extract(samples, weights, batch_size, workers, gpus_per_worker)
     fid = frechet_distance(stats.mu, stats.sigma, reference["mu"], reference["sigma"])
@@ -133,6 +135,7 @@ def evaluate(
         "n": stats.n,
         "weights": "ema" if ema else "raw",
         **asdict(settings),
+        **asdict(speed),
         "seed": seed,
         "checkpoint": checkpoint,
         "checkpoint_step": payload["step"],

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .images import to_uint8
 from .interpolate import ddim_interpolate, ddpm_interpolate
 from .samplers import ddim_sample, ddpm_sample, fixed_batch, make_generators, randn, timesteps
+from .speed import SamplerSpeed, sampling_model
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,14 @@ class SamplerSettings:
 
 
 class Sampler:
-    """A model ready to sample: eval mode, on its device, evaluated at one batch shape."""
+    """A model ready to sample: eval mode, on its device, evaluated at one batch shape, in
+    the precision and compilation of `speed` (default: bf16 on CUDA, not compiled)."""
 
-    def __init__(self, model: nn.Module, betas: Tensor, batch_size: int = 16):
+    def __init__(self, model: nn.Module, betas: Tensor, batch_size: int = 16, speed: SamplerSpeed = SamplerSpeed()):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.betas = betas
-        self.net = fixed_batch(model, batch_size)
+        self.net = fixed_batch(sampling_model(model, speed), batch_size)
         self.shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
 
     def noise(self, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:

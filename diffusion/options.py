@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .generate import SamplerSettings
+from .speed import PRECISIONS, SamplerSpeed
 from .training import PRESETS, TrainConfig
 
 
@@ -67,6 +68,17 @@ def add_sampler_options(parser: argparse.ArgumentParser, steps: int = 50, spacin
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--spacing", default=spacing, choices=["uniform", "quadratic"], help="DDIM tau spacing")
     parser.add_argument("--variance", default="posterior", choices=["posterior", "beta"], help="DDPM sigma^2")
+    add_speed_options(parser)
+
+
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """--precision, --compile: a SamplerSpeed."""
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="UNet precision (auto: bf16 on GPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA graphs on GPUs)")
+
+
+def sampler_speed(args: argparse.Namespace) -> SamplerSpeed:
+    return SamplerSpeed(args.precision, args.compile)
 
 
 def sampler_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerSettings:

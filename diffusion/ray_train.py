@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ import torch
 from .checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, restore_state, save_checkpoint
 from .data import ShardSet, open_location
 from .images import from_uint8, save_grid, to_model_input
+from .speed import DeviceData, fits_on_device
 from .training import HeldoutSet, TrainConfig, build_state, ddim_samples, lr_at, sample_grid, train_step
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
@@ -206,6 +209,7 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
             "tracking_uri": uri,
             "run_id": run_id,
             "heldout": ray.put(heldout),
+            "dataset_bytes": len(shards) * math.prod(shards.manifest[k] for k in ("height", "width", "channels")),
             "fid_reference": fid_reference(config, client, run_id) if config.fid_every else None,
         },
         scaling_config=ScalingConfig(
@@ -383,19 +387,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     per_worker = config.batch_size // world
     shard = ray.train.get_dataset_shard("train")
+
+    def ray_data_batches(batch_size: int = per_worker, drop_last: bool = True):
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes={"image": torch.uint8},
+            device=device,
+            drop_last=drop_last,
+            local_shuffle_buffer_size=4 * batch_size,
+        ):
+            yield batch["image"]
+
+    epoch = ray_data_batches
+    if config.data_on_device == "on" or (
+        config.data_on_device == "auto" and fits_on_device(loop_config["dataset_bytes"] // world, device)
+    ):
+        # One pass of this worker's Ray Data split lands on the device; later epochs reshuffle it there.
+        chunks = list(ray_data_batches(4096, drop_last=False)) or [torch.empty(0, 0, 0, 0, dtype=torch.uint8)]
+        cached = DeviceData(torch.cat(chunks))
+        if rank == 0:
+            logger.metrics({"images_on_device": len(cached)}, state.step)
+            log.info(
+                f"training images kept on {device}: {len(cached)} on rank 0, {cached.images.nbytes / 2**20:.0f} MiB"
+            )
+        epoch = partial(cached.epoch, per_worker)
     metrics: dict = evaluate() if state.step == 0 else {}
     loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, time.time()
     run_start, start_step = time.time(), state.step
     while state.step < config.max_steps:
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker,
-            dtypes={"image": torch.uint8},
-            device=device,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * per_worker,
-        )
-        for batch in batches:
-            x0 = to_model_input(batch["image"], flip=config.flip)
+        for images in epoch():
+            x0 = to_model_input(images, flip=config.flip)
             loss, grad_norm = train_step(state, net, x0, config)
             loss_sum += loss
             window_steps += 1

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
@@ -28,6 +29,7 @@ from .checkpoint import load_checkpoint
 from .generate import Sampler, SamplerSettings, as_uint8_hwc
 from .images import from_uint8
 from .schedule import make_betas
+from .speed import SamplerSpeed
 
 MAX_IMAGES = 64  # per request
 MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
@@ -106,6 +108,16 @@ class SequenceRequest(Settings):
 app = FastAPI(title="ray-diffusion", description=__doc__)
 
 
+@app.middleware("http")
+async def require_json_bodies(request, call_next):
+    """FastAPI reads a body as JSON only under a JSON content type (a CSRF guard); say so, and how."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and media_type != "application/json":
+        detail = f"the body must be JSON sent as Content-Type: application/json, got {media_type or 'none'!r}"
+        return JSONResponse({"detail": f"{detail} (curl: -H 'content-type: application/json')"}, status_code=415)
+    return await call_next(request)
+
+
 def encode(images: np.ndarray, fmt: str, headers: dict) -> Response:
     """uint8 (N, H, W, C) as one PNG grid, an npz of the array, or JSON of base64 PNGs."""
     from PIL import Image
@@ -150,12 +162,19 @@ def decode_png(data: str, shape: tuple[int, int, int], field: str) -> torch.Tens
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(app)
 class DiffusionService:
-    def __init__(self, checkpoint: str, batch_size: int = 16, batch_wait_s: float = 0.05, ema: bool = True):
+    def __init__(
+        self,
+        checkpoint: str,
+        batch_size: int = 16,
+        batch_wait_s: float = 0.05,
+        ema: bool = True,
+        speed: SamplerSpeed = SamplerSpeed(),
+    ):
         model, ema_model, config = load_checkpoint(checkpoint)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.config = config
         betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
-        self.sampler = Sampler((ema_model if ema else model).to(device), betas, batch_size)
+        self.sampler = Sampler((ema_model if ema else model).to(device), betas, batch_size, speed)
         self.weights = "ema" if ema else "raw"
         self._sample_batch.set_max_batch_size(batch_size)
         self._sample_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -224,11 +243,14 @@ def build_app(
     gpus: float = 0.0,
     max_replicas: int = 0,
     target_ongoing_requests: float = 32,
+    precision: str = "auto",
+    compile: bool = False,
 ):
     """The Serve application for `serve.run` / `serve run diffusion.serve:build_app checkpoint=...`.
 
     With max_replicas > replicas, Serve autoscales between the two, adding a replica (a GPU
-    each, with gpus=1) when replicas average more than `target_ongoing_requests` in flight."""
+    each, with gpus=1) when replicas average more than `target_ongoing_requests` in flight.
+    `precision` (auto: bf16 on GPUs) and `compile` (CUDA graphs) set how replicas run the UNet."""
     options = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": float(gpus)}}
     if max_replicas > replicas:
         options["autoscaling_config"] = {
@@ -239,4 +261,6 @@ def build_app(
         }
     else:
         options["num_replicas"] = int(replicas)
-    return DiffusionService.options(**options).bind(checkpoint, int(batch_size), float(batch_wait_s), ema)
+    return DiffusionService.options(**options).bind(
+        checkpoint, int(batch_size), float(batch_wait_s), ema, SamplerSpeed(precision, bool(compile))
+    )

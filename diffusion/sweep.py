@@ -37,7 +37,7 @@ class SweepConfig:
     metric: str = "heldout_loss"  # what ASHA and the best trial minimise: heldout_loss(_ema) or fid
     grace_steps: int = 0  # steps every trial runs before ASHA may stop it (0: max_steps // 8)
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    max_concurrent: int = 0  # trials at once (0: as many as resources allow)
+    max_concurrent: int = 0  # trials at once (0: as many as resources allow with GPUs, 1 without)
     seed: int = 0  # seed of the search over the space
     resume: bool = False  # continue an interrupted sweep of the same name and storage
 
@@ -206,6 +206,9 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     ShardSet.open(base.data, base.endpoint_url or None, verify="size")  # a bad data URI fails here, not per trial
     if not ray.is_initialized():
         ray.init()
+    max_concurrent = sweep.max_concurrent
+    if not max_concurrent and not ray.cluster_resources().get("GPU"):
+        max_concurrent = 1  # CPU-only: concurrent trials starve each other's Ray Data reads of CPUs (a hang)
     uri = tracking_uri()
     client = MlflowClient(uri)
     experiment_id = mlflow_experiment(client, base.experiment, uri)
@@ -232,7 +235,7 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
                 mode="min",
                 num_samples=sweep.num_samples,
                 scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent),
+                search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent),
             ),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=storage.path, storage_filesystem=storage.fs, callbacks=callbacks

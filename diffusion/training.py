@@ -68,6 +68,9 @@ class TrainConfig:
     bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
     channels_last: bool = _opt(True, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the UNet")
+    data_on_device: str = _opt(
+        "auto", "keep each worker's training images in device memory: auto (on a GPU, when they fit), on, off"
+    )
     max_failures: int = _opt(3, "worker failures Ray Train recovers from")
     experiment: str = _opt("ray-diffusion", "MLflow experiment")
 
@@ -102,6 +105,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.data_on_device not in ("auto", "on", "off"):
+            problems.append(f"data_on_device must be auto, on or off, got {self.data_on_device!r}")
         if self.fid_every < 0 or (self.fid_every and self.fid_n < 2):
             problems.append(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
         if problems:

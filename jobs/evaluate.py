@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from diffusion.options import add_sampler_options, sampler_settings
+from diffusion.options import add_sampler_options, sampler_settings, sampler_speed
 
 
 def main(argv=None) -> int:
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
             args.workers,
             out=args.out,
             endpoint_url=args.endpoint_url,
+            speed=sampler_speed(args),
         )
     except (DataError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffusion.options import add_sampler_options, sampler_settings
+from diffusion.options import add_sampler_options, sampler_settings, sampler_speed
 
 
 def main(argv=None) -> int:
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
             endpoint_url=args.endpoint_url,
             with_figures=args.figures,
             figure_seeds=args.figure_seeds,
+            speed=sampler_speed(args),
         )
     except (StorageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

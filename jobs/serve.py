@@ -6,7 +6,7 @@
     serve run jobs/serve_config.yaml                                      # the same, from a Serve config
     ray job submit --working-dir . -- python jobs/serve.py --checkpoint s3://bucket/runs/NAME --detach   # on a cluster
 
-Then: curl -X POST localhost:8000/v1/samples -d '{"n": 16, "seed": 0}' -o samples.png
+Then: curl -X POST localhost:8000/v1/samples -H 'content-type: application/json' -d '{"n": 16, "seed": 0}' -o samples.png
 The schema is at /docs and /openapi.json.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from diffusion.options import add_speed_options
 
 
 def main(argv=None) -> int:
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
     p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
     p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
+    add_speed_options(p)
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
 
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
         gpus,
         args.max_replicas,
         args.target_ongoing,
+        args.precision,
+        args.compile,
     )
     serve.run(app, blocking=False)
     scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas

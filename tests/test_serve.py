@@ -31,9 +31,9 @@ def service(ray_local, tmp_path_factory):
     serve.shutdown()
 
 
-def post(url, body, raw=False):
+def post(url, body, raw=False, content_type="application/json"):
     data = body if raw else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"content-type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, r.headers, r.read()
@@ -110,6 +110,11 @@ def test_malformed_sample_requests_get_a_4xx_naming_the_field(service, body, sta
     assert got == status and field in text.decode(), text
     ok, _, _ = post(f"{service}/v1/samples", {"n": 1, "seed": 0, "steps": 2, "format": "npz"})
     assert ok == 200  # the replica keeps serving
+
+
+def test_a_body_not_sent_as_json_gets_a_415_naming_the_header(service):
+    got, _, text = post(f"{service}/v1/samples", {"n": 1}, content_type="application/x-www-form-urlencoded")
+    assert got == 415 and "Content-Type: application/json" in text.decode(), text  # what `curl -d` sends
 
 
 def test_interpolations(service):

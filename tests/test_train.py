@@ -75,11 +75,13 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, ci
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
 
-    # The same name again, with more steps: it continues from step 20, not from 0.
-    assert fit(config.replace(max_steps=30)).error is None
+    # The same name again, with more steps: it continues from step 20, not from 0 (now with the
+    # training images held in the workers' device memory instead of streamed by Ray Data).
+    assert fit(config.replace(max_steps=30, data_on_device="on")).error is None
     client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
     assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
+    assert 400 <= run.data.metrics["images_on_device"] <= 600  # rank 0's half of the 1,000 training images
     assert "max_steps" in run.data.tags["resumed_with_changes"]
     assert read_checkpoint(run_dir)["step"] == 30
     assert run.data.tags["checkpoint_uri"].endswith("resume/checkpoint-000000030")

@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     )
     s.add_argument("--grace-steps", type=int, default=0, help="steps before ASHA may stop a trial (0: max_steps/8)")
     s.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung")
-    s.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
+    s.add_argument(
+        "--max-concurrent", type=int, default=0, help="trials at once (0: as GPUs allow; 1 on clusters without GPUs)"
+    )
     s.add_argument("--search-seed", type=int, default=0, help="seed of the random search")
     s.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this --name")
     s.add_argument(

@@ -1,0 +1,446 @@
+"""Our UNet training step and samplers against Hugging Face diffusers running the same network,
+side by side in one process: img/s, the ratio ours/diffusers and MFU, for the cifar10 and
+stl10 configs.
+
+    pip install 'ray-diffusion[bench]'     # diffusers, imported by this script only
+    python bench/speed.py --smoke                                        # tiny CPU check, seconds
+    python bench/speed.py --device cuda --out bench/results/             # bf16 + channels_last (CUDA defaults)
+    python bench/speed.py --device cuda --compile --out bench/results/   # torch.compile, both sides
+    python bench/speed.py --device cuda --configs cifar10 --tasks train ddim10 --rounds 9 --out bench/results/
+
+Tasks, each timed for both sides on the same device, dtype, memory format and batch:
+  train     ours: diffusion.training.build_state + train_step (L_simple, backward, clip 1.0, Adam, EMA).
+            diffusers: UNet2DModel as in its train_unconditional example: DDPMScheduler.add_noise at
+            uniform random t, MSE on eps, backward, clip 1.0, the same Adam, LR warm-up, EMAModel.
+  ddimS     ours: diffusion.ddim_sample (eta 0, timesteps range(0, T, T // S)). diffusers: DDIMScheduler
+            (leading spacing, steps_offset 0: the same timesteps) in DDIMPipeline's loop.
+  ddpm      ours: diffusion.ddpm_sample over all T steps. diffusers: DDPMScheduler in DDPMPipeline's loop.
+Sampling ends with the device tensor on both sides (no PIL conversion).
+
+Alternation: for every (config, task, batch) cell the two sides take turns (ours, diffusers, ours, ...):
+untimed warm-up calls first, then --rounds timed rounds each; a round repeats the call enough times
+to last --min-round-s (the same count for both sides). The row reports each side's median round
+and ratio = ours img/s / diffusers img/s (> 1: ours is faster).
+
+MFU = model FLOP/s / peak: forward FLOPs per image from torch.utils.flop_counter (attention counted
+through the math SDPA kernel, so that both networks count it), x3 for a training step and x the
+number of model calls for a sampler. Peak: dense bf16 of known GPUs (bench/core.py) or --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import inspect
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/core.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the diffusion package
+from core import forward_flops, peak_tflops, timed  # noqa: E402
+
+from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps  # noqa: E402
+from diffusion.speed import SamplerSpeed, sampling_model  # noqa: E402
+from diffusion.training import PRESETS, TrainConfig, autocast, build_state, train_step  # noqa: E402
+
+try:
+    import diffusers
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+except ImportError as e:  # diffusers is a benchmark-only dependency
+    raise SystemExit(f"bench/speed.py needs Hugging Face diffusers: pip install 'ray-diffusion[bench]' ({e})") from e
+
+DEFAULT_TASKS = ["train", "ddim10", "ddim50", "ddim100", "ddpm"]
+DEFAULT_SAMPLE_BATCHES = {"cifar10": [64, 256], "stl10": [64]}
+
+
+# --- the diffusers side ---------------------------------------------------------------------------
+
+
+def hf_unet_kwargs(config: UNetConfig) -> dict:
+    """UNet2DModel arguments for the same network as our UNet(config); for cifar10 this is the
+    architecture of google/ddpm-cifar10-32 (single-head attention at 16x16, GroupNorm eps 1e-6,
+    [sin, cos] embedding with exponent / (half - 1)) except the downsampling padding: ours pads the
+    stride-2 conv by 1 on every side, which is diffusers' downsample_padding=1 (the checkpoint's 0
+    pads right/bottom only; same parameters and FLOPs). With it the two compute the same function."""
+    sizes = [config.image_size // 2**i for i in range(len(config.ch_mult))]
+    down = tuple("AttnDownBlock2D" if s in config.attn_resolutions else "DownBlock2D" for s in sizes)
+    up = tuple("AttnUpBlock2D" if s in config.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
+    return dict(
+        sample_size=config.image_size,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+        layers_per_block=config.num_res_blocks,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=None,  # one head over all channels
+        norm_num_groups=32,
+        norm_eps=1e-6,
+        dropout=config.dropout,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=1,
+        act_fn="silu",
+        time_embedding_type="positional",
+        mid_block_scale_factor=1,
+    )
+
+
+def build_hf_unet(config: UNetConfig) -> UNet2DModel:
+    return UNet2DModel(**hf_unet_kwargs(config))
+
+
+def hf_scheduler(kind: str, config: TrainConfig) -> DDIMScheduler | DDPMScheduler:
+    """diffusers' DDIM or DDPM scheduler on our linear betas, predicting eps, without clipping (as ours)."""
+    if config.schedule != "linear":
+        raise ValueError("the diffusers comparison uses the linear schedule")
+    common = dict(
+        num_train_timesteps=config.num_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule="linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="leading",  # T // S * arange(S): our range(0, T, T // S) when S divides T
+        steps_offset=0,
+    )
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=True)  # the last step returns pred_x0, as ours
+    return DDPMScheduler(**common, variance_type="fixed_small")  # beta-tilde, ours' "posterior"
+
+
+@torch.no_grad()
+def hf_sample(unet, scheduler, x_T: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
+    """The denoising loop of DDIMPipeline / DDPMPipeline without its PIL conversion. The scheduler
+    steps on its CPU timesteps, as the pipelines do; the UNet gets each t as a device tensor made
+    before the loop (as pipelines that set device timesteps do), so no step waits on a host copy."""
+    scheduler.set_timesteps(steps)
+    step_kwargs = {"eta": 0.0} if isinstance(scheduler, DDIMScheduler) else {}
+    t_device = [t.clone() for t in scheduler.timesteps.to(x_T.device)]  # separate tensors, not views
+    x = x_T
+    for t, t_dev in zip(scheduler.timesteps, t_device):
+        eps = unet(x, t_dev).sample
+        x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def _adam(params, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}  # as build_state
+    return torch.optim.Adam(params, lr=config.lr, **extra)
+
+
+class DiffusersTrainer:
+    """A training step as diffusers' examples/unconditional_image_generation/train_unconditional.py
+    takes it (without accelerate), with our optimiser settings and EMA decay."""
+
+    def __init__(self, unet_config: UNetConfig, config: TrainConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.unet = build_hf_unet(unet_config).to(device)
+        if config.channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self.optimizer = _adam(self.unet.parameters(), config, device)
+        self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=config.warmup_steps)
+        foreach = {"foreach": True} if "foreach" in inspect.signature(EMAModel.__init__).parameters else {}
+        self.ema = EMAModel(self.unet.parameters(), decay=config.ema_decay, **foreach)
+        self.noise_scheduler = hf_scheduler("ddpm", config)
+
+    def step(self, net, x0: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, self.config.num_timesteps, (x0.shape[0],), device=x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        with autocast(self.config, self.device):
+            eps = net(noisy, t).sample
+        loss = F.mse_loss(eps.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.step(self.unet.parameters())
+        return loss.detach()
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+def count_flops(model, size: int) -> int:
+    """Forward FLOPs of one image, counted on a meta-device copy (shapes only, no compute). Attention
+    goes through the math SDPA kernel, whose matmuls FlopCounterMode counts, as it would not count a
+    fused kernel it has no formula for (on CPU, the flash kernel diffusers' attention picks)."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        return forward_flops(copy.deepcopy(model).to("meta"), size, "meta")
+
+
+def _repeat(fn: Callable[[], object], n: int) -> Callable[[], None]:
+    def run():
+        for _ in range(n):
+            fn()
+
+    return run
+
+
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, min_round_s: float, device: str):
+    """Seconds per call of each fn, from rounds taken in turn (A B A B ...) after `warmup` untimed
+    calls each (also in turn). A round is `reps` calls, enough for the faster side's last warm-up
+    call to last min_round_s. Returns ({name: [seconds per call, one per round]}, reps)."""
+    last = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            last[name] = timed(fn, 1, 0, device)
+    reps = max(1, math.ceil(min_round_s / min(last.values()))) if last and min_round_s > 0 else 1
+    seconds = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            seconds[name].append(timed(_repeat(fn, reps), 1, 0, device) / reps)
+    return seconds, reps
+
+
+def parse_task(task: str, num_timesteps: int) -> tuple[str, int]:
+    """'train' -> ('train', 1); 'ddimS' -> ('ddim', S); 'ddpm' -> ('ddpm', T): kind and model calls per image."""
+    if task == "train":
+        return "train", 1
+    if task == "ddpm":
+        return "ddpm", num_timesteps
+    m = re.fullmatch(r"ddim(\d+)", task)
+    if not m:
+        raise ValueError(f"unknown task {task!r}: use train, ddpm or ddimS (e.g. ddim50)")
+    steps = int(m.group(1))
+    if not 1 <= steps <= num_timesteps or num_timesteps % steps:
+        raise ValueError(f"{task}: S must divide T={num_timesteps} for diffusers' timesteps to equal ours")
+    return "ddim", steps
+
+
+def check_same_timesteps(scheduler: DDIMScheduler, num_timesteps: int, steps: int) -> None:
+    scheduler.set_timesteps(steps)
+    ours = timesteps(num_timesteps, steps).flip(0).tolist()
+    if scheduler.timesteps.tolist() != ours:
+        raise RuntimeError(f"diffusers DDIM-{steps} timesteps {scheduler.timesteps.tolist()} differ from ours {ours}")
+
+
+def bench_config(name: str, args) -> list[dict]:
+    device = torch.device(args.device)
+    config = PRESETS.get(name, TrainConfig(model=name)).replace(
+        model=name, bf16=args.bf16, channels_last=args.channels_last, num_timesteps=args.num_timesteps
+    )
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch._dynamo.reset()  # fresh compile caches per config
+
+    state = build_state(config, device)  # ours: model, Adam, EMA, schedule
+    hf = DiffusersTrainer(state.model.config, config, device)  # the same UNetConfig, dropout included
+    models = {"ours": state.model, "diffusers": hf.unet}
+    size = state.model.config.image_size
+    flops = {side: count_flops(m, size) for side, m in models.items()}
+
+    def compiled(mode: str | None) -> dict:
+        if not args.compile:
+            return dict(models)
+        return {side: torch.compile(m, mode=mode, dynamic=False) for side, m in models.items()}
+
+    peak = peak_tflops(args.device, args.peak_tflops)
+    rows = []
+
+    def record(task: str, batch: int, calls: int, fns: dict) -> None:
+        seconds, reps = alternate(fns, args.rounds, args.warmup, args.min_round_s, args.device)
+        row = {"config": name, "task": task, "batch": batch, "model_calls": calls, "reps": reps, "rounds": args.rounds}
+        for side, s in seconds.items():
+            med = statistics.median(s)
+            tflops = flops[side] * (3 if task == "train" else calls) * batch / med / 1e12
+            row |= {
+                f"{side}_img_per_s": batch / med,
+                f"{side}_tflops": tflops,
+                f"{side}_mfu": tflops / peak if peak else None,
+                f"{side}_gflop_per_img_forward": flops[side] / 1e9,
+                f"{side}_s_per_call": s,
+            }
+        row["ratio"] = row["ours_img_per_s"] / row["diffusers_img_per_s"]
+        # the same from each round pair alone: less sensitive to drift over the cell
+        row["ratio_paired_median"] = statistics.median(d / o for o, d in zip(seconds["ours"], seconds["diffusers"]))
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    if "train" in args.tasks:
+        nets = compiled(None)
+        for m in models.values():
+            m.train()
+        batch = args.train_batch or config.batch_size
+        x0 = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device, memory_format=memory_format)
+        record(
+            "train",
+            batch,
+            1,
+            {
+                "ours": lambda: train_step(state, nets["ours"], x0, config),
+                "diffusers": lambda: hf.step(nets["diffusers"], x0),
+            },
+        )
+
+    sample_tasks = [t for t in args.tasks if t != "train"]
+    if sample_tasks:
+        nets = compiled("reduce-overhead")  # on CUDA the fixed-shape step runs as a CUDA graph
+        for m in models.values():
+            m.eval()
+        # Ours as Serve and the batch job run it (diffusion.speed): the same precision and compile mode.
+        nets["ours"] = sampling_model(
+            state.model, SamplerSpeed("bf16" if config.bf16 and device.type == "cuda" else "fp32", args.compile)
+        )
+        schedulers = {"ddim": hf_scheduler("ddim", config), "ddpm": hf_scheduler("ddpm", config)}
+        betas = state.schedule.betas
+        for batch in args.sample_batches or DEFAULT_SAMPLE_BATCHES.get(name, [64]):
+            x_T = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=memory_format)
+            for task in sample_tasks:
+                kind, calls = parse_task(task, config.num_timesteps)
+                if kind == "ddim":
+                    check_same_timesteps(schedulers["ddim"], config.num_timesteps, calls)
+
+                def ours(kind=kind, calls=calls, x_T=x_T):
+                    with torch.no_grad(), autocast(config, device):
+                        if kind == "ddim":
+                            return ddim_sample(nets["ours"], betas, x_T, steps=calls)
+                        return ddpm_sample(nets["ours"], betas, x_T)
+
+                def theirs(kind=kind, calls=calls, x_T=x_T):
+                    with torch.no_grad(), autocast(config, device):
+                        return hf_sample(nets["diffusers"], schedulers[kind], x_T, calls)
+
+                label = task if kind == "ddim" else f"ddpm{config.num_timesteps}"
+                record(label, batch, calls, {"ours": ours, "diffusers": theirs})
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"{row['config']:8s} {row['task']:9s} batch {row['batch']:4d}: ours {row['ours_img_per_s']:10.1f} img/s, "
+        f"diffusers {row['diffusers_img_per_s']:10.1f} img/s, ratio {row['ratio']:.3f}, "
+        f"MFU {_pct(row['ours_mfu'])} / {_pct(row['diffusers_mfu'])}"
+    )
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    flags = ", ".join(f"{k} {'on' if meta[k] else 'off'}" for k in ("bf16", "channels_last", "compile"))
+    lines = [
+        "# UNet speed: ours vs diffusers",
+        "",
+        f"{meta['device']}; torch {meta['torch']}, diffusers {meta['diffusers']}, CUDA {meta['cuda']}; {flags}; "
+        f"T={meta['num_timesteps']}; median of {meta['rounds']} alternating rounds; {meta['date']}.",
+        "ratio = ours img/s / diffusers img/s.",
+        "",
+        "| config | task | batch | ours img/s | diffusers img/s | ratio | MFU ours | MFU diffusers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['task']} | {r['batch']} | {r['ours_img_per_s']:.1f} | "
+            f"{r['diffusers_img_per_s']:.1f} | {r['ratio']:.3f} | {_pct(r['ours_mfu'])} | {_pct(r['diffusers_mfu'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--configs", nargs="+", default=["cifar10", "stl10"], choices=list(UNET_CONFIGS), help="UNet configs"
+    )
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="train, ddimS (S divides T) and/or ddpm")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: the config's preset)")
+    p.add_argument(
+        "--sample-batches", nargs="+", type=int, default=None, help="sampling batches (default: 64 256 / stl10: 64)"
+    )
+    p.add_argument("--num-timesteps", type=int, default=1000, help="diffusion steps T of both sides")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
+    )
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: on CUDA)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (sampling: reduce-overhead)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (median reported)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per side first (default: 1, 2 with --compile)"
+    )
+    p.add_argument("--min-round-s", type=float, default=0.5, help="repeat calls within a round to last this long")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--out", default=None, help="write speed-<tag>.json and speed-<tag>.md into this folder")
+    p.add_argument("--tag", default=None, help="file name tag (default: from the device and flags)")
+    p.add_argument(
+        "--smoke", action="store_true", help="CI check: tiny UNet, batch 2, DDIM-2, DDPM with T=10, 1 round, CPU-sized"
+    )
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.configs, args.tasks, args.num_timesteps = ["tiny"], ["train", "ddim2", "ddpm"], 10
+        args.train_batch, args.sample_batches, args.rounds, args.warmup, args.min_round_s = 2, [2], 1, 0, 0.0
+    cuda = args.device.startswith("cuda")
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.warmup = (2 if args.compile else 1) if args.warmup is None else args.warmup
+    for t in args.tasks:
+        parse_task(t, args.num_timesteps)  # fail before any work
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    meta = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bf16": args.bf16 and args.device.startswith("cuda"),  # autocast is CUDA-only on both sides
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "num_timesteps": args.num_timesteps,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "min_round_s": args.min_round_s,
+        "peak_tflops": peak_tflops(args.device, args.peak_tflops),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }
+    print(f"{meta['device']}: torch {meta['torch']}, diffusers {meta['diffusers']}", flush=True)
+    rows = [row for name in args.configs for row in bench_config(name, args)]
+    table = markdown(meta, rows)
+    print("\n" + table)
+    if args.out:
+        tag = args.tag or re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+        tag += "-compile" if args.compile and not args.tag else ""
+        tag += "-smoke" if args.smoke and not args.tag else ""
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"speed-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / f"speed-{tag}.md").write_text(table)
+        print(f"wrote {out / f'speed-{tag}.json'} and {out / f'speed-{tag}.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

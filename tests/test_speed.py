@@ -1,0 +1,62 @@
+"""diffusion.speed: the sampling model in other precisions and compiled computes what the
+plain model does, and DeviceData serves each image once per epoch in full batches."""
+
+import pytest
+import torch
+
+from diffusion import build_unet, make_betas
+from diffusion.generate import Sampler, SamplerSettings
+from diffusion.speed import DeviceData, SamplerSpeed, fits_on_device, sampling_model, use_bf16
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = build_unet("tiny").eval()
+    for p in model.parameters():  # away from the zero-initialised last layers
+        p.data.normal_(0, 0.02)
+    return model
+
+
+def test_precision_choice_and_errors():
+    cpu = torch.device("cpu")
+    assert not use_bf16("auto", cpu) and use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        use_bf16("fp16", cpu)
+    assert not fits_on_device(1, cpu)  # only CUDA memory is worth the copy
+
+
+def test_fp32_is_the_model_and_bf16_is_close(unet):
+    x, t = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
+    with torch.no_grad():
+        reference = unet(x, t)
+        assert torch.equal(sampling_model(unet, SamplerSpeed("fp32"))(x, t), reference)
+        bf16 = sampling_model(unet, SamplerSpeed("bf16"))(x, t)
+    assert bf16.dtype == torch.float32  # the sampler's arithmetic stays float32
+    assert 0 < (bf16 - reference).norm() / reference.norm() < 2e-2
+
+
+def test_a_compiled_sampler_gives_the_eager_samples(unet):
+    """torch.compile (CUDA graphs on a GPU) changes the kernels, not the samples; about a minute on 2 CPU cores."""
+    betas, settings = make_betas("linear"), SamplerSettings("ddim", 3)
+    eager = Sampler(unet, betas, 2).samples([5, 6, 7], settings)
+    compiled = Sampler(unet, betas, 2, SamplerSpeed("fp32", compile=True)).samples([5, 6, 7], settings)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_device_data_serves_every_image_once_per_epoch_in_full_batches():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3).contiguous()
+    data = DeviceData(images)
+    torch.manual_seed(0)
+    first = [b[:, 0, 0, 0].tolist() for b in data.epoch(3)]
+    second = [b[:, 0, 0, 0].tolist() for b in data.epoch(3)]
+    assert [len(b) for b in first] == [3, 3, 3]  # full batches; the 10th image waits for another epoch
+    seen = sum(first, [])
+    assert len(set(seen)) == 9 and set(seen) <= set(range(10))
+    assert first != second  # a new order every epoch
+    torch.manual_seed(0)
+    assert [b[:, 0, 0, 0].tolist() for b in data.epoch(3)] == first  # from the RNG that checkpoints save
+    with pytest.raises(ValueError, match="batch size 11 exceeds the 10 images"):
+        next(data.epoch(11))
+    with pytest.raises(ValueError, match="uint8"):
+        DeviceData(images.float())
