@@ -112,28 +112,40 @@ def same_process(svc: dict):
 
 
 def stop_service(svc: dict, marker: str | None, timeout: float = 60) -> None:
-    """SIGTERM the service, wait, then SIGKILL whatever of it is left: its descendants, its
-    process group, and (for Ray) every process whose command line names its temp dir."""
+    """SIGTERM the service and wait; then SIGKILL whatever of it is left, until nothing is: its
+    descendants and (for Ray) every process whose command line names its temp dir, including
+    workers that were still starting while it stopped."""
     import psutil
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def marked() -> list[psutil.Process]:
+        if not marker:
+            return []
+        return [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in p.info["cmdline"] or [])]
 
     leader = same_process(svc)
     procs = [leader, *leader.children(recursive=True)] if leader else []
-    if marker:
-        for p in psutil.process_iter(["cmdline"]):
-            if any(marker in arg for arg in p.info["cmdline"] or []):
-                procs.append(p)
     if leader:
         leader.terminate()
         try:
             leader.wait(timeout)
         except psutil.TimeoutExpired:
             pass
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    for _ in range(10):
+        procs = [p for p in procs + marked() if alive(p)]
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
 
 
 def env_lines(state: dict) -> list[str]:

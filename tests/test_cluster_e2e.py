@@ -57,6 +57,13 @@ def stack_processes(state_dir: Path) -> list[psutil.Process]:
     return procs
 
 
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_cluster_end_to_end(tmp_path):
     if not SHARED_CIFAR.exists():
         pytest.skip(f"end-to-end check skipped: {SHARED_CIFAR} is absent (it exists on developer machines and CI)")
@@ -75,10 +82,12 @@ def test_cluster_end_to_end(tmp_path):
         run_end_to_end(tmp_path, env, serve_port)
         started = stack_processes(state_dir)
         assert len(started) > 5  # moto, mlflow, and Ray's head daemons and workers
+        temp_dir = json.loads((state_dir / "stack.json").read_text())["services"]["ray"]["temp_dir"]
     finally:
         down = subprocess.run([str(c) for c in stack + ["down"]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
-    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    started += [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
+    alive = [p for p in started if running(p)]
     assert not alive, f"left running after down: {[(p.pid, p.name()) for p in alive]}"
     for port in [*ports.values(), serve_port]:
         with socket.socket() as s:
