@@ -82,7 +82,7 @@ class Stack:
         log = self.dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            # Its own session: a Ctrl-C in this shell does not reach it, and `down` stops its group.
+            # Its own session: a Ctrl-C in this shell does not reach it.
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.state["services"][name] = {"pid": proc.pid, "started": process_start(proc.pid), "log": str(log), **record}
         self.save()
@@ -98,15 +98,23 @@ def process_start(pid: int) -> float:
     return psutil.Process(pid).create_time()
 
 
+def alive(proc) -> bool:
+    """Whether a psutil.Process still runs (a zombie has exited)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def same_process(svc: dict):
     """The psutil.Process the stack started (not a later process that reuses its PID), or None."""
     import psutil
 
     try:
         proc = psutil.Process(svc["pid"])
-        return (
-            proc if abs(proc.create_time() - svc["started"]) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE else None
-        )
+        return proc if abs(proc.create_time() - svc["started"]) < 1e-3 and alive(proc) else None
     except psutil.NoSuchProcess:
         return None
 
@@ -116,12 +124,6 @@ def stop_service(svc: dict, marker: str | None, timeout: float = 60) -> None:
     descendants and (for Ray) every process whose command line names its temp dir, including
     workers that were still starting while it stopped."""
     import psutil
-
-    def alive(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
 
     def marked() -> list[psutil.Process]:
         if not marker:

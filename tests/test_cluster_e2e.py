@@ -57,6 +57,32 @@ def stack_processes(state_dir: Path) -> list[psutil.Process]:
     return procs
 
 
+def test_up_refuses_a_busy_port_and_starts_nothing(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "cluster/stack.py", "--state-dir", str(tmp_path), "up", "--dashboard-port", str(port)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"port {port} (--dashboard-port) is in use" in proc.stderr and "pass another --dashboard-port" in proc.stderr
+    assert not (tmp_path / "stack.json").exists() and not (tmp_path / "env").exists()
+
+
+def test_up_refuses_while_a_recorded_stack_runs(tmp_path):
+    """A second `up` on a running stack's state would orphan it: refused, and the record kept."""
+    me = psutil.Process()
+    record = {"services": {"s3": {"pid": me.pid, "started": me.create_time(), "port": free_port(), "log": ""}}}
+    (tmp_path / "stack.json").write_text(json.dumps(record))
+    stack = [sys.executable, "cluster/stack.py", "--state-dir", str(tmp_path)]
+    proc = subprocess.run(stack + ["up"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "is already running" in proc.stderr and "down` first" in proc.stderr
+    assert json.loads((tmp_path / "stack.json").read_text()) == record
+    nothing = [sys.executable, "cluster/stack.py", "--state-dir", str(tmp_path / "none"), "status"]
+    status = subprocess.run(nothing, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 3 and "no stack recorded" in status.stdout
+
+
 def running(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE

@@ -82,6 +82,7 @@ def test_every_config_field_is_a_flag_with_help():
         (["--schedule", "sigmoid"], "schedule must be linear or cosine, got 'sigmoid'"),
         (["--lr", "-1"], "lr must be > 0"),
         (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--data-on-device", "gpu"], "data_on_device must be auto, on or off, got 'gpu'"),
         (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
         (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml does not exist"),
     ],
