@@ -21,7 +21,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import ddim_sample
-from diffusion.training import TrainConfig, autocast, build_state, train_step
+from diffusion.config import TrainConfig
+from diffusion.training import autocast, build_state, train_step
 
 # Dense bf16 tensor-core peaks, TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.data import ShardSet, Source, imagefolder_source, open_location, to_model_input, write_shards
+from diffusion.images import to_model_input
+from diffusion.platform.shards import ShardSet, write_shards
+from diffusion.platform.sources import Source, imagefolder_source
+from diffusion.platform.storage import open_location
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

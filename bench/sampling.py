@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffusion.checkpoint import save_checkpoint  # noqa: E402
-from diffusion.generate import SamplerSettings  # noqa: E402
-from diffusion.training import PRESETS, build_state  # noqa: E402
+from diffusion.checkpoint import save_checkpoint
+from diffusion.config import PRESETS, SamplerSettings
+from diffusion.training import build_state
 
 
 def write_checkpoint(model: str, path: Path) -> str:
@@ -70,8 +68,9 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    from diffusion.batch_sample import run
-    from diffusion.serve import build_app
+    from diffusion.platform.batch_sample import SamplingJob, run
+    from diffusion.platform.resources import Workers
+    from diffusion.platform.serve import ServeArgs, build_app
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +79,7 @@ def main(argv=None) -> None:
         ray.init(log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         for mode, batch_size in (("batched", args.batch_size), ("unbatched", 1)):
-            app = build_app(checkpoint, batch_size, 0.01, gpus=args.gpus)
+            app = build_app(ServeArgs(checkpoint=checkpoint, batch_size=batch_size, batch_wait_s=0.01, gpus=args.gpus))
             serve.run(app, name=mode, route_prefix=f"/{mode}", blocking=False)
             url = f"http://127.0.0.1:8000/{mode}/v1/samples"
             load(url, 1, 2, args.steps)  # warm-up
@@ -94,17 +93,15 @@ def main(argv=None) -> None:
                 )
             serve.delete(mode)
         serve.shutdown()
-        settings = SamplerSettings("ddim", args.steps)
-        start = time.perf_counter()
-        run(
+        job = SamplingJob(
             checkpoint,
             args.job_images,
-            settings,
-            f"{tmp}/samples",
-            fmt="npz",
+            settings=SamplerSettings("ddim", args.steps),
             batch_size=args.batch_size,
-            gpus_per_worker=args.gpus,
+            workers=Workers(gpus=args.gpus),
         )
+        start = time.perf_counter()
+        run(job, f"{tmp}/samples", fmt="npz")
         job_rate = args.job_images / (time.perf_counter() - start)
         print(f"batch job: {job_rate:.2f} img/s ({args.job_images} images, batch {args.batch_size}, end to end)")
         ray.shutdown()

@@ -44,15 +44,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from core import forward_flops, peak_tflops, timed  # bench/core.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/core.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the diffusion package
-from core import forward_flops, peak_tflops, timed  # noqa: E402
-
-from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps  # noqa: E402
-from diffusion.speed import SamplerSpeed, sampling_model  # noqa: E402
-from diffusion.training import PRESETS, TrainConfig, autocast, build_state, train_step  # noqa: E402
+from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps
+from diffusion.config import PRESETS, SamplerSpeed, TrainConfig
+from diffusion.convert import diffusers_unet_kwargs
+from diffusion.speed import sampling_model
+from diffusion.training import autocast, build_state, train_step
 
 try:
     import diffusers
@@ -69,38 +68,9 @@ DEFAULT_SAMPLE_BATCHES = {"cifar10": [64, 256], "stl10": [64]}
 # --- the diffusers side ---------------------------------------------------------------------------
 
 
-def hf_unet_kwargs(config: UNetConfig) -> dict:
-    """UNet2DModel arguments for the same network as our UNet(config); for cifar10 this is the
-    architecture of google/ddpm-cifar10-32 (single-head attention at 16x16, GroupNorm eps 1e-6,
-    [sin, cos] embedding with exponent / (half - 1)) except the downsampling padding: ours pads the
-    stride-2 conv by 1 on every side, which is diffusers' downsample_padding=1 (the checkpoint's 0
-    pads right/bottom only; same parameters and FLOPs). With it the two compute the same function."""
-    sizes = [config.image_size // 2**i for i in range(len(config.ch_mult))]
-    down = tuple("AttnDownBlock2D" if s in config.attn_resolutions else "DownBlock2D" for s in sizes)
-    up = tuple("AttnUpBlock2D" if s in config.attn_resolutions else "UpBlock2D" for s in reversed(sizes))
-    return dict(
-        sample_size=config.image_size,
-        in_channels=config.in_channels,
-        out_channels=config.in_channels,
-        block_out_channels=tuple(config.ch * m for m in config.ch_mult),
-        layers_per_block=config.num_res_blocks,
-        down_block_types=down,
-        up_block_types=up,
-        attention_head_dim=None,  # one head over all channels
-        norm_num_groups=32,
-        norm_eps=1e-6,
-        dropout=config.dropout,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        downsample_padding=1,
-        act_fn="silu",
-        time_embedding_type="positional",
-        mid_block_scale_factor=1,
-    )
-
-
 def build_hf_unet(config: UNetConfig) -> UNet2DModel:
-    return UNet2DModel(**hf_unet_kwargs(config))
+    """The UNet2DModel that computes our UNet(config)'s function (diffusion.convert)."""
+    return UNet2DModel(**diffusers_unet_kwargs(config))
 
 
 def hf_scheduler(kind: str, config: TrainConfig) -> DDIMScheduler | DDPMScheduler:

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import synthetic_source  # noqa: E402
+from data import synthetic_source  # bench/data.py, beside this script
 
-from diffusion.data import open_location, write_shards  # noqa: E402
-from diffusion.ray_train import fit  # noqa: E402
-from diffusion.training import PRESETS  # noqa: E402
+from diffusion.config import PRESETS
+from diffusion.platform.shards import write_shards
+from diffusion.platform.storage import open_location
+from diffusion.platform.train import fit
 
 
 def main(argv=None) -> None:

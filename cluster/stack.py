@@ -21,46 +21,24 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from diffusion.platform.net import free_port, port_in_use, wait_for_http
 
 REGION = "us-east-1"
 STATE_FILE = "stack.json"
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     """Poll `url` until it answers; fail with the service's log if it exits or times out."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"no answer after {timeout:.0f} s"
-    raise RuntimeError(f"{url}: {state}; the end of {log}:\n{tail}")
+    try:
+        wait_for_http(url, timeout, proc)
+    except (TimeoutError, ChildProcessError) as e:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"{e}; the end of {log}:\n{tail}") from None
 
 
 class Stack:

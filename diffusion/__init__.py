@@ -1,52 +1,46 @@
-"""DDPM and DDIM in plain PyTorch: schedules, the Ho et al. UNet, samplers, interpolation.
+"""DDPM and DDIM in plain PyTorch: schedules, the Ho et al. UNet, samplers, interpolation,
+training steps, checkpoints and FID maths. The core: it imports torch and numpy only
+(torchvision to write PNGs), and local checkpoints load without anything else.
 
-This package imports only torch and numpy (torchvision when writing PNGs); Ray, MLflow
-and boto3 live in the modules that need them (`diffusion.data` needs pyarrow).
+`diffusion.platform` is the layer around it (object storage, Ray, MLflow, HTTP); the core
+reaches it only to resolve a remote checkpoint URI (s3://, runs:/, models:/).
+
+The names below are imported on first use, so that `import diffusion.config` (all the command
+lines need to parse their options) does not import torch.
 """
 
-from .checkpoint import load_checkpoint
-from .ema import EMA
-from .images import from_uint8, save_grid, to_model_input, to_uint8
-from .interpolate import ddim_interpolate, ddim_interpolate_images, ddpm_interpolate, slerp
-from .samplers import (
-    Recorded,
-    ddim_invert,
-    ddim_sample,
-    ddim_sigmas,
-    ddpm_sample,
-    fixed_batch,
-    make_generators,
-    randn,
-    timesteps,
-)
-from .schedule import NoiseSchedule, l_simple, make_betas
-from .unet import UNET_CONFIGS, UNet, UNetConfig, build_unet
+from __future__ import annotations
 
-__all__ = [
-    "EMA",
-    "NoiseSchedule",
-    "Recorded",
-    "UNET_CONFIGS",
-    "UNet",
-    "UNetConfig",
-    "build_unet",
-    "ddim_interpolate",
-    "ddim_interpolate_images",
-    "ddim_invert",
-    "ddim_sample",
-    "ddim_sigmas",
-    "ddpm_interpolate",
-    "ddpm_sample",
-    "fixed_batch",
-    "load_checkpoint",
-    "from_uint8",
-    "l_simple",
-    "make_betas",
-    "make_generators",
-    "randn",
-    "save_grid",
-    "slerp",
-    "timesteps",
-    "to_model_input",
-    "to_uint8",
-]
+import importlib
+
+_HOMES = {
+    "checkpoint": ("CheckpointError", "load_checkpoint", "read_checkpoint"),
+    "config": ("PRESETS", "SamplerSettings", "SamplerSpeed", "TrainConfig"),
+    "ema": ("EMA",),
+    "images": ("from_uint8", "save_grid", "to_model_input", "to_uint8"),
+    "interpolate": ("ddim_interpolate", "ddim_interpolate_images", "ddpm_interpolate", "slerp"),
+    "samplers": (
+        "Recorded",
+        "ddim_invert",
+        "ddim_sample",
+        "ddim_sigmas",
+        "ddpm_sample",
+        "fixed_batch",
+        "make_generators",
+        "randn",
+        "timesteps",
+    ),
+    "sampling": ("Sampler",),
+    "schedule": ("NoiseSchedule", "l_simple", "make_betas"),
+    "unet": ("UNET_CONFIGS", "UNet", "UNetConfig", "build_unet"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,38 +1,61 @@
-"""Training checkpoints: one `checkpoint.pt` per checkpoint folder, holding only tensors and
-plain Python values so that it loads with torch.load(weights_only=True).
+"""The checkpoint format: one `checkpoint.pt` per checkpoint folder, holding only tensors and
+plain Python values, so that it loads with torch.load(weights_only=True):
 
-Ray Train writes each checkpoint folder under <storage>/<run name>/checkpoint-<step>;
-`load_checkpoint` takes such a folder, the run folder (it picks the latest checkpoint), or
-the file itself, on a local path or s3://, or an MLflow training run as `runs:/<run_id>`.
+    model, ema   state dicts of the UNet (raw and EMA weights)
+    unet         its UNetConfig as a dict (absent in checkpoints written before it was recorded:
+                 their preset, with the symmetric downsampling padding they were trained with)
+    betas        the float64 beta schedule (T,), which fixes T and the sampler's coefficients
+    config       the TrainConfig as a dict
+    step, optimizer, rng, mlflow_run_id
+    sampling     optional sampling defaults of imported weights: {"variance", "clip"}
+
+Ray Train writes each folder as <storage>/<run name>/checkpoint-<step>. `read_checkpoint`
+takes a checkpoint.pt, its folder or a run folder (its latest checkpoint) on a local disk
+with torch alone, and published weights in their own layouts (`diffusion.convert`: a diffusers
+folder, a DDPM reference state dict); other URIs (s3://..., runs:/<id>, models:/<name>/<version>)
+are resolved by `diffusion.platform.checkpoints`, imported only for them.
 """
 
 from __future__ import annotations
 
 import io
-import posixpath
+import os
+import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from .training import TrainConfig, TrainState
-from .unet import UNet, build_unet
+from .config import TrainConfig
+from .unet import UNET_CONFIGS, UNet, UNetConfig
+
+LEGACY_DOWNSAMPLE_PADDING = (1, 1, 1, 1)  # a conv with padding 1: every checkpoint before `unet` was recorded
+SAMPLING_DEFAULTS = {"variance": "posterior", "clip": False}  # the papers' equations; DDPM's code clips
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
+REQUIRED_KEYS = ("model", "ema", "betas", "config", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, what is wrong and the fix."""
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:09d}"  # sorts by step
 
 
-def save_checkpoint(directory: str | Path, state: TrainState, config: TrainConfig, **extra) -> Path:
-    """Write the full training state: model, EMA, optimizer, step, schedule, config, RNG."""
+def save_checkpoint(directory: str | Path, state, config: TrainConfig, **extra) -> Path:
+    """Write the full training state (a `diffusion.training.TrainState`): model, EMA, optimizer,
+    step, schedule, config, RNG. The file appears under its name only once complete."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
         "model": state.model.state_dict(),
         "ema": state.ema.state_dict(),
+        "unet": state.model.config.to_dict(),
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
         "betas": state.schedule.betas,
@@ -42,11 +65,13 @@ def save_checkpoint(directory: str | Path, state: TrainState, config: TrainConfi
     }
     path = Path(directory) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
     return path
 
 
-def restore_state(payload: dict, state: TrainState) -> None:
+def restore_state(payload: dict, state) -> None:
     """Load a checkpoint payload into a freshly built TrainState (same config)."""
     state.model.load_state_dict(payload["model"])
     state.ema.load_state_dict(payload["ema"])
@@ -57,52 +82,117 @@ def restore_state(payload: dict, state: TrainState) -> None:
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
 
 
-def resolve_mlflow_uri(uri: str) -> str:
-    """`runs:/<run_id>`: the latest checkpoint of that MLflow training run (its checkpoint_uri tag)."""
-    from mlflow.tracking import MlflowClient
+def parse_checkpoint(data: bytes, origin: str) -> dict:
+    """The payload in the bytes of a checkpoint.pt read from `origin`, checked: anything but a
+    project checkpoint that loads with weights_only=True is a CheckpointError naming `origin`."""
+    fix = "give a checkpoint.pt written by jobs/train.py, its checkpoint-<step> folder or the run folder"
+    if not data:
+        raise CheckpointError(f"{origin} is empty: the file was truncated or never written; {fix}")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests weights_only=False, which would run the file's code: never.
+        raise CheckpointError(
+            f"{origin} holds Python objects other than tensors and plain values, which are never loaded "
+            f"(loading them could run code from the file); {fix}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{origin} is not a readable PyTorch checkpoint ({first}); {fix}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{origin} holds a {type(payload).__name__}, not a checkpoint dict; {fix}")
+    from .convert import ConversionError, is_reference_state_dict, payload_from_reference
 
-    run_id = uri[len("runs:/") :].strip("/").split("/")[0]
-    tag = MlflowClient().get_run(run_id).data.tags.get("checkpoint_uri")
-    if not tag:
-        raise FileNotFoundError(f"MLflow run {run_id} has no checkpoint_uri tag: it has not checkpointed yet")
-    return tag
+    if is_reference_state_dict(payload):
+        try:
+            return payload_from_reference(payload, origin)
+        except ConversionError as e:
+            raise CheckpointError(str(e)) from None
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{origin} lacks {missing}: it is not a training checkpoint of this project; {fix}")
+    try:
+        TrainConfig.from_dict(payload["config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{origin} has a config this version cannot read ({e}); {fix}") from None
+    return payload
+
+
+def latest_checkpoint(names: list[str]) -> str | None:
+    """The latest checkpoint-<step> folder name among `names` (None if there is none)."""
+    found = sorted(n for n in names if n.startswith(CHECKPOINT_PREFIX))
+    return found[-1] if found else None
+
+
+def local_checkpoint_file(path: Path) -> Path:
+    """The checkpoint.pt of a file, checkpoint folder or run folder (its latest checkpoint)."""
+    from .convert import understood
+
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: give a checkpoint.pt, a checkpoint folder or a run folder")
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    complete = [p.name for p in path.iterdir() if (p / CHECKPOINT_FILE).is_file()]
+    latest = latest_checkpoint(complete)
+    if latest is None:
+        raise CheckpointError(
+            f"{path} holds no {CHECKPOINT_PREFIX}<step> folder with a {CHECKPOINT_FILE}; {understood()}"
+        )
+    return path / latest / CHECKPOINT_FILE
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri or uri.startswith(("runs:/", "models:/"))
 
 
 def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) -> dict:
-    """The payload of a checkpoint file, checkpoint folder, run folder (latest checkpoint) or
-    MLflow training run (`runs:/<run_id>`)."""
-    from pyarrow import fs as pafs
-
-    from .data.storage import open_location
-
+    """The checked payload of a checkpoint file, checkpoint folder, run folder (latest
+    checkpoint), s3:// URI or MLflow URI (runs:/<run_id>, models:/<name>/<version>)."""
     uri = str(path_or_uri)
-    if uri.startswith("runs:/"):
-        uri = resolve_mlflow_uri(uri)
-    location = open_location(uri, endpoint_url, check=False)
+    if is_remote(uri):
+        from .platform.checkpoints import read_remote_checkpoint
 
-    info = location.fs.get_file_info(location.path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no checkpoint at {uri}: give a checkpoint.pt, a checkpoint folder or a run folder")
-    path = location.path
-    if info.type == pafs.FileType.Directory and not location.exists(CHECKPOINT_FILE):
-        entries = location.fs.get_file_info(pafs.FileSelector(location.path))
-        names = sorted(e.base_name for e in entries if e.base_name.startswith(CHECKPOINT_PREFIX))
-        names = [n for n in names if location.exists(posixpath.join(n, CHECKPOINT_FILE))]
-        if not names:
-            raise FileNotFoundError(f"{uri} holds no {CHECKPOINT_PREFIX}* folder with a {CHECKPOINT_FILE}")
-        path = location.join(names[-1])
-    if location.fs.get_file_info(path).type == pafs.FileType.Directory:
-        path = posixpath.join(path, CHECKPOINT_FILE)
-    with location.fs.open_input_stream(path) as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return read_remote_checkpoint(uri, endpoint_url)
+    path = Path(uri).expanduser()
+    from .convert import ConversionError, is_diffusers_folder, payload_from_diffusers
+
+    if path.is_dir() and not (path / CHECKPOINT_FILE).exists() and is_diffusers_folder(path):
+        try:
+            return payload_from_diffusers(path)
+        except ConversionError as e:
+            raise CheckpointError(str(e)) from None
+    path = local_checkpoint_file(path)
+    return parse_checkpoint(path.read_bytes(), str(path))
+
+
+def unet_config_of(payload: dict) -> UNetConfig:
+    """The UNetConfig a checkpoint's weights belong to."""
+    if "unet" in payload:
+        return UNetConfig(**payload["unet"])
+    config = TrainConfig.from_dict(payload["config"])
+    return replace(UNET_CONFIGS[config.model], dropout=config.dropout, downsample_padding=LEGACY_DOWNSAMPLE_PADDING)
+
+
+def sampling_defaults(payload: dict) -> dict:
+    """How the checkpoint's model is sampled unless told otherwise: DDPM's variance and clipping."""
+    return {**SAMPLING_DEFAULTS, **payload.get("sampling", {})}
+
+
+def model_from(payload: dict, ema: bool = True) -> UNet:
+    """The UNet of a checkpoint payload with its EMA (or raw) weights, in eval mode on the CPU."""
+    model = UNet(unet_config_of(payload))
+    model.load_state_dict(payload["ema" if ema else "model"])
+    return model.eval()
+
+
+def betas_from(payload: dict) -> Tensor:
+    """The beta schedule the checkpoint's model was trained with (float64, length T)."""
+    return torch.as_tensor(payload["betas"], dtype=torch.float64)
 
 
 def load_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) -> tuple[UNet, UNet, TrainConfig]:
     """(model, EMA model, config) from a checkpoint, without Ray; both models in eval mode on the CPU."""
     payload = read_checkpoint(path_or_uri, endpoint_url)
-    config = TrainConfig(**payload["config"])
-    model = build_unet(config.model, dropout=config.dropout)
-    model.load_state_dict(payload["model"])
-    ema_model = build_unet(config.model, dropout=config.dropout)
-    ema_model.load_state_dict(payload["ema"])
-    return model.eval(), ema_model.eval(), config
+    return model_from(payload, ema=False), model_from(payload, ema=True), TrainConfig.from_dict(payload["config"])

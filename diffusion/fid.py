@@ -14,7 +14,6 @@ cache or the official URL, in that order (`inception_weights`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from pathlib import Path
@@ -92,14 +91,6 @@ class InceptionFeatures(nn.Module):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         pool = self.net(2 * x - 1)
         return pool.double(), self.fc(pool).double()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FeatureStats:

@@ -22,14 +22,15 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .config import SPACINGS
 from .schedule import NoiseSchedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-SPACINGS = ("uniform", "quadratic")
 
 
 class Recorded(NamedTuple):
@@ -81,16 +82,17 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tenso
 
     uniform:   range(0, T, T // steps), as in the DDIM reference implementation (so
                T=1000, steps=30 gives 31 steps: 0, 33, ..., 990).
-    quadratic: int(x) for x in linspace(0, sqrt(0.8 T), steps) ** 2, with the repeated
-               small values dropped (the DDIM paper's choice for CIFAR-10).
+    quadratic: (np.linspace(0, np.sqrt(0.8 T), steps) ** 2).astype(int), the DDIM reference's
+               numpy float64 arithmetic to the last bit (its rounding at exact squares decides
+               a timestep), with the repeated small values dropped (the paper's choice for CIFAR-10).
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}] (the number of timesteps T), got {steps}")
     if spacing == "uniform":
         return torch.arange(0, num_timesteps, num_timesteps // steps, dtype=torch.long)
     if spacing == "quadratic":
-        seq = torch.linspace(0, math.sqrt(0.8 * num_timesteps), steps, dtype=torch.float64) ** 2
-        return torch.unique(seq.long())  # unique() also sorts ascending
+        seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(int)
+        return torch.from_numpy(np.unique(seq)).long()  # unique() also sorts ascending
     raise ValueError(f"unknown spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
 
 
@@ -148,6 +150,7 @@ def ddim_sample(
     clip_denoised: bool = False,
     generator: Generators = None,
     record: Iterable[int] | None = None,
+    variance: str = "posterior",
 ) -> Tensor | tuple[Tensor, dict[int, Recorded]]:
     """DDIM sampling on the sub-sequence tau = timesteps(T, steps, spacing).
 
@@ -159,14 +162,24 @@ def ddim_sample(
     with sigma = sigma_{tau_i}(eta) of eq. (16) and tau_{i-1} taken from the sub-sequence
     itself. The last step (tau_0) returns pred_x0 with no noise added.
 
+    variance="beta" is the last row of DDIM Table 1 (sigma-hat): the eta = 1 step's mean (the
+    posterior mean of q(x_{tau_{i-1}} | x_{tau_i}, x_0) at the predicted x_0) with the larger
+    noise sigma-hat_{tau_i} = sqrt(1 - abar_{tau_i} / abar_{tau_{i-1}}) (DDIM appendix D.3; DDPM's
+    sigma_t^2 = beta_t on the sub-sequence). It is defined for eta = 1 only.
+
     Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` lists
     timesteps of tau to keep (for diffusion-sequence figures).
     """
-    if eta < 0:
+    if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if variance not in ("posterior", "beta") or (variance == "beta" and eta != 1):
+        raise ValueError(
+            f"variance must be 'posterior', or 'beta' (sigma-hat) with eta = 1; got {variance!r}, eta {eta}"
+        )
     tau = timesteps(len(betas), steps, spacing)
     abar_t, abar_prev = _abar_pairs(betas, tau)
     sigmas = ddim_sigmas(betas, tau, eta)
+    noise_stds = (1 - abar_t / abar_prev).sqrt() if variance == "beta" else sigmas
     wanted, recorded = _check_record(record, tau.tolist()), {}
     x = x_T
     for i in reversed(range(len(tau))):
@@ -181,8 +194,8 @@ def ddim_sample(
             x = pred_x0
             break
         x = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev - sigma**2) * eps
-        if sigma > 0:
-            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+        if noise_stds[i] > 0:
+            x = x + float(noise_stds[i]) * randn(x.shape, generator, x.device, x.dtype)
     return (x, recorded) if record is not None else x
 
 

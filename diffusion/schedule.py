@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-SCHEDULES = ("linear", "cosine")
+from .config import SCHEDULES
 
 
 def make_betas(

@@ -1,144 +1,25 @@
-"""The training recipe in plain PyTorch: config and presets, model/optimizer/EMA, the
-L_simple step (DDPM Algorithm 1), the held-out loss and EMA sample grids.
+"""The training recipe in plain PyTorch: model/optimizer/EMA, the L_simple step (DDPM
+Algorithm 1), the held-out loss, EMA sample grids, and a training set held on the device.
+The config and presets are `diffusion.config.TrainConfig` and `PRESETS`.
 
-Ray Train drives these from `diffusion.ray_train`; benchmarks and notebooks call them
+Ray Train drives these from `diffusion.platform.train`; benchmarks and notebooks call them
 directly on one device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .config import TrainConfig
 from .ema import EMA
 from .samplers import ddim_sample, make_generators, randn
 from .schedule import NoiseSchedule, l_simple, make_betas
 from .unet import UNet, build_unet
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    # model and diffusion
-    model: str = _opt("cifar10", "UNet config: cifar10, stl10 or tiny")
-    dropout: float = _opt(0.1, "dropout in every ResBlock")
-    schedule: str = _opt("linear", "beta schedule: linear or cosine")
-    num_timesteps: int = _opt(1000, "diffusion steps T")
-    beta_start: float = _opt(1e-4, "linear schedule: first beta")
-    beta_end: float = _opt(0.02, "linear schedule: last beta")
-    # optimisation
-    lr: float = _opt(2e-4, "Adam learning rate after warm-up")
-    warmup_steps: int = _opt(5000, "linear learning-rate warm-up steps")
-    batch_size: int = _opt(128, "global batch size, split evenly over the workers")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
-    ema_decay: float = _opt(0.9999, "EMA decay of the weights used for sampling")
-    flip: bool = _opt(True, "random horizontal flips")
-    max_steps: int = _opt(800_000, "training steps")
-    seed: int = _opt(0, "seed of initialisation, held-out set and sample grids")
-    # data and storage
-    data: str = _opt("data/cifar10", "prepared data set URI (folder or s3://bucket/prefix)")
-    heldout_split: str = _opt("test", "split used for the held-out loss and not trained on")
-    heldout_size: int = _opt(1000, "images in the fixed held-out (image, t, noise) set")
-    storage: str = _opt("runs", "where runs and checkpoints go (folder or s3://bucket/prefix)")
-    endpoint_url: str = _opt("", "S3 endpoint (default: AWS_ENDPOINT_URL)")
-    name: str = _opt("", "run name; the same name resumes (default: derived from model and schedule)")
-    # cadence
-    log_every: int = _opt(100, "steps between progress lines and metrics")
-    eval_every: int = _opt(5000, "steps between held-out L_simple evaluations")
-    checkpoint_every: int = _opt(5000, "steps between checkpoints")
-    keep_checkpoints: int = _opt(3, "checkpoints kept (the latest K)")
-    sample_every: int = _opt(20000, "steps between EMA sample grids logged to MLflow")
-    sample_n: int = _opt(64, "images in a sample grid")
-    sample_steps: int = _opt(50, "DDIM steps for sample grids")
-    fid_every: int = _opt(0, "steps between FIDs of fid_n EMA DDIM samples (sample_steps) in training (0: off)")
-    fid_n: int = _opt(5000, "samples per in-training FID, spread over the workers")
-    fid_splits: str = _opt("train", "reference splits of the in-training FID, e.g. train or test+train")
-    inception_weights: str = _opt("", "FID Inception weights (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)")
-    # resources and speed
-    num_workers: int = _opt(0, "Ray Train workers (0: one per GPU, or 1 without GPUs)")
-    gpus_per_worker: float = _opt(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)")
-    cpus_per_worker: float = _opt(0.0, "CPUs per worker (0: 1 with GPUs, 0.5 without)")
-    bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
-    channels_last: bool = _opt(True, "channels_last memory format")
-    compile: bool = _opt(False, "torch.compile the UNet")
-    data_on_device: str = _opt(
-        "auto", "keep each worker's training images in device memory: auto (on a GPU, when they fit), on, off"
-    )
-    max_failures: int = _opt(3, "worker failures Ray Train recovers from")
-    experiment: str = _opt("ray-diffusion", "MLflow experiment")
-
-    def replace(self, **changes) -> "TrainConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> "TrainConfig":
-        problems = []
-        if self.schedule not in ("linear", "cosine"):
-            problems.append(f"schedule must be linear or cosine, got {self.schedule!r}")
-        for name in (
-            "batch_size",
-            "max_steps",
-            "log_every",
-            "eval_every",
-            "checkpoint_every",
-            "sample_every",
-            "keep_checkpoints",
-            "sample_n",
-            "sample_steps",
-            "num_timesteps",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.data_on_device not in ("auto", "on", "off"):
-            problems.append(f"data_on_device must be auto, on or off, got {self.data_on_device!r}")
-        if self.fid_every < 0 or (self.fid_every and self.fid_n < 2):
-            problems.append(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-PRESETS: dict[str, TrainConfig] = {
-    # The DDPM CIFAR-10 recipe (Ho et al. 2020, section 4 and appendix B).
-    "cifar10": TrainConfig(),
-    # STL-10 at 96x96, not in the papers: the same recipe on the stl10 UNet with batch 64,
-    # as each image costs 9x the compute and activation memory of a CIFAR-10 image.
-    "stl10": TrainConfig(model="stl10", data="data/stl10", batch_size=64, max_steps=500_000, heldout_split="test"),
-    # CPU tests and demos: the tiny UNet, a short run, frequent logs and checkpoints.
-    "tiny": TrainConfig(
-        model="tiny",
-        dropout=0.0,
-        lr=1e-3,
-        warmup_steps=10,
-        batch_size=16,
-        ema_decay=0.99,
-        max_steps=200,
-        heldout_size=64,
-        log_every=10,
-        eval_every=50,
-        checkpoint_every=50,
-        sample_every=100,
-        sample_n=16,
-        sample_steps=10,
-        data="data/cifar10",
-    ),
-}
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -227,3 +108,32 @@ def ddim_samples(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig,
 def sample_grid(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig) -> Tensor:
     """Samples from fixed seeds 0..sample_n-1: the same x_T at every step of a run."""
     return ddim_samples(model, schedule, config, list(range(config.sample_n)))
+
+
+def fits_on_device(dataset_bytes: int, device: torch.device, fraction: float = 0.1) -> bool:
+    """Whether a uint8 data set of this size is worth keeping on a CUDA device: at most
+    `fraction` of its memory (CIFAR-10's 150 MB, or STL-10's 3.1 GB on an 80 GB GPU)."""
+    if device.type != "cuda":
+        return False
+    return dataset_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
+
+
+class DeviceData:
+    """A training set held where training runs, as uint8 (N, H, W, C). Each epoch is a fresh
+    permutation drawn on the device (from its RNG, which checkpoints save), cut into full
+    batches: no host-to-device copy and no host sync per step."""
+
+    def __init__(self, images: Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"DeviceData holds uint8 (N, H, W, C) images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def epoch(self, batch_size: int) -> Iterator[Tensor]:
+        if batch_size > len(self.images):
+            raise ValueError(f"batch size {batch_size} exceeds the {len(self.images)} images of this worker")
+        order = torch.randperm(len(self.images), device=self.images.device)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield self.images[order[start : start + batch_size]]

@@ -25,10 +25,17 @@ class UNetConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
     dropout: float = 0.1
+    # Zero padding (left, right, top, bottom) before each stride-2 downsampling conv: the DDPM
+    # reference pads right and bottom only, (0, 1, 0, 1); (1, 1, 1, 1) is a conv with padding 1,
+    # what checkpoints written before this field existed were trained with.
+    downsample_padding: tuple[int, int, int, int] = (0, 1, 0, 1)
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        object.__setattr__(self, "downsample_padding", tuple(self.downsample_padding))
+        if len(self.downsample_padding) != 4 or any(p not in (0, 1) for p in self.downsample_padding):
+            raise ValueError(f"downsample_padding must be 4 values of 0 or 1, got {self.downsample_padding}")
         if self.ch % 32:
             raise ValueError(f"ch must be a multiple of 32 for GroupNorm(32), got {self.ch}")
         lowest = self.image_size // 2 ** (len(self.ch_mult) - 1)
@@ -47,7 +54,7 @@ class UNetConfig:
 
 
 UNET_CONFIGS: dict[str, UNetConfig] = {
-    # DDPM's CIFAR-10 model: 35.7M parameters.
+    # DDPM's CIFAR-10 model: 35.7M parameters, the reference's function (its released weights load).
     "cifar10": UNetConfig(),
     # STL-10 at 96x96 (not in the paper): the CIFAR-10 network with the same depth
     # (96 -> 48 -> 24 -> 12) and attention at 24, the second-lowest resolution, as 16 is
@@ -116,12 +123,15 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A stride-2 3x3 conv after zero padding `padding` (left, right, top, bottom)."""
+
+    def __init__(self, ch: int, padding: tuple[int, int, int, int]):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, self.padding))
 
 
 class Upsample(nn.Module):
@@ -165,7 +175,8 @@ class UNet(nn.Module):
                 in_ch = out_ch
                 skip_chs.append(in_ch)
             last = i == len(config.ch_mult) - 1
-            self.down.append(Level(blocks, attns, nn.Identity() if last else Downsample(in_ch)))
+            resample = nn.Identity() if last else Downsample(in_ch, config.downsample_padding)
+            self.down.append(Level(blocks, attns, resample))
             if not last:
                 skip_chs.append(in_ch)
                 resolution //= 2

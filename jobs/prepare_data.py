@@ -15,24 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion.data import (
-    CIFAR10,
-    STL10,
-    DataError,
-    StorageError,
-    cifar10_source,
-    imagefolder_source,
-    open_location,
-    stl10_source,
-    write_shards,
-)
-from diffusion.data.sources import CIFAR10_SPLITS, STL10_SPLITS, resolve_archive
+from diffusion.platform.cli import fail, parser
+from diffusion.platform.sources import CIFAR10_SPLITS, STL10_SPLITS
 
 DEFAULT_SPLITS = {"cifar10": ["train"], "stl10": ["train", "test", "unlabeled"], "imagefolder": None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--dataset", required=True, choices=["cifar10", "stl10", "imagefolder"], help="what to prepare")
     p.add_argument("--out", default=None, help="destination URI: a folder or s3://bucket/prefix (default data/DATASET)")
     p.add_argument("--source", default=None, help="local archive, folder or URL (default: the official download)")
@@ -59,6 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from diffusion.platform.shards import write_shards
+    from diffusion.platform.sources import (
+        CIFAR10,
+        STL10,
+        DataError,
+        cifar10_source,
+        imagefolder_source,
+        resolve_archive,
+        stl10_source,
+    )
+    from diffusion.platform.storage import StorageError, open_location
+
     try:
         location = open_location(args.out, args.endpoint_url)
         if args.dataset == "imagefolder":
@@ -72,8 +74,7 @@ def main(argv=None) -> int:
             source.fingerprint = {"md5": md5}
         write_shards(source, location, shard_bytes=int(args.shard_mb * 2**20))
     except (DataError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     return 0
 
 

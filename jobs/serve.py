@@ -12,14 +12,13 @@ The schema is at /docs and /openapi.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from diffusion.options import add_speed_options
+from diffusion.platform.cli import add_speed_options, parser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI or runs:/<mlflow run id>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -36,29 +35,28 @@ def main(argv=None) -> int:
 
     import signal
 
-    import ray
     from ray import serve
 
-    from diffusion.serve import build_app
+    from diffusion.platform.resources import Workers, connect
+    from diffusion.platform.serve import ServeArgs, build_app
 
     stop = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait below, in every thread
-    ray.init()
-    gpus = args.gpus if args.gpus >= 0 else float(ray.cluster_resources().get("GPU", 0) > 0)
+    connect()
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(
-        args.checkpoint,
-        args.batch_size,
-        args.batch_wait_s,
-        not args.raw,
-        args.replicas,
-        gpus,
-        args.max_replicas,
-        args.target_ongoing,
-        args.precision,
-        args.compile,
+    app_args = ServeArgs(
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        batch_wait_s=args.batch_wait_s,
+        ema=not args.raw,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing,
+        gpus=Workers(gpus=args.gpus).resolve().gpus,
+        precision=args.precision,
+        compile=args.compile,
     )
-    serve.run(app, blocking=False)
+    serve.run(build_app(app_args), blocking=False)
     scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas
     stop_with = "`serve shutdown` to stop" if args.detach else "Ctrl-C to stop"
     print(f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} ({stop_with})", flush=True)

@@ -11,33 +11,31 @@ Re-running with the same --name (and --storage) resumes from the latest checkpoi
 
 from __future__ import annotations
 
-import argparse
 import posixpath
 import sys
 
-from diffusion.options import add_train_options, train_config
-from diffusion.training import TrainConfig
+from diffusion.config import TrainConfig
+from diffusion.platform.cli import add_train_options, fail, parser, train_config
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_train_options(p)
     return train_config(p.parse_args(argv), p)
 
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    from diffusion.data import DataError, StorageError
-    from diffusion.ray_train import fit
+    from diffusion.platform.shards import DataError
+    from diffusion.platform.storage import StorageError
+    from diffusion.platform.train import fit
 
     try:
         result = fit(config)
     except (DataError, StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
-        return 1
+        return fail(f"training failed: {result.error}")
     if result.checkpoint:  # as a URI the other jobs take (Ray's path drops the s3:// scheme)
         run_and_checkpoint = result.checkpoint.path.rstrip("/").split("/")[-2:]
         print(f"latest checkpoint: {posixpath.join(config.storage, *run_and_checkpoint)}")

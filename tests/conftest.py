@@ -17,6 +17,8 @@ from helpers import SHARED_CIFAR, cifar_subset_folder, free_port
 
 # boto3 must never probe the EC2 metadata address for credentials from a test.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# The tests' Ray runs without token auth, so that the command lines they start can join it.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 class GaussianOracle:
@@ -69,38 +71,46 @@ def load_cifar(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """An S3-compatible server (moto) really listening on 127.0.0.1 for the whole session."""
+    """An S3-compatible server (moto) really listening on 127.0.0.1 for the whole session. Its
+    address and (fake) credentials are in the environment from the start, so that the
+    session's Ray workers, started from this process, see them too."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    """Environment pointing at the test S3 server, and a fresh bucket; yields the bucket name."""
-    import boto3
-
     env = {
-        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "test-key",
         "AWS_SECRET_ACCESS_KEY": "test-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh bucket on the test S3 server; yields its name."""
+    import boto3
+
     bucket = f"bucket-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     return bucket
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance (2 CPUs) shared by the tests that need it."""
+def ray_local(s3_server):
+    """One local Ray instance (2 CPUs) shared by the tests that need it (its workers see the
+    test S3 server's environment)."""
     import ray
 
     ray.init(address="local", num_cpus=2, log_to_driver=False)
@@ -109,14 +119,31 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local):
+    """The address of the session's Ray, for command lines run by tests to join (RAY_ADDRESS=)
+    instead of starting a Ray of their own."""
+    return ray_local.get_runtime_context().gcs_address
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store for this test, also in this process's MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def cifar_shards(tmp_path_factory):
-    """A real CIFAR-10 subset (100 train + 20 test images per class) prepared as shards."""
+    """A real CIFAR-10 subset (100 train + 10 test images per class) prepared as shards."""
     if not SHARED_CIFAR.exists():
         pytest.skip(f"real-data check skipped: {SHARED_CIFAR} is absent (it exists on developer machines and CI)")
-    from diffusion.data import imagefolder_source, open_location, write_shards
+    from diffusion.platform.shards import write_shards
+    from diffusion.platform.sources import imagefolder_source
+    from diffusion.platform.storage import open_location
 
     root = tmp_path_factory.mktemp("cifar-subset")
-    folder = cifar_subset_folder(root / "images", {"train": 100, "test": 20})
+    folder = cifar_subset_folder(root / "images", {"train": 100, "test": 10})
     write_shards(imagefolder_source(folder, None, None), open_location(str(root / "shards")), quiet=True)
     return str(root / "shards")
 

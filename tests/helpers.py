@@ -1,27 +1,47 @@
-"""Test helpers: the shared CIFAR-10 copy, free ports, and synthetic data sets written in
-the exact official layouts with the arrays they must read back as."""
+"""Test helpers: the project's command lines run as a user runs them, the shared CIFAR-10 copy,
+free ports, checkpoints, and synthetic data sets written in the exact official layouts with
+the arrays they must read back as."""
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
-import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from diffusion.data.sources import CIFAR10_SPLITS
+from diffusion.platform.net import free_port  # noqa: F401 - re-exported for the tests
+from diffusion.platform.sources import CIFAR10_SPLITS
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of a command line run by a test: this one, with Ray's token auth off
+    (a local head started by a test has none) and `extra` (MLFLOW_TRACKING_URI, RAY_ADDRESS, ...)."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", **{k: str(v) for k, v in extra.items()}}
+
+
+def cli(script: str, *args, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts (jobs/..., tune/..., bench/..., cluster/...) from the
+    project root with `args`, as a user does; `env` adds environment variables."""
+    cmd = [sys.executable, script, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def cli_popen(script: str, *args, stdout=subprocess.PIPE, **env: str) -> subprocess.Popen:
+    """`cli` for a command that runs until stopped (a server, a sweep to interrupt)."""
+    cmd = [sys.executable, script, *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -95,21 +115,34 @@ def cifar_subset_folder(dst: Path, per_class: dict[str, int]) -> Path:
     return dst
 
 
-def tiny_checkpoint(path: Path, mlflow_run_id: str = "") -> str:
+def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 1000) -> str:
     """A tiny-UNet checkpoint (no training) whose EMA weights are perturbed from the zero
-    initialisation, so that samples are not trivially equal."""
+    initialisation, so that samples are not trivially equal. A smaller `num_timesteps` (T)
+    makes DDPM sampling and the papers' figures cheaper."""
     import torch
 
     from diffusion.checkpoint import save_checkpoint
-    from diffusion.training import PRESETS, build_state
+    from diffusion.config import PRESETS
+    from diffusion.training import build_state
 
     torch.manual_seed(0)
-    state = build_state(PRESETS["tiny"], torch.device("cpu"))
+    config = PRESETS["tiny"].replace(num_timesteps=num_timesteps)
+    state = build_state(config, torch.device("cpu"))
     with torch.no_grad():
         for p in state.ema.ema_model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(path, state, PRESETS["tiny"], mlflow_run_id=mlflow_run_id)
+    save_checkpoint(path, state, config, mlflow_run_id=mlflow_run_id)
     return str(path)
+
+
+def tiny_diffusers_folder(path: Path, num_timesteps: int = 1000) -> str:
+    """`tiny_checkpoint`'s EMA weights exported as a diffusers DDPMPipeline folder (published
+    weights come in this layout)."""
+    from diffusion.checkpoint import betas_from, model_from, read_checkpoint, sampling_defaults
+    from diffusion.convert import export_diffusers
+
+    payload = read_checkpoint(tiny_checkpoint(path.with_name(path.name + "-checkpoint"), num_timesteps=num_timesteps))
+    return str(export_diffusers(model_from(payload), betas_from(payload), sampling_defaults(payload), path))
 
 
 def random_fid_inception(path: Path) -> Path:

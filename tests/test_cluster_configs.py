@@ -1,7 +1,7 @@
 """The cluster configs in cluster/, checked by what will read them: Ray's cluster-launcher schema
 and defaults, botocore's EC2 model, Kubernetes' JSON schemas (kubernetes-validate), Ray's KubeRay
 autoscaler, Ray Serve's config schema, Ray's runtime_env packaging, rsync, this project's CLIs and
-diffusion.serve.build_app. No cluster, cloud or network is needed.
+diffusion.platform.serve.build_app. No cluster, cloud or network is needed.
 
 KubeRay's CRD schemas are in no PyPI, npm or Debian package, so RayCluster, RayJob and RayService
 are checked through their pod templates (Kubernetes' PodTemplateSpec schema), through Ray's KubeRay
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import inspect
 import re
 import shlex
 import shutil
@@ -195,8 +194,8 @@ def test_runtime_env_uploads_code_and_leaves_local_state(tmp_path):
 
 def _working_tree(root: Path) -> Path:
     for path in [
-        "diffusion/data/storage.py",
-        "diffusion/serve.py",
+        "diffusion/platform/storage.py",
+        "diffusion/platform/serve.py",
         "jobs/train.py",
         "data/cifar10/manifest.json",
         "runs/cifar10-linear/checkpoint.pt",
@@ -210,7 +209,7 @@ def _working_tree(root: Path) -> Path:
 
 
 def _assert_code_without_local_state(paths: set[str]) -> None:
-    assert {"diffusion/data/storage.py", "diffusion/serve.py", "jobs/train.py"} <= paths, sorted(paths)
+    assert {"diffusion/platform/storage.py", "diffusion/platform/serve.py", "jobs/train.py"} <= paths, sorted(paths)
     for local in ["data", "runs", ".venv", "mlruns", "mlflow.db"]:
         assert not [p for p in paths if p == local or p.startswith(local + "/")], f"{local} is synced"
 
@@ -355,7 +354,7 @@ def test_rayjob_runs_training_on_a_cluster_it_creates_and_deletes(monkeypatch, c
 def test_rayservice_serves_build_app_with_the_serve_config_arguments():
     from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
-    from diffusion.serve import build_app
+    from diffusion.platform.serve import ServeArgs
 
     service = one("rayservice.yaml", "RayService")["spec"]
     serve_config = yaml.safe_load(service["serveConfigV2"])
@@ -364,9 +363,9 @@ def test_rayservice_serves_build_app_with_the_serve_config_arguments():
     assert set(serve_config.get("http_options", {})) <= set(HTTPOptionsSchema.model_fields)
     (app,) = serve_config["applications"]
     assert set(app) <= set(ServeApplicationSchema.model_fields)
-    assert app["import_path"] == "diffusion.serve:build_app"
+    assert app["import_path"] == "diffusion.platform.serve:build_app"
     args = app["args"]
-    inspect.signature(build_app).bind(**args)  # a missing or unknown argument raises TypeError
+    ServeArgs.model_validate(args)  # a missing or unknown argument raises a ValidationError
     (local_app,) = load(ROOT / "jobs" / "serve_config.yaml")["applications"]
     assert set(args) == set(local_app["args"]) and local_app["import_path"] == app["import_path"]
     assert args["checkpoint"].startswith("s3://") and args["gpus"] >= 1

@@ -26,7 +26,7 @@ from helpers import SHARED_CIFAR, cifar_subset_folder, free_port
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "ray-diffusion"
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def sh(cmd: list, env: dict, timeout: float = 600) -> str:
@@ -167,6 +167,7 @@ def run_end_to_end(tmp_path: Path, env: dict, serve_port: int) -> None:
     assert by_kind.keys() >= {"training", "sampling"}, [r.data.tags for r in runs_found]
     training, sampling = by_kind["training"], by_kind["sampling"]
     assert training.info.status == "FINISHED" and training.data.tags["checkpoint_uri"].startswith(f"{runs}/e2e")
+    assert training.data.tags["ray_job_id"] and training.data.metrics["replicas_identical"] == 1.0
     assert sampling.data.tags["training_run_id"] == training.info.run_id
     grids = [a.path for a in client.list_artifacts(training.info.run_id, "samples")]
     assert grids and grids[0].endswith(".png")

@@ -1,8 +1,6 @@
 """Archives and image folders -> Parquet shards in local folders and S3 -> Ray Data / plain iterator."""
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,17 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.data import MANIFEST, DataError, ShardSet, StorageError, open_location, to_model_input
-from diffusion.data.sources import md5sum
-from helpers import SHARED_CIFAR, free_port, write_cifar10, write_stl10
-
-ROOT = Path(__file__).resolve().parents[1]
+from diffusion.digest import file_digest
+from diffusion.images import to_model_input
+from diffusion.platform.shards import MANIFEST, ShardSet
+from diffusion.platform.sources import DataError
+from diffusion.platform.storage import StorageError, open_location
+from helpers import SHARED_CIFAR, cli, free_port, write_cifar10, write_stl10
 
 
 def prepare(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "jobs/prepare_data.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    proc = cli("jobs/prepare_data.py", *args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -56,7 +53,17 @@ def test_cifar10_archive_round_trips_pixel_exact_through_ray_data(tmp_path, ray_
     expected = write_cifar10(archive)
     out = tmp_path / "shards"
     prepare(
-        "--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--splits", "train", "test", "--out", out
+        "--dataset",
+        "cifar10",
+        "--source",
+        archive,
+        "--md5",
+        file_digest(archive, "md5"),
+        "--splits",
+        "train",
+        "test",
+        "--out",
+        out,
     )
     shards = ShardSet.open(str(out))
     m = shards.manifest
@@ -70,7 +77,18 @@ def test_stl10_archive_round_trips_pixel_exact(tmp_path, ray_local):
     archive = tmp_path / "stl10_binary.tar.gz"
     expected = write_stl10(archive)
     out = tmp_path / "stl"
-    prepare("--dataset", "stl10", "--source", tmp_path, "--md5", md5sum(archive), "--out", out, "--shard-mb", 0.1)
+    prepare(
+        "--dataset",
+        "stl10",
+        "--source",
+        tmp_path,
+        "--md5",
+        file_digest(archive, "md5"),
+        "--out",
+        out,
+        "--shard-mb",
+        0.1,
+    )
     shards = ShardSet.open(str(out))
     assert shards.manifest["count"] == 16 and len(shards.manifest["shards"]) == 6  # 0.1 MiB = 3 images a shard
     assert (shards.manifest["height"], shards.manifest["width"]) == (96, 96)
@@ -83,7 +101,7 @@ def test_cifar10_to_s3_and_back_over_http(tmp_path, s3, ray_local):
     archive = tmp_path / "cifar-10-python.tar.gz"
     expected = write_cifar10(archive, per_batch=4)
     uri = f"s3://{s3}/sets/cifar10"
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--out", uri)
+    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", uri)
     shards = ShardSet.open(uri)
     assert shards.location.fs.type_name == "s3"
     assert_round_trip(expected, ["train"], ray_rows(shards))  # Ray Data reads over HTTP
@@ -112,14 +130,14 @@ def test_rerun_is_idempotent_and_a_changed_input_replaces_the_set(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_cifar10(archive, per_batch=3)
     out = tmp_path / "shards"
-    args = ["--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--out", out]
+    args = ["--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out]
     prepare(*args)
     first = sorted(p.name for p in out.iterdir())
     mtime = (out / MANIFEST).stat().st_mtime_ns
     assert "nothing to do" in prepare(*args).stdout
     assert sorted(p.name for p in out.iterdir()) == first and (out / MANIFEST).stat().st_mtime_ns == mtime
     write_cifar10(archive, per_batch=3, seed=1)  # different content at the same URI
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--out", out)
+    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out)
     second = sorted(p.name for p in out.iterdir())
     assert second != first and len(second) == len(first)  # old shards are gone, nothing left over
     ShardSet.open(str(out))
@@ -153,7 +171,7 @@ def test_bad_inputs_are_named_and_publish_nothing(tmp_path, case):
     if case == "md5":  # a re-packed archive checked against the official md5
         args, message = ["--dataset", "cifar10", "--source", archive], "does not match the expected c58f3010"
     elif case == "truncated":
-        full_md5 = md5sum(archive)
+        full_md5 = file_digest(archive, "md5")
         archive.write_bytes(archive.read_bytes()[:-100])
         args, message = (
             ["--dataset", "cifar10", "--source", archive, "--md5", full_md5],
@@ -190,7 +208,18 @@ def test_reading_checks_the_manifest_and_every_shard(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_cifar10(archive, per_batch=2)
     out = tmp_path / "shards"
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--out", out, "--shard-mb", 0.01)
+    prepare(
+        "--dataset",
+        "cifar10",
+        "--source",
+        archive,
+        "--md5",
+        file_digest(archive, "md5"),
+        "--out",
+        out,
+        "--shard-mb",
+        0.01,
+    )
     manifest = json.loads((out / MANIFEST).read_text())
     first, second = (out / s["path"] for s in manifest["shards"][:2])
     data = bytearray(first.read_bytes())
@@ -239,7 +268,18 @@ def test_plain_iterator_shuffles_deterministically_and_covers_every_row(tmp_path
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_cifar10(archive, per_batch=5)
     out = tmp_path / "shards"
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--out", out, "--shard-mb", 0.02)
+    prepare(
+        "--dataset",
+        "cifar10",
+        "--source",
+        archive,
+        "--md5",
+        file_digest(archive, "md5"),
+        "--out",
+        out,
+        "--shard-mb",
+        0.02,
+    )
     shards = ShardSet.open(str(out))
     order = lambda seed: np.concatenate([b["index"] for b in shards.iter_batches(4, shuffle=True, seed=seed)])  # noqa: E731
     assert sorted(order(0).tolist()) == list(range(25))
@@ -264,7 +304,17 @@ def test_split_selection_in_both_readers(tmp_path, ray_local):
     expected = write_cifar10(archive, per_batch=3)
     out = tmp_path / "shards"
     prepare(
-        "--dataset", "cifar10", "--source", archive, "--md5", md5sum(archive), "--splits", "train", "test", "--out", out
+        "--dataset",
+        "cifar10",
+        "--source",
+        archive,
+        "--md5",
+        file_digest(archive, "md5"),
+        "--splits",
+        "train",
+        "test",
+        "--out",
+        out,
     )
     shards = ShardSet.open(str(out))
     test_rows = rows_by_index(shards.iter_batches(4, splits=["test"]))

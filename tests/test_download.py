@@ -2,18 +2,13 @@
 
 import hashlib
 import http.server
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-from diffusion.data import DataError, ShardSet
-from diffusion.data.sources import download
-from helpers import free_port, write_cifar10
-
-ROOT = Path(__file__).resolve().parents[1]
+from diffusion.platform.shards import ShardSet
+from diffusion.platform.sources import DataError, download
+from helpers import cli, free_port, write_cifar10
 
 
 @pytest.fixture
@@ -85,21 +80,8 @@ def test_prepare_downloads_from_a_url(tmp_path, http_files):
     write_cifar10(www / "cifar-10-python.tar.gz", per_batch=2)
     md5 = hashlib.md5((www / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
     out = tmp_path / "shards"
-    cmd = [
-        sys.executable,
-        "jobs/prepare_data.py",
-        "--dataset",
-        "cifar10",
-        "--source",
-        f"{url}/cifar-10-python.tar.gz",
-        "--md5",
-        md5,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--out",
-        out,
-    ]
-    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = ["--dataset", "cifar10", "--source", f"{url}/cifar-10-python.tar.gz", "--md5", md5]
+    proc = cli("jobs/prepare_data.py", *args, "--cache-dir", tmp_path / "cache", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "downloading cifar-10-python.tar.gz" in proc.stderr
     assert (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()

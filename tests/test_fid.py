@@ -54,6 +54,7 @@ def test_inception_score_of_uniform_and_of_confident_distinct_predictions():
     assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(random_inception, cifar):
     images = cifar("test", 4)[0].permute(0, 2, 3, 1).numpy()  # 40 real CIFAR-10 test images, uint8 (N, 32, 32, 3)
     net = InceptionFeatures(random_inception)

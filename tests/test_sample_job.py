@@ -4,8 +4,6 @@ run with the sample grid and the papers' figures."""
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -14,36 +12,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import tiny_checkpoint
+from helpers import cli, tiny_checkpoint, tiny_diffusers_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path):
-    checkpoint = tiny_checkpoint(tmp_path / "ckpt", mlflow_run_id="training-run-123")
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, RAY_ADDRESS="local", RAY_AUTH_MODE="disabled")
-    cmd = [
-        sys.executable,
-        "jobs/sample.py",
-        "--checkpoint",
-        checkpoint,
-        "--n",
-        "20",
-        "--steps",
-        "5",
-        "--batch-size",
-        "2",
-        "--seed",
-        "100",
-        "--out",
-        f"s3://{s3}/samples/demo",
-        "--figures",
-        "--figure-seeds",
-        "2",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_address, mlflow_uri):
+    # T = 100 keeps the figures' DDPM chains short; their timesteps follow the model's T.
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", mlflow_run_id="training-run-123", num_timesteps=100)
+    args = ["--checkpoint", checkpoint, "--n", 20, "--steps", 5, "--batch-size", 2, "--seed", 100]
+    args += ["--out", f"s3://{s3}/samples/demo", "--figures", "--figure-seeds", 2]
+    proc = cli("jobs/sample.py", *args, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sampled 20/20" in proc.stderr and "wrote 20 images" in proc.stdout
 
@@ -56,60 +35,44 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path):
     summary = json.loads(s3_client.get_object(Bucket=s3, Key="samples/demo/sampling.json")["Body"].read())
     assert summary["n"] == 20 and summary["sampler"] == "ddim" and summary["steps"] == 5
 
-    client = MlflowClient(tracking)
+    client = MlflowClient(mlflow_uri)
     run = client.search_runs([client.get_experiment_by_name("ray-diffusion").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["training_run_id"] == "training-run-123"
     assert run.data.metrics["images"] == 20 and run.data.metrics["images_per_s"] > 0
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
     assert figures == {
-        "consistency_tau_10_20_50_100_1000.png",
+        "consistency_tau_10_20_50_100.png",
         "ddim_slerp_interpolation.png",
-        "ddpm_interpolation_t100.png",
-        "ddpm_interpolation_t250.png",
+        "ddpm_interpolation_t10.png",  # t = T/10 and T/4
+        "ddpm_interpolation_t25.png",
         "ddpm_sequence_x_t.png",
         "ddpm_sequence_pred_x0.png",
     }
     local = Path(client.download_artifacts(run.info.run_id, "figures", str(tmp_path / "figs")))
-    with Image.open(local / "consistency_tau_10_20_50_100_1000.png") as fig:  # 5 rows (tau) x 2 seeds
-        assert fig.size == (2 * 32 + 3 * 2, 5 * 32 + 6 * 2)
+    with Image.open(local / "consistency_tau_10_20_50_100.png") as fig:  # 4 rows (tau <= T) x 2 seeds
+        assert fig.size == (2 * 32 + 3 * 2, 4 * 32 + 5 * 2)
     with Image.open(local / "ddpm_sequence_x_t.png") as fig:  # 2 seeds x 10 timesteps
         assert fig.size == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)
-    with Image.open(local / "ddpm_interpolation_t250.png") as fig:  # 1 pair x 10 lambdas
+    with Image.open(local / "ddpm_interpolation_t25.png") as fig:  # 1 pair x 10 lambdas
         assert fig.size == (10 * 32 + 11 * 2, 32 + 2 * 2) and np.asarray(fig).std() > 1
     with Image.open(Path(client.download_artifacts(run.info.run_id, "samples.png", str(tmp_path)))) as grid:
         assert grid.size == (5 * 32 + 6 * 2, 4 * 32 + 5 * 2)  # the 20 images, 5 per row
         assert np.array_equal(np.asarray(grid.convert("RGB"))[2:34, 2:34], np.asarray(image))  # seed 100 first
 
 
-def test_sample_job_npz_shards_locally_and_bad_checkpoint(tmp_path):
-    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
-    env = dict(
-        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_ADDRESS="local", RAY_AUTH_MODE="disabled"
-    )
+def test_sample_job_npz_shards_locally_from_a_diffusers_folder(tmp_path, ray_address, mlflow_uri):
+    checkpoint = tiny_diffusers_folder(tmp_path / "pipeline")  # imported weights
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "jobs/sample.py",
-        "--checkpoint",
-        checkpoint,
-        "--n",
-        "10",
-        "--steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--format",
-        "npz",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--checkpoint", checkpoint, "--n", 10, "--steps", 3, "--batch-size", 4, "--format", "npz", "--out", out]
+    proc = cli("jobs/sample.py", *args, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted(out.glob("shard-*.npz"))
     seeds = np.concatenate([np.load(s)["seeds"] for s in shards])
     assert sorted(seeds.tolist()) == list(range(10))
     assert all(np.load(s)["images"].shape[1:] == (32, 32, 3) for s in shards)
-    proc = subprocess.run(
-        [*cmd[:3], str(tmp_path / "nothing"), *cmd[4:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+
+
+def test_a_missing_checkpoint_is_named_before_ray_starts(tmp_path):
+    proc = cli("jobs/sample.py", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "out", timeout=120)
     assert proc.returncode == 1 and "no checkpoint at" in proc.stderr
+    assert "Ray" not in proc.stderr and not (tmp_path / "out").exists()

@@ -32,13 +32,15 @@ def test_uniform_timesteps_follow_the_ddim_reference(steps):
     assert tau.tolist() == list(range(0, 1000, 1000 // steps))
 
 
-@pytest.mark.parametrize("steps", [10, 20, 50, 100])
-def test_quadratic_timesteps_follow_the_ddim_reference(steps):
-    seq = [int(x) for x in np.linspace(0, np.sqrt(1000 * 0.8), steps) ** 2]
-    tau = timesteps(1000, steps, "quadratic")
-    assert tau.dtype == torch.long
-    assert tau.tolist() == sorted(set(seq))  # ascending, repeats of the small values dropped
-    assert tau.tolist()[-1] == seq[-1]
+def test_quadratic_timesteps_are_the_ddim_references_for_every_length():
+    """The reference computes (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(int) in float64:
+    at exact squares its last bit decides a timestep (S = 16: 287 and 511, not 288 and 512)."""
+    for steps in range(1, 1001):
+        seq = (np.linspace(0, np.sqrt(1000 * 0.8), steps) ** 2).astype(int)
+        tau = timesteps(1000, steps, "quadratic")
+        assert tau.dtype == torch.long
+        assert tau.tolist() == sorted(set(seq.tolist())), steps  # ascending, repeats dropped
+    assert {287, 511} <= set(timesteps(1000, 16, "quadratic").tolist())
 
 
 @pytest.mark.parametrize(
@@ -218,12 +220,38 @@ def test_fixed_batch_splits_and_pads():
         fixed_batch(model, 0)
 
 
+def test_sigma_hat_over_all_steps_is_ddpm_with_beta_variance(oracle):
+    """DDIM Table 1's last row: eta = 1's mean with noise sigma-hat = sqrt(1 - abar_t / abar_prev).
+    Over every timestep that is DDPM ancestral sampling with sigma_t^2 = beta_t, noise for noise."""
+    betas = make_betas("linear", 100)
+    model = oracle(betas, MU, S)
+    x_T = draws(16)
+    hat = ddim_sample(model, betas, x_T, 100, eta=1.0, variance="beta", generator=make_generators(range(16)))
+    ddpm = ddpm_sample(model, betas, x_T, variance="beta", generator=make_generators(range(16)))
+    torch.testing.assert_close(hat, ddpm, atol=1e-10, rtol=0)
+    eta_one = ddim_sample(model, betas, x_T, 100, eta=1.0, generator=make_generators(range(16)))
+    assert not torch.allclose(hat, eta_one)  # the posterior std is the smaller one
+
+
+def test_sigma_hat_on_a_subsequence_has_the_larger_noise(oracle):
+    betas = make_betas("linear")
+    tau = timesteps(1000, 10)
+    abar = NoiseSchedule(betas).alphas_cumprod[tau]
+    hat = (1 - abar[1:] / abar[:-1]).sqrt()
+    assert (hat > ddim_sigmas(betas, tau, 1.0)[1:]).all()
+    model = oracle(betas, MU, S)
+    x = ddim_sample(model, betas, draws(), 10, eta=1.0, variance="beta", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+
+
 def test_bad_sampler_arguments_are_named(oracle):
     betas = make_betas("linear")
     model = oracle(betas, MU, S)
     x_T = draws(4)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim_sample(model, betas, x_T, 10, eta=-0.1)
+    with pytest.raises(ValueError, match="'beta' \\(sigma-hat\\) with eta = 1"):
+        ddim_sample(model, betas, x_T, 10, eta=0.5, variance="beta")
     with pytest.raises(ValueError, match="unknown variance 'fixed'"):
         ddpm_sample(model, betas, x_T, variance="fixed")
     with pytest.raises(ValueError, match=r"t_start must be in \[0, 999\]"):

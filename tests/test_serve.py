@@ -1,8 +1,10 @@
-"""The Ray Serve app on 127.0.0.1 with a tiny checkpoint, exercised with real HTTP requests."""
+"""The Ray Serve app on 127.0.0.1, serving a tiny model imported from a diffusers DDPMPipeline
+folder (and, from the CLI, a run folder of this project), exercised with real HTTP requests."""
 
 import base64
 import io
 import json
+import signal
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,21 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import free_port, tiny_checkpoint
+from diffusion.platform.net import wait_for_http
+from helpers import cli_popen, free_port, tiny_checkpoint, tiny_diffusers_folder
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
     from ray import serve
 
-    from diffusion.serve import build_app
+    from diffusion.platform.serve import ServeArgs, build_app
 
-    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    checkpoint = tiny_diffusers_folder(tmp_path_factory.mktemp("imported") / "pipeline")  # imported weights
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(checkpoint, batch_size=8, batch_wait_s=0.2), blocking=False)
+    serve.run(build_app(ServeArgs(checkpoint=checkpoint, batch_size=8, batch_wait_s=0.2)), blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -53,7 +56,13 @@ def png_b64(array):
 
 def test_health_and_schema(service):
     health = json.loads(urllib.request.urlopen(f"{service}/healthz").read())
-    assert health == {"status": "ok", "model": "tiny", "image_shape": [32, 32, 3], "weights": "ema"}
+    assert health == {
+        "status": "ok",
+        "model": "tiny",
+        "image_shape": [32, 32, 3],
+        "num_timesteps": 1000,
+        "weights": "ema",
+    }
     schema = json.loads(urllib.request.urlopen(f"{service}/openapi.json").read())
     assert {"/v1/samples", "/v1/interpolations", "/v1/sequences", "/healthz"} <= set(schema["paths"])
 
@@ -157,45 +166,12 @@ def test_sequences(service):
 
 
 def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     tiny_checkpoint(tmp_path / "runs" / "demo" / "checkpoint-000000010")
     port = free_port()
-    env = dict(os.environ, RAY_ADDRESS="local", RAY_AUTH_MODE="disabled")  # its own Ray, not the tests'
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "jobs/serve.py",
-            "--checkpoint",
-            str(tmp_path / "runs" / "demo"),
-            "--port",
-            str(port),
-            "--batch-size",
-            "4",
-            "--max-replicas",
-            "2",
-        ],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ["--checkpoint", tmp_path / "runs" / "demo", "--port", port, "--batch-size", 4, "--max-replicas", 2]
+    proc = cli_popen("jobs/serve.py", *args, RAY_ADDRESS="local")  # its own Ray: the tests' Ray runs a Serve already
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, proc)
         status, _, body = post(f"http://127.0.0.1:{port}/v1/samples", {"n": 2, "seed": 0, "steps": 3, "format": "npz"})
         assert status == 200 and npz(body).shape == (2, 32, 32, 3)
     finally:
@@ -205,14 +181,19 @@ def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
 
 
 def test_serve_config_file_is_a_valid_serve_application(tmp_path):
+    import inspect
+
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from diffusion.serve import build_app
+    from diffusion.platform.serve import ServeArgs, build_app, deployment_options
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)
-    args = {**config["applications"][0]["args"], "max_replicas": 4, "gpus": 1}
-    deployment = build_app(**args)._bound_deployment
-    assert deployment.ray_actor_options["num_gpus"] == 1
-    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    # `serve run` calls a builder that takes one parameter, validating its `args:` into the
+    # pydantic model the parameter is annotated with.
+    (param,) = inspect.signature(build_app).parameters.values()
+    assert param.annotation is ServeArgs
+    args = ServeArgs.model_validate({**config["applications"][0]["args"], "max_replicas": 4, "gpus": 1})
+    options = deployment_options(args)
+    assert options["ray_actor_options"]["num_gpus"] == 1 and options["autoscaling_config"]["max_replicas"] == 4

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from diffusion import build_unet, make_betas
-from diffusion.generate import Sampler, SamplerSettings
-from diffusion.speed import DeviceData, SamplerSpeed, fits_on_device, sampling_model, use_bf16
+from diffusion.config import SamplerSettings, SamplerSpeed
+from diffusion.sampling import Sampler
+from diffusion.speed import sampling_model, use_bf16
+from diffusion.training import DeviceData, fits_on_device
 
 
 @pytest.fixture(scope="module")

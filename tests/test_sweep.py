@@ -1,15 +1,11 @@
-"""tune/sweep.py on a local Ray (2 CPUs): a 4-trial sweep of the tiny UNet on real CIFAR-10
+"""tune/sweep.py on a local Ray (2 CPUs): a 3-trial sweep of the tiny UNet on real CIFAR-10
 images, interrupted with Ctrl-C after two trials and resumed; MLflow's parent and nested
 trial runs; ASHA's early stop; the best checkpoint; the MLflow compare-page screenshot."""
 
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +13,20 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from diffusion import load_checkpoint
-from diffusion.sweep import SWEEP_TAG
+from diffusion.platform.tracking import SWEEP_TAG
+from helpers import cli, cli_popen
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 TRIAL_LINE = re.compile(r"^trial (\S+) (finished|stopped early)", re.M)
 
 
-def sweep_cmd(data, tmp_path, *extra):
+def sweep_args(data, tmp_path, *extra):
     options = (
-        f"--preset tiny --data {data} --storage {tmp_path / 'runs'} --name lr-sched --num-samples 4 --max-steps 20 "
+        f"--preset tiny --data {data} --storage {tmp_path / 'runs'} --name lr-sched --num-samples 3 --max-steps 10 "
         "--log-every 5 --grace-steps 5 --max-concurrent 1 --num-workers 1 --cpus-per-worker 0.25 --heldout-size 16 "
         "--sample-n 4 --sample-steps 4 --lr-range 1e-5 3e-3 --schedules linear cosine --search-seed 10"
     )
-    return [sys.executable, "tune/sweep.py", *options.split(), *extra]
+    return [*options.split(), *extra]
 
 
 @pytest.mark.parametrize(
@@ -45,32 +41,24 @@ def sweep_cmd(data, tmp_path, *extra):
 )
 def test_bad_search_spaces_are_refused_naming_the_problem(tmp_path, space, message):
     (tmp_path / "space.json").write_text(space)
-    proc = subprocess.run(
-        [sys.executable, "tune/sweep.py", "--preset", "tiny", "--space", str(tmp_path / "space.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("tune/sweep.py", "--preset", "tiny", "--space", tmp_path / "space.json", timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_resume_without_a_sweep_says_so(tmp_path):
-    cmd = sweep_cmd(str(tmp_path / "no-data"), tmp_path, "--resume")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    args = sweep_args(tmp_path / "no-data", tmp_path, "--resume")
+    proc = cli("tune/sweep.py", *args, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", timeout=120)
     assert proc.returncode == 1 and "--resume: no sweep named 'lr-sched'" in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and "Started a local Ray" not in proc.stderr
 
 
 @pytest.fixture(scope="module")
-def swept(cifar_shards, tmp_path_factory):
+def swept(cifar_shards, tmp_path_factory, ray_address):
     """The sweep, interrupted after two finished trials and resumed: (tmp_path, tracking URI, outputs)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS="local", RAY_AUTH_MODE="disabled")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_ADDRESS": ray_address}
     log = open(tmp_path / "first.log", "w+")
-    proc = subprocess.Popen(sweep_cmd(cifar_shards, tmp_path), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = cli_popen("tune/sweep.py", *sweep_args(cifar_shards, tmp_path), stdout=log, **env)
     deadline = time.time() + 600
     while len(TRIAL_LINE.findall((tmp_path / "first.log").read_text())) < 2:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -79,12 +67,11 @@ def swept(cifar_shards, tmp_path_factory):
     proc.send_signal(signal.SIGINT)
     first_code = proc.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
-    second = subprocess.run(
-        sweep_cmd(cifar_shards, tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    return tmp_path, uri, first_code, first, second
+    second = cli("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), timeout=900, **env)
+    return tmp_path, env["MLFLOW_TRACKING_URI"], first_code, first, second
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
     _, uri, first_code, first, second = swept
     assert first_code == 130 and "interrupted after" in first and "continue it with --resume" in first
@@ -92,7 +79,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
     done_first = {trial for trial, _ in TRIAL_LINE.findall(first)}
     done_second = {trial for trial, _ in TRIAL_LINE.findall(second.stdout)}
     assert len(done_first) >= 2 and not done_first & done_second  # nothing finished is run again
-    assert len(done_first | done_second) == 4
+    assert len(done_first | done_second) == 3
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
     for trial in done_first:  # their training ran once: no step of their curves was logged twice
@@ -102,18 +89,19 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
     assert "best trial" in second.stdout and "best checkpoint:" in second.stdout
 
 
+@pytest.mark.slow
 def test_mlflow_holds_the_sweep_and_its_trials_side_by_side(swept):
     _, uri, *_ = swept
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
     (parent,) = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = 'lr-sched' and tags.kind = 'sweep'")
     trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert parent.info.status == "FINISHED" and len(trials) == 4
+    assert parent.info.status == "FINISHED" and len(trials) == 3
     lrs = {float(t.data.params["lr"]) for t in trials}
-    assert len(lrs) == 4 and all(1e-5 <= lr <= 3e-3 for lr in lrs)
+    assert len(lrs) == 3 and all(1e-5 <= lr <= 3e-3 for lr in lrs)
     assert {t.data.params["schedule"] for t in trials} <= {"linear", "cosine"}
-    for t in trials:  # curves of the training and held-out loss (from step 0), 4 points for a whole trial
-        points = 4 if t.info.status == "FINISHED" else 1
+    for t in trials:  # curves of the training and held-out loss (from step 0), 2 points for a whole trial
+        points = 2 if t.info.status == "FINISHED" else 1
         assert len(client.get_metric_history(t.info.run_id, "loss")) >= points
         assert len(client.get_metric_history(t.info.run_id, "heldout_loss")) >= points + 1
     stopped = [t for t in trials if "stopped_early" in t.data.tags]
@@ -125,6 +113,7 @@ def test_mlflow_holds_the_sweep_and_its_trials_side_by_side(swept):
     assert parent.data.metrics["best_heldout_loss"] == pytest.approx(best.data.metrics["heldout_loss"])
 
 
+@pytest.mark.slow
 def test_the_best_trials_checkpoint_loads(swept):
     _, uri, *_ = swept
     client = MlflowClient(uri)
@@ -133,32 +122,17 @@ def test_the_best_trials_checkpoint_loads(swept):
     model, ema_model, config = load_checkpoint(parent.data.tags["best_checkpoint_uri"])
     best = client.get_run(parent.data.tags["best_run_id"])
     assert config.lr == float(best.data.params["lr"]) and config.schedule == best.data.params["schedule"]
-    assert parent.data.tags["best_checkpoint_uri"].endswith("checkpoint-000000020")
+    assert parent.data.tags["best_checkpoint_uri"].endswith("checkpoint-000000010")
 
 
+@pytest.mark.slow
 def test_the_compare_page_screenshot_shows_the_trials(swept):
     if shutil.which("chromium") is None:
         pytest.skip("screenshot skipped: Chromium is absent (Debian: apt-get install chromium; .ci/run installs it)")
     tmp_path, uri, *_ = swept
     out, dom = tmp_path / "compare.png", tmp_path / "compare.html"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "tune/screenshot.py",
-            "--sweep",
-            "lr-sched",
-            "--tracking-uri",
-            uri,
-            "--out",
-            str(out),
-            "--dom-out",
-            str(dom),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["--sweep", "lr-sched", "--tracking-uri", uri, "--out", out, "--dom-out", dom]
+    proc = cli("tune/screenshot.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
@@ -167,32 +141,24 @@ def test_the_compare_page_screenshot_shows_the_trials(swept):
         r.info.run_name for r in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     ]
     page = dom.read_text()
-    assert len(names) == 4 and all(name in page for name in names)  # the compare view lists every trial
+    assert len(names) == 3 and all(name in page for name in names)  # the compare view lists every trial
     with Image.open(out) as image:
         assert image.size == (1600, 1400) and np.asarray(image.convert("L")).std() > 5
 
 
-def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_inception, tmp_path):
-    env = dict(
-        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RAY_ADDRESS="local", RAY_AUTH_MODE="disabled"
-    )
+@pytest.mark.slow
+def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_inception, tmp_path, ray_address):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     options = (
         f"--preset tiny --data {cifar_shards} --storage {tmp_path / 'runs'} --name by-fid --metric fid "
-        f"--num-samples 2 --max-steps 5 --log-every 5 --grace-steps 5 --max-concurrent 1 --num-workers 1 "
+        f"--num-samples 1 --max-steps 5 --log-every 5 --grace-steps 5 --max-concurrent 1 --num-workers 1 "
         f"--cpus-per-worker 0.25 --heldout-size 8 --sample-n 2 --sample-steps 2 --fid-n 4 --fid-splits test "
         f"--inception-weights {random_inception}"
     )
-    proc = subprocess.run(
-        [sys.executable, "tune/sweep.py", *options.split()],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = cli("tune/sweep.py", *options.split(), timeout=900, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 2
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 1
+    client = MlflowClient(uri)
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'sweep'"
     )

@@ -13,17 +13,11 @@ from PIL import Image
 
 from diffusion import load_checkpoint
 from diffusion.checkpoint import read_checkpoint
-from diffusion.ray_train import RUN_NAME_TAG, fit
-from diffusion.training import PRESETS
+from diffusion.config import PRESETS
+from diffusion.platform.tracking import RUN_NAME_TAG
+from diffusion.platform.train import fit
 
-pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def tiny(data, storage, name, **overrides):
@@ -55,14 +49,16 @@ def steps_of(client, run_id, metric):
     return [m.step for m in client.get_metric_history(run_id, metric)]
 
 
-def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, cifar_shards, tmp_path, mlflow_uri):
+def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
+    ray_local, cifar_shards, random_inception, tmp_path, mlflow_uri
+):
     config = tiny(cifar_shards, tmp_path / "runs", "resume", max_steps=20)
     result = fit(config)
     assert result.error is None
     run_dir = tmp_path / "runs" / "resume"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000000010", "checkpoint-000000020"]
     payload = torch.load(run_dir / "checkpoint-000000020" / "checkpoint.pt", weights_only=True)
-    assert payload["step"] == 20 and {"model", "ema", "optimizer", "betas", "config", "rng"} <= set(payload)
+    assert payload["step"] == 20 and {"model", "ema", "optimizer", "betas", "config", "unet", "rng"} <= set(payload)
 
     client, run = the_run(mlflow_uri, "resume")
     assert run.info.status == "FINISHED"
@@ -75,14 +71,19 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, ci
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
 
-    # The same name again, with more steps: it continues from step 20, not from 0 (now with the
-    # training images held in the workers' device memory instead of streamed by Ray Data).
-    assert fit(config.replace(max_steps=30, data_on_device="on")).error is None
+    # The same name again, with more steps: it continues from step 20, not from 0; now with the
+    # training images held in the workers' device memory instead of streamed by Ray Data, and an
+    # FID every 5 steps from both workers' samples (a randomly initialised Inception: plumbing).
+    fid = dict(fid_every=5, fid_n=6, fid_splits="test", inception_weights=str(random_inception))
+    assert fit(config.replace(max_steps=30, data_on_device="on", **fid)).error is None
     client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
     assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
     assert 400 <= run.data.metrics["images_on_device"] <= 600  # rank 0's half of the 1,000 training images
     assert "max_steps" in run.data.tags["resumed_with_changes"]
+    fids = client.get_metric_history(run.info.run_id, "fid")
+    assert [m.step for m in fids] == [25, 30] and all(m.value > 0 for m in fids)
+    assert run.data.tags["fid_reference_n"] == "100" and len(run.data.tags["fid_reference_weights_sha256"]) == 64
     assert read_checkpoint(run_dir)["step"] == 30
     assert run.data.tags["checkpoint_uri"].endswith("resume/checkpoint-000000030")
     assert read_checkpoint(f"runs:/{run.info.run_id}")["step"] == 30  # an MLflow run stands for its checkpoint
@@ -98,15 +99,36 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(ray_local, ci
     assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), ema_model.parameters()) if a.abs().sum() > 0)
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes(ray_local, cifar_shards, tmp_path, mlflow_uri):
-    config = tiny(cifar_shards, tmp_path / "runs", "failure", max_steps=30)
-    snapshot = tmp_path / "runs" / "failure" / "checkpoint_manager_snapshot.json"
+def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
+    ray_local, cifar_shards, s3, tmp_path, mlflow_uri, monkeypatch
+):
+    """Data and checkpoints in S3 (the endpoint on 127.0.0.1), a worker killed after the first
+    checkpoint, and credentials that reach neither MLflow's params nor its tags."""
+    from diffusion.platform.shards import ShardSet, write_shards
+    from diffusion.platform.sources import Source
+    from diffusion.platform.storage import open_location
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-log-this-secret")
+    local = ShardSet.open(cifar_shards)  # copy the real subset's training split into the bucket
+    chunks = (("train", b["image"], b["label"]) for b in local.iter_batches(256, splits=["train"]))
+    data_uri = f"s3://{s3}/data/cifar-subset"
+    write_shards(
+        Source("imagefolder", ["train"], local.manifest["classes"], chunks), open_location(data_uri), quiet=True
+    )
+
+    config = tiny(data_uri, f"s3://{s3}/runs", "failure", max_steps=20)
+    snapshot = f"{s3}/runs/failure/checkpoint_manager_snapshot.json"
+    fs = open_location(f"s3://{s3}").fs
     killed = []
 
     def registered(name):
         # Ray Train's controller registers a reported checkpoint when it next polls the
         # workers (every 2 s) and records it in this snapshot; a crash before that loses it.
-        return snapshot.exists() and f'"checkpoint_dir_name":"{name}"' in snapshot.read_text().replace(" ", "")
+        try:
+            with fs.open_input_stream(snapshot) as f:
+                return f'"checkpoint_dir_name":"{name}"' in f.read().decode().replace(" ", "")
+        except OSError:
+            return False
 
     def kill_a_worker_after_the_first_checkpoint():
         deadline = time.time() + 600
@@ -124,36 +146,13 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_local, cifar_shard
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert result.error is None
-    assert read_checkpoint(tmp_path / "runs" / "failure")["step"] == 30
+    assert read_checkpoint(f"s3://{s3}/runs/failure")["step"] == 20
     client, run = the_run(mlflow_uri, "failure")
     resumed = steps_of(client, run.info.run_id, "resumed_from_step")
     assert len(resumed) == 1 and resumed[0] >= 10  # restarted from a checkpoint, not from step 0
     assert run.data.metrics["replicas_identical"] == 1.0 and run.info.status == "FINISHED"
-
-
-def test_training_reads_and_checkpoints_on_s3_without_logging_credentials(
-    ray_local, cifar_shards, s3, tmp_path, mlflow_uri, monkeypatch
-):
-    from diffusion.data import ShardSet, write_shards
-    from diffusion.data.sources import Source
-
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-log-this-secret")
-    local = ShardSet.open(cifar_shards)  # copy the real subset into the bucket
-    chunks = (("train", b["image"], b["label"]) for b in local.iter_batches(256))
-    data_uri = f"s3://{s3}/data/cifar-subset"
-    write_shards(Source("imagefolder", ["train"], local.manifest["classes"], chunks), open_s3(data_uri), quiet=True)
-
-    config = tiny(data_uri, f"s3://{s3}/runs", "on-s3", max_steps=10, num_workers=1)
-    assert fit(config).error is None
-    model, ema_model, loaded = load_checkpoint(f"s3://{s3}/runs/on-s3")
-    assert loaded.max_steps == 10 and loaded.storage == f"s3://{s3}/runs"
-    client, run = the_run(mlflow_uri, "on-s3")
+    _, _, loaded = load_checkpoint(f"s3://{s3}/runs/failure")
+    assert loaded.max_steps == 20 and loaded.storage == f"s3://{s3}/runs"
     logged = str(run.data.params) + str(run.data.tags)
     assert "do-not-log-this-secret" not in logged and "test-key" not in logged
     assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so
-
-
-def open_s3(uri):
-    from diffusion.data import open_location
-
-    return open_location(uri)

@@ -2,16 +2,13 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from diffusion.training import PRESETS, TrainConfig, lr_at
+from diffusion.config import PRESETS, TrainConfig
+from diffusion.training import lr_at
+from helpers import ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
 train_cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_cli)
@@ -70,10 +67,11 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
     assert (config.model, config.batch_size, config.ema_decay) == ("cifar10", 32, 0.999)
 
 
-def test_every_config_field_is_a_flag_with_help():
-    out = subprocess.run([sys.executable, "jobs/train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+def test_every_config_field_is_a_flag_with_help_and_default():
+    out = cli("jobs/train.py", "--help").stdout
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out
+    assert "(default: 0.0002)" in out and "(default: 'linear')" in out
 
 
 @pytest.mark.parametrize(
@@ -88,28 +86,16 @@ def test_every_config_field_is_a_flag_with_help():
     ],
 )
 def test_bad_options_are_named(args, message):
-    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = cli("jobs/train.py", *args)
     assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_unknown_keys_in_a_config_file_are_named(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
-    proc = subprocess.run(
-        [sys.executable, "jobs/train.py", "--config", str(tmp_path / "bad.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = cli("jobs/train.py", "--config", tmp_path / "bad.json")
     assert proc.returncode == 2 and "unknown option(s) ['learning_rate']" in proc.stderr
 
 
 def test_missing_data_set_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "jobs/train.py", "--preset", "tiny", "--data", str(tmp_path / "none")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
+    proc = cli("jobs/train.py", "--preset", "tiny", "--data", tmp_path / "none", timeout=300)
     assert proc.returncode == 1 and "no manifest.json at" in proc.stderr and "prepare_data.py" in proc.stderr

@@ -10,24 +10,17 @@ PNG (and, with --dom-out, the rendered page). Chromium: `apt-get install chromiu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from diffusion.platform.cli import parser
+from diffusion.platform.net import free_port, wait_for_http
 
 
 @contextmanager
@@ -52,15 +45,11 @@ def mlflow_server(tracking_uri: str):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {proc.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+        try:
+            wait_for_http(f"{url}/health", 120, proc)
+        except (TimeoutError, ChildProcessError) as e:
+            proc.terminate()
+            raise RuntimeError(f"mlflow server did not start ({e}): {proc.stderr.read()[-2000:]}") from None
         yield url
     finally:
         proc.terminate()
@@ -71,7 +60,7 @@ def compare_url(server: str, tracking_uri: str, sweep: str, experiment: str) -> 
     """The compare-runs URL of the sweep's trial runs, and their run names."""
     from mlflow.tracking import MlflowClient
 
-    from diffusion.sweep import SWEEP_TAG
+    from diffusion.platform.tracking import SWEEP_TAG
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -106,7 +95,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sweep", required=True, help="the sweep's --name")
     p.add_argument("--out", default="sweep-compare.png", help="PNG to write")
     p.add_argument("--dom-out", default=None, help="also write the rendered page's HTML here")

@@ -13,33 +13,25 @@ Training options (after --preset and --config) are those of jobs/train.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from diffusion.options import add_train_options, read_options_file, train_config
-from diffusion.sweep import SEARCHABLE, SweepConfig, validate_space
+from diffusion.config import SEARCHABLE, SweepConfig, validate_space
+from diffusion.platform.cli import (
+    add_dataclass_options,
+    add_train_options,
+    fail,
+    given,
+    parser,
+    read_options_file,
+    train_config,
+)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s = p.add_argument_group("sweep")
-    s.add_argument("--name", default="sweep", help="sweep name: Tune folder under --storage and MLflow parent run")
-    s.add_argument("--num-samples", type=int, default=8, help="trials drawn from the space")
-    s.add_argument(
-        "--metric",
-        default="heldout_loss",
-        choices=["heldout_loss", "heldout_loss_ema", "fid"],
-        help="what ASHA and the best trial minimise: held-out L_simple of the raw or EMA weights, or the FID of "
-        "--fid-n EMA samples against --fid-splits (computed at every report: costly)",
-    )
-    s.add_argument("--grace-steps", type=int, default=0, help="steps before ASHA may stop a trial (0: max_steps/8)")
-    s.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps the best 1/this at each rung")
-    s.add_argument(
-        "--max-concurrent", type=int, default=0, help="trials at once (0: as GPUs allow; 1 on clusters without GPUs)"
-    )
-    s.add_argument("--search-seed", type=int, default=0, help="seed of the random search")
-    s.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this --name")
+    p = parser(__doc__)
+    add_dataclass_options(p.add_argument_group("sweep"), SweepConfig)
+    s = p.add_argument_group("search space")
     s.add_argument(
         "--lr-range",
         type=float,
@@ -70,33 +62,22 @@ def main(argv=None) -> int:
                 space[key] = {"choice": values}
     try:
         validate_space(space)
+        sweep = SweepConfig(**given(args, SweepConfig)).validate()
     except ValueError as e:
         p.error(str(e))
-    if args.num_samples < 1 or args.reduction_factor < 2:
-        p.error("--num-samples must be >= 1 and --reduction-factor >= 2")
 
-    from diffusion.data import DataError, StorageError
-    from diffusion.sweep import run_sweep
+    from diffusion.platform.shards import DataError
+    from diffusion.platform.storage import StorageError
+    from diffusion.platform.sweep import run_sweep
 
-    config = SweepConfig(
-        args.name,
-        args.num_samples,
-        args.metric,
-        args.grace_steps,
-        args.reduction_factor,
-        args.max_concurrent,
-        args.search_seed,
-        args.resume,
-    )
     try:
-        best, checkpoint_uri = run_sweep(base, space, config)
+        best, checkpoint_uri = run_sweep(base, space, sweep)
     except (DataError, StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     if best is None:
         return 130
     params = {k: best.config[k] for k in space}
-    print(f"best trial {best.metrics['trial_id']}: {args.metric} {best.metrics[args.metric]:.4f} with {params}")
+    print(f"best trial {best.metrics['trial_id']}: {sweep.metric} {best.metrics[sweep.metric]:.4f} with {params}")
     print(f"best checkpoint: {checkpoint_uri}")
     return 0
 

@@ -7,7 +7,6 @@ their md5 before a byte is read; downloads resume and show progress.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+
+from ..digest import file_digest
 
 
 class DataError(ValueError):
@@ -67,14 +68,6 @@ CHUNK = 1000
 
 
 # ---------------------------------------------------------------------------- archives
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, md5: str | None) -> Path:
@@ -126,7 +119,7 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
 def check_md5(path: Path, md5: str | None, origin: str) -> None:
     if md5 is None:
         return
-    got = md5sum(path)
+    got = file_digest(path, "md5")
     if got != md5:
         raise DataError(
             f"{origin}: md5 {got} does not match the expected {md5}; the archive is truncated or not the "
@@ -154,7 +147,7 @@ def resolve_archive(archive: Archive, source: str | None, cache_dir: Path, md5: 
 
 
 def _md5_ok(path: Path, md5: str | None) -> bool:
-    return md5 is None or md5sum(path) == md5
+    return md5 is None or file_digest(path, "md5") == md5
 
 
 def _tar_members(path: Path) -> dict[str, tarfile.TarInfo]:

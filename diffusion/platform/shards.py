@@ -22,7 +22,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from .sources import DataError, Source
-from .storage import Location
+from .storage import Location, open_location
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -183,8 +183,6 @@ class ShardSet:
 
     @classmethod
     def open(cls, uri: str, endpoint_url: str | None = None, verify: str = "full") -> "ShardSet":
-        from .storage import open_location
-
         location = open_location(uri, endpoint_url)
         return cls(location, read_manifest(location, verify))
 
@@ -240,15 +238,17 @@ class ShardSet:
         if carry is not None and not drop_last:
             yield carry
 
-    def ray_dataset(self, splits: list[str] | None = None, **read_kwargs):
+    def ray_dataset(self, splits: list[str] | None = None, columns: list[str] | None = None):
         """A ray.data.Dataset streaming exactly the manifest's shards (never a folder listing),
-        with only the rows of `splits` when given."""
+        with only the rows of `splits` and the `columns` given (Ray pushes both into the read)."""
         import ray.data
         from ray.data.expressions import col
 
         self._check_splits(splits)
-        ds = ray.data.read_parquet(self.shard_paths, filesystem=self.location.fs, **read_kwargs)
-        return ds if splits is None else ds.filter(expr=col("split").is_in(list(splits)))
+        ds = ray.data.read_parquet(self.shard_paths, filesystem=self.location.fs)
+        if splits is not None:
+            ds = ds.filter(expr=col("split").is_in(list(splits)))
+        return ds if columns is None else ds.select_columns(columns)
 
     def _images(self, column: pa.ChunkedArray) -> np.ndarray:
         """uint8 (N, H, W, C) from the image column, chunk by chunk (pyarrow cannot combine

@@ -3,7 +3,7 @@
     POST /v1/samples        {n | seeds | seed, sampler, steps, eta, spacing, variance, format}
     POST /v1/interpolations {mode: ddim (slerp of two seeds' noise) | ddpm (two uploaded images), lambdas | count, t}
     POST /v1/sequences      {seed, sampler, steps, eta, record: [timesteps], format}
-    GET  /healthz           model, image size, checkpoint step
+    GET  /healthz           model, image shape, T, weights
     GET  /openapi.json      the schema (FastAPI)
 
 Concurrent /v1/samples requests are batched across callers by @serve.batch; requests with
@@ -25,11 +25,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from .checkpoint import load_checkpoint
-from .generate import Sampler, SamplerSettings, as_uint8_hwc
-from .images import from_uint8
-from .schedule import make_betas
-from .speed import SamplerSpeed
+from ..checkpoint import read_checkpoint
+from ..config import PRECISIONS, SAMPLERS, SPACINGS, VARIANCES, SamplerSettings, SamplerSpeed
+from ..images import from_uint8, save_grid
+from ..sampling import Sampler, as_uint8_hwc
 
 MAX_IMAGES = 64  # per request
 MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
@@ -37,14 +36,17 @@ MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = Field(50, ge=1, le=1000, description="DDIM steps (DDPM runs all 1000)")
+    sampler: Literal[SAMPLERS] = "ddim"
+    steps: int = Field(50, ge=1, description="DDIM steps, at most the model's T (DDPM runs all T)")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta: 0 deterministic, 1 DDPM-like")
-    spacing: Literal["uniform", "quadratic"] = "uniform"
-    variance: Literal["posterior", "beta"] = "posterior"
+    spacing: Literal[SPACINGS] = "uniform"
+    variance: Literal[VARIANCES] | None = Field(
+        None, description="posterior or beta (DDPM beta_t; DDIM sigma-hat with eta 1); default: the model's"
+    )
+    clip: bool | None = Field(None, description="clip the predicted x_0 to [-1, 1]; default: the model's")
 
     def key(self) -> SamplerSettings:
-        return SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance)
+        return SamplerSettings(self.sampler, self.steps, self.eta, self.spacing, self.variance, self.clip)
 
 
 class SamplesRequest(Settings):
@@ -78,9 +80,9 @@ class InterpolationRequest(BaseModel):
     images: list[str] | None = Field(None, min_length=2, max_length=2, description="ddpm: two base64 PNGs")
     lambdas: list[float] | None = Field(None, min_length=1, max_length=MAX_IMAGES)
     count: int = Field(9, ge=2, le=MAX_IMAGES, description="evenly spaced lambdas in [0, 1] when none are given")
-    t: int = Field(250, ge=0, le=999, description="ddpm: 0-based timestep the images are noised to")
-    steps: int = Field(50, ge=1, le=1000, description="ddim: DDIM steps")
-    spacing: Literal["uniform", "quadratic"] = "uniform"
+    t: int = Field(250, ge=0, description="ddpm: 0-based timestep the images are noised to, below the model's T")
+    steps: int = Field(50, ge=1, description="ddim: DDIM steps, at most the model's T")
+    spacing: Literal[SPACINGS] = "uniform"
     seed: int = Field(0, ge=0, le=2**63 - 1, description="ddpm: noise seed")
     format: Literal["png", "npz", "json"] = "png"
 
@@ -133,8 +135,6 @@ def encode(images: np.ndarray, fmt: str, headers: dict) -> Response:
             Image.fromarray(image).save(buf, format="PNG")
             pngs.append(base64.b64encode(buf.getvalue()).decode())
         return Response(json.dumps({"images": pngs, **headers}), media_type="application/json", headers=headers)
-    from .images import save_grid
-
     buf = io.BytesIO()
     save_grid(from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2)), buf)
     return Response(buf.getvalue(), media_type="image/png", headers=headers)
@@ -159,35 +159,55 @@ def decode_png(data: str, shape: tuple[int, int, int], field: str) -> torch.Tens
     return from_uint8(torch.from_numpy(image).permute(2, 0, 1))
 
 
+class ServeArgs(BaseModel):
+    """The application's arguments: `build_app`'s, and the `args:` of a Serve config file."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = Field(description="run folder, checkpoint, s3:// URI or runs:/<mlflow run id>")
+    batch_size: int = Field(16, ge=1, description="images per model batch (the fixed batch shape)")
+    batch_wait_s: float = Field(0.05, ge=0, description="how long a batch waits for more requests")
+    ema: bool = Field(True, description="serve the EMA weights (else the raw ones)")
+    replicas: int = Field(1, ge=1, description="replicas, or the minimum when autoscaling")
+    max_replicas: int = Field(0, ge=0, description="> replicas: autoscale up to this many")
+    target_ongoing_requests: float = Field(32, gt=0, description="autoscaling: requests in flight per replica")
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    precision: Literal[PRECISIONS] = "auto"
+    compile: bool = False
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(app)
 class DiffusionService:
-    def __init__(
-        self,
-        checkpoint: str,
-        batch_size: int = 16,
-        batch_wait_s: float = 0.05,
-        ema: bool = True,
-        speed: SamplerSpeed = SamplerSpeed(),
-    ):
-        model, ema_model, config = load_checkpoint(checkpoint)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.config = config
-        betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
-        self.sampler = Sampler((ema_model if ema else model).to(device), betas, batch_size, speed)
-        self.weights = "ema" if ema else "raw"
-        self._sample_batch.set_max_batch_size(batch_size)
-        self._sample_batch.set_batch_wait_timeout_s(batch_wait_s)
+    def __init__(self, args: ServeArgs):
+        payload = read_checkpoint(args.checkpoint)
+        speed = SamplerSpeed(args.precision, args.compile)
+        self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, speed)
+        self.model_name = payload["config"]["model"]
+        self.weights = "ema" if args.ema else "raw"
+        self._sample_batch.set_max_batch_size(args.batch_size)
+        self._sample_batch.set_batch_wait_timeout_s(args.batch_wait_s)
+
+    def check(self, settings: SamplerSettings) -> SamplerSettings:
+        try:
+            return self.sampler.settings(settings)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
 
     @app.get("/healthz")
     def healthz(self) -> dict:
         c, h, w = self.sampler.shape
-        return {"status": "ok", "model": self.config.model, "image_shape": [h, w, c], "weights": self.weights}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "image_shape": [h, w, c],
+            "num_timesteps": self.sampler.num_timesteps,
+            "weights": self.weights,
+        }
 
     @app.post("/v1/samples")
     async def samples(self, request: SamplesRequest) -> Response:
         seeds = request.resolved_seeds()
-        images, batch_requests, batch_images = await self._sample_batch((request.key(), seeds))
+        images, batch_requests, batch_images = await self._sample_batch((self.check(request.key()), seeds))
         headers = {
             "x-seeds": ",".join(map(str, seeds)),
             "x-batch-requests": str(batch_requests),
@@ -215,52 +235,50 @@ class DiffusionService:
     @app.post("/v1/interpolations")
     def interpolations(self, request: InterpolationRequest) -> Response:
         lambdas = request.resolved_lambdas()
+        T = self.sampler.num_timesteps
         if request.mode == "ddim":
+            self.check(SamplerSettings("ddim", request.steps, spacing=request.spacing))
             x = self.sampler.ddim_interpolation(
                 request.seeds[0], request.seeds[1], lambdas, request.steps, request.spacing
             )
         else:
+            if request.t >= T:
+                raise HTTPException(422, f"t must be a 0-based timestep below the model's T = {T}, got {request.t}")
             a, b = (decode_png(img, self.sampler.shape, f"images[{i}]") for i, img in enumerate(request.images))
             x = self.sampler.ddpm_interpolation(a, b, request.t, lambdas, request.seed)
         return encode(as_uint8_hwc(x).numpy(), request.format, {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)})
 
     @app.post("/v1/sequences")
     def sequences(self, request: SequenceRequest) -> Response:
+        settings = self.check(request.key())
         try:
-            record, x_t, pred_x0 = self.sampler.sequences([request.seed], request.key(), request.record)
+            record, x_t, pred_x0 = self.sampler.sequences([request.seed], settings, request.record)
         except ValueError as e:
             raise HTTPException(422, f"record: {e}") from None
         frames = x_t if request.show == "x_t" else pred_x0
         return encode(as_uint8_hwc(frames).numpy(), request.format, {"x-timesteps": ",".join(map(str, record))})
 
 
-def build_app(
-    checkpoint: str,
-    batch_size: int = 16,
-    batch_wait_s: float = 0.05,
-    ema: bool = True,
-    replicas: int = 1,
-    gpus: float = 0.0,
-    max_replicas: int = 0,
-    target_ongoing_requests: float = 32,
-    precision: str = "auto",
-    compile: bool = False,
-):
-    """The Serve application for `serve.run` / `serve run diffusion.serve:build_app checkpoint=...`.
-
-    With max_replicas > replicas, Serve autoscales between the two, adding a replica (a GPU
-    each, with gpus=1) when replicas average more than `target_ongoing_requests` in flight.
-    `precision` (auto: bf16 on GPUs) and `compile` (CUDA graphs) set how replicas run the UNet."""
-    options = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": float(gpus)}}
-    if max_replicas > replicas:
+def deployment_options(args: ServeArgs) -> dict:
+    """Replicas and their resources: `replicas` fixed, or autoscaled up to `max_replicas`
+    (adding a replica, a GPU each with gpus=1, when replicas average more than
+    `target_ongoing_requests` in flight)."""
+    options = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": args.gpus}}
+    if args.max_replicas > args.replicas:
         options["autoscaling_config"] = {
-            "min_replicas": int(replicas),
-            "initial_replicas": int(replicas),
-            "max_replicas": int(max_replicas),
-            "target_ongoing_requests": float(target_ongoing_requests),
+            "min_replicas": args.replicas,
+            "initial_replicas": args.replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
         }
     else:
-        options["num_replicas"] = int(replicas)
-    return DiffusionService.options(**options).bind(
-        checkpoint, int(batch_size), float(batch_wait_s), ema, SamplerSpeed(precision, bool(compile))
-    )
+        options["num_replicas"] = args.replicas
+    return options
+
+
+def build_app(args: ServeArgs):
+    """The Serve application for `serve.run` and `serve run diffusion.platform.serve:build_app
+    checkpoint=...` (or a Serve config's `args:`): a ServeArgs, or a dict of its fields.
+    `precision` (auto: bf16 on GPUs) and `compile` (CUDA graphs) set how replicas run the UNet."""
+    args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
+    return DiffusionService.options(**deployment_options(args)).bind(args)

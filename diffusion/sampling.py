@@ -1,42 +1,62 @@
-"""Sampling from a trained model by seeds: the one code path behind the Serve endpoint and
-the batch sampling job. Image i depends only on its seed and the sampler settings, never on
-which other seeds share its batch (per-seed generators + `fixed_batch`)."""
+"""Sampling from a trained model by seeds: the one code path behind `jobs/generate.py`, the
+Serve endpoint and the batch sampling job. Image i depends only on its seed and the sampler
+settings, never on which other seeds share its batch (per-seed generators + `fixed_batch`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import SAMPLING_DEFAULTS, betas_from, model_from, sampling_defaults
+from .config import SamplerSettings, SamplerSpeed
 from .images import to_uint8
 from .interpolate import ddim_interpolate, ddpm_interpolate
 from .samplers import ddim_sample, ddpm_sample, fixed_batch, make_generators, randn, timesteps
-from .speed import SamplerSpeed, sampling_model
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Everything but the seeds that decides a sample; requests with equal settings can share a batch."""
-
-    sampler: str = "ddim"  # "ddim" or "ddpm"
-    steps: int = 50  # DDIM steps (DDPM always runs all T)
-    eta: float = 0.0
-    spacing: str = "uniform"
-    variance: str = "posterior"  # DDPM sigma^2
+from .speed import default_device, sampling_model
 
 
 class Sampler:
     """A model ready to sample: eval mode, on its device, evaluated at one batch shape, in
     the precision and compilation of `speed` (default: bf16 on CUDA, not compiled)."""
 
-    def __init__(self, model: nn.Module, betas: Tensor, batch_size: int = 16, speed: SamplerSpeed = SamplerSpeed()):
+    def __init__(
+        self,
+        model: nn.Module,
+        betas: Tensor,
+        batch_size: int = 16,
+        speed: SamplerSpeed = SamplerSpeed(),
+        defaults: dict = SAMPLING_DEFAULTS,
+    ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.betas = betas
+        self.defaults = defaults  # the checkpoint's DDPM variance and clipping
         self.net = fixed_batch(sampling_model(model, speed), batch_size)
         self.shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        payload: dict,
+        batch_size: int = 16,
+        ema: bool = True,
+        speed: SamplerSpeed = SamplerSpeed(),
+        device: torch.device | str | None = None,
+    ) -> Sampler:
+        """A Sampler of a checkpoint payload's EMA (or raw) weights on `device` (default: this
+        process's GPU, else the CPU), with the schedule it was trained with."""
+        model = model_from(payload, ema).to(device or default_device())
+        return cls(model, betas_from(payload), batch_size, speed, sampling_defaults(payload))
+
+    def settings(self, settings: SamplerSettings) -> SamplerSettings:
+        """`settings` resolved against this checkpoint's defaults and checked against its T."""
+        return settings.resolve(self.defaults).validate(self.num_timesteps)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
 
     def noise(self, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:
         """x_T for each seed, and the per-seed generators that continue with its sampling noise."""
@@ -46,21 +66,13 @@ class Sampler:
     @torch.no_grad()
     def samples(self, seeds: Sequence[int], settings: SamplerSettings, record=None):
         """Images in [-1, 1], (N, C, H, W); with `record`, also the recorded trajectory."""
+        s = self.settings(settings)
         x_T, generators = self.noise(seeds)
-        if settings.sampler == "ddim":
+        if s.sampler == "ddim":
             return ddim_sample(
-                self.net,
-                self.betas,
-                x_T,
-                settings.steps,
-                settings.eta,
-                settings.spacing,
-                generator=generators,
-                record=record,
+                self.net, self.betas, x_T, s.steps, s.eta, s.spacing, s.clip, generators, record, s.variance
             )
-        if settings.sampler == "ddpm":
-            return ddpm_sample(self.net, self.betas, x_T, settings.variance, generator=generators, record=record)
-        raise ValueError(f"unknown sampler {settings.sampler!r}: choose ddim or ddpm")
+        return ddpm_sample(self.net, self.betas, x_T, s.variance, s.clip, generator=generators, record=record)
 
     @torch.no_grad()
     def sequences(
@@ -70,7 +82,7 @@ class Sampler:
         frames, predicted x_0 frames), frames seed-major, (len(seeds) * len(record), C, H, W);
         at `record` or at `count` evenly spaced timesteps the sampler visits."""
         if record is None:
-            T = len(self.betas)
+            T = self.num_timesteps
             visited = (
                 list(range(T))
                 if settings.sampler == "ddpm"

@@ -1,0 +1,146 @@
+"""Batch sampling over a Ray cluster: seeds fan out through Ray Data to an actor pool (one
+model per actor, on a GPU where there is one); each actor writes its images to storage as
+PNGs (one per seed, named by seed) or npz shards (one per model batch). The driver shows
+progress and logs counts, timings, a sample grid and, with `figure_seeds`, the papers'
+figures to an MLflow run linked to the training run."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import read_checkpoint, sampling_defaults
+from ..config import SamplerSettings, SamplerSpeed
+from ..figures import figures
+from ..images import from_uint8, save_grid
+from ..sampling import Sampler, as_uint8_hwc
+from . import tracking
+from .resources import Workers, connect, map_with_actors
+from .storage import open_location
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """What to sample: a checkpoint's images for seeds seed .. seed + n - 1, and how."""
+
+    checkpoint: str
+    n: int = 64
+    seed: int = 0
+    settings: SamplerSettings = SamplerSettings()
+    speed: SamplerSpeed = SamplerSpeed()
+    ema: bool = True  # the EMA weights (else the raw ones)
+    batch_size: int = 64  # images per model batch: the fixed batch shape
+    workers: Workers = field(default_factory=Workers)
+    endpoint_url: str | None = None
+
+    def params(self) -> dict:
+        """The job as flat MLflow params."""
+        return {
+            "checkpoint": self.checkpoint,
+            "n": self.n,
+            "seed": self.seed,
+            "weights": "ema" if self.ema else "raw",
+            "batch_size": self.batch_size,
+            "workers": self.workers.count,
+            **asdict(self.settings),
+            **asdict(self.speed),
+        }
+
+
+class SampleWriter:
+    """A Ray Data actor: samples a batch of seeds and writes it to `out` (unless None)."""
+
+    def __init__(self, job: SamplingJob, out: str | None, fmt: str):
+        payload = read_checkpoint(job.checkpoint, job.endpoint_url)
+        self.sampler = Sampler.from_checkpoint(payload, job.batch_size, job.ema, job.speed)
+        self.settings, self.fmt = job.settings, fmt
+        self.location = open_location(out, job.endpoint_url, check=False) if out else None
+
+    def __call__(self, batch: dict) -> dict:
+        seeds = batch["seed"].tolist()
+        images = as_uint8_hwc(self.sampler.samples(seeds, self.settings)).numpy()
+        if self.location is not None:
+            self._write(seeds, images)
+        return {"seed": batch["seed"], "image": images}
+
+    def _write(self, seeds: list[int], images: np.ndarray) -> None:
+        if self.fmt == "npz":
+            buf = io.BytesIO()
+            np.savez(buf, images=images, seeds=np.asarray(seeds))
+            self.location.write_bytes(f"shard-{seeds[0]:010d}.npz", buf.getvalue())
+            return
+        from PIL import Image
+
+        for seed, image in zip(seeds, images):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            self.location.write_bytes(f"{seed:010d}.png", buf.getvalue())
+
+
+def resolved(job: SamplingJob, payload: dict) -> SamplingJob:
+    """The job with its sampler settings resolved against the checkpoint (its DDPM variance and
+    clipping, its T), so that what is logged is what runs; a ValueError names a bad setting."""
+    settings = job.settings.resolve(sampling_defaults(payload)).validate(len(payload["betas"]))
+    return replace(job, settings=settings)
+
+
+def sample_dataset(job: SamplingJob, out: str | None = None, fmt: str = "npz"):
+    """A ray.data.Dataset of {"seed", "image": uint8 (B, H, W, C)} for the job's seeds, sampled
+    by an actor pool (each actor writes its images to `out` unless it is None)."""
+    import ray
+
+    seed = job.seed
+    ds = ray.data.range(job.n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
+    return map_with_actors(ds, SampleWriter, (job, out, fmt), job.batch_size, job.workers.resolve())
+
+
+def run(job: SamplingJob, out: str, fmt: str = "png", figure_seeds: int = 0, experiment: str = "ray-diffusion") -> str:
+    """Sample the job's seeds to `out` (and the papers' figures from `figure_seeds` seeds, if
+    any, to MLflow); returns the MLflow run id."""
+    payload = read_checkpoint(job.checkpoint, job.endpoint_url)  # a bad checkpoint or --out fails before Ray starts
+    job = resolved(job, payload)
+    location = open_location(out, job.endpoint_url)
+    location.fs.create_dir(location.path, recursive=True)
+    connect()
+    job = replace(job, workers=job.workers.resolve())
+
+    T = len(payload["betas"])
+    params = {**job.params(), "format": fmt, "out": out, "checkpoint_step": payload["step"]}
+    tags = {"kind": "sampling", "checkpoint": job.checkpoint, "training_run_id": payload.get("mlflow_run_id", "")}
+    mlflow_run = tracking.Run.create(experiment, f"sample-{job.settings.label(T)}-{job.n}", tags, params)
+
+    start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
+    try:
+        for batch in sample_dataset(job, out, fmt).iter_batches(batch_size=None, batch_format="numpy"):
+            done += len(batch["seed"])
+            preview.update((s, im) for s, im in zip(batch["seed"].tolist(), batch["image"]) if s < job.seed + 64)
+            rate = done / (time.time() - start)
+            eta = (job.n - done) / max(rate, 1e-9)
+            print(f"\rsampled {done}/{job.n} ({rate:.1f} img/s, eta {eta:.0f} s)", end="", file=sys.stderr, flush=True)
+    except BaseException:
+        mlflow_run.finish("FAILED")
+        raise
+    seconds = time.time() - start
+    print(f"\nwrote {done} images to {out} in {seconds:.1f} s", flush=True)
+    mlflow_run.log_metrics({"images": done, "seconds": seconds, "images_per_s": done / seconds})
+    summary = {"n": done, "seeds": [job.seed, job.seed + job.n - 1], **params}
+    location.write_bytes("sampling.json", json.dumps(summary).encode())
+
+    with tempfile.TemporaryDirectory() as d:
+        grid = torch.from_numpy(np.stack([preview[s] for s in sorted(preview)])).permute(0, 3, 1, 2)
+        mlflow_run.log_artifact(save_grid(from_uint8(grid), Path(d) / "samples.png"))
+        if figure_seeds:
+            # The figures' batches hold figure_seeds images or 10 lambdas: no padding to batch_size.
+            local = Sampler.from_checkpoint(payload, min(job.batch_size, max(figure_seeds, 10)), speed=job.speed)
+            for name, (grid, per_row) in figures(local, list(range(job.seed, job.seed + figure_seeds))).items():
+                mlflow_run.log_artifact(save_grid(grid, Path(d) / f"{name}.png", nrow=per_row), "figures")
+    mlflow_run.finish()
+    return mlflow_run.id

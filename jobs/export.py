@@ -1,0 +1,42 @@
+"""Export a checkpoint as a Hugging Face diffusers DDPMPipeline folder: the UNet (EMA weights by
+default) and a DDPMScheduler carrying the checkpoint's betas, variance and clipping.
+
+    python jobs/export.py --checkpoint runs/cifar10-linear --out exported/cifar10
+    python jobs/export.py --checkpoint runs:/<mlflow run id> --out exported/raw --raw
+
+Then, anywhere diffusers runs: DDPMPipeline.from_pretrained("exported/cifar10")(batch_size=16).
+Needs diffusers: pip install 'ray-diffusion[diffusers]'.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from diffusion.platform.cli import fail, parser
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI, runs:/<mlflow run id>, ...")
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the DDPMPipeline")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    args = p.parse_args(argv)
+
+    from diffusion.checkpoint import CheckpointError, betas_from, model_from, read_checkpoint, sampling_defaults
+    from diffusion.convert import ConversionError, export_diffusers
+
+    try:
+        payload = read_checkpoint(args.checkpoint, args.endpoint_url)
+        model = model_from(payload, ema=not args.raw)
+        out = export_diffusers(model, betas_from(payload), sampling_defaults(payload), Path(args.out))
+    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+        return fail(str(e))
+    weights = "raw" if args.raw else "EMA"
+    print(f"wrote {out}: DDPMPipeline of the {weights} weights of {args.checkpoint} (step {payload['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
