@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .errors import InputError
 from .unet import UNET_CONFIGS, UNet, UNetConfig
 
 LEGACY_DOWNSAMPLE_PADDING = (1, 1, 1, 1)  # a conv with padding 1: every checkpoint before `unet` was recorded
@@ -38,7 +39,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 REQUIRED_KEYS = ("model", "ema", "betas", "config", "step")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be used; the message names the file, what is wrong and the fix."""
 
 
@@ -97,8 +98,10 @@ def parse_checkpoint(data: bytes, origin: str) -> dict:
             f"(loading them could run code from the file); {fix}"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{origin} is not a readable PyTorch checkpoint ({first}); {fix}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:100]
+        raise CheckpointError(
+            f"{origin} is not a readable PyTorch checkpoint, truncated or damaged ({first}); {fix}"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{origin} holds a {type(payload).__name__}, not a checkpoint dict; {fix}")
     from .convert import ConversionError, is_reference_state_dict, payload_from_reference
@@ -113,8 +116,20 @@ def parse_checkpoint(data: bytes, origin: str) -> dict:
         raise CheckpointError(f"{origin} lacks {missing}: it is not a training checkpoint of this project; {fix}")
     try:
         TrainConfig.from_dict(payload["config"])
-    except (TypeError, ValueError, AttributeError) as e:
+        config = unet_config_of(payload)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{origin} has a config this version cannot read ({e}); {fix}") from None
+    with torch.device("meta"):  # the shapes of the UNet it describes, without allocating it
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    for weights in ("model", "ema"):
+        state = payload[weights]
+        got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+        if got != expected:
+            wrong = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
+            raise CheckpointError(
+                f"{origin}: its {weights!r} weights do not fit the UNet its config describes ({len(wrong)} tensors "
+                f"differ, e.g. {wrong[:3]}): the file is damaged or was edited; {fix}"
+            )
     return payload
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+from .errors import OptionError
+
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quadratic")
@@ -75,7 +77,7 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+            raise OptionError(f"unknown training option(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -118,7 +120,7 @@ class TrainConfig:
         if self.fid_every < 0 or (self.fid_every and self.fid_n < 2):
             problems.append(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise OptionError("; ".join(problems))
         return self
 
 
@@ -191,7 +193,7 @@ class SamplerSettings:
                 f"variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta {self.eta}"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise OptionError("; ".join(problems))
         return self
 
     def label(self, num_timesteps: int) -> str:
@@ -234,9 +236,9 @@ class SweepConfig:
 
     def validate(self) -> SweepConfig:
         if self.num_samples < 1 or self.reduction_factor < 2:
-            raise ValueError("num_samples must be >= 1 and reduction_factor >= 2")
+            raise OptionError("num_samples must be >= 1 and reduction_factor >= 2")
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise OptionError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         return self
 
 
@@ -245,21 +247,21 @@ def validate_space(space: dict) -> dict:
 
     distributions: loguniform [low, high], uniform [low, high], choice [values], grid [values]."""
     if not space:
-        raise ValueError("the search space is empty: give at least one of " + ", ".join(SEARCHABLE))
+        raise OptionError("the search space is empty: give at least one of " + ", ".join(SEARCHABLE))
     for name, spec in space.items():
         if name not in SEARCHABLE:
-            raise ValueError(f"cannot search over {name!r}: choose from {', '.join(SEARCHABLE)}")
+            raise OptionError(f"cannot search over {name!r}: choose from {', '.join(SEARCHABLE)}")
         if not isinstance(spec, dict):
             continue  # a fixed value
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ValueError(f"{name}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{'loguniform': [1e-5, 1e-3]}}")
+            raise OptionError(f"{name}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{'loguniform': [1e-5, 1e-3]}}")
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
-            raise ValueError(f"{name}: {kind} needs a non-empty list, got {args!r}")
+            raise OptionError(f"{name}: {kind} needs a non-empty list, got {args!r}")
         if kind in ("loguniform", "uniform"):
             low_ok = len(args) == 2 and all(isinstance(v, (int, float)) for v in args) and args[0] < args[1]
             if not low_ok or (kind == "loguniform" and args[0] <= 0):
-                raise ValueError(
+                raise OptionError(
                     f"{name}: {kind} needs [low, high] with 0 {'<' if kind == 'loguniform' else '<='} low < high, got {args}"
                 )
     return space

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .errors import InputError
 from .schedule import make_betas
 from .unet import UNET_CONFIGS, UNet, UNetConfig
 
@@ -46,7 +47,7 @@ PADDINGS = {(0, 1, 0, 1): 0, (1, 1, 1, 1): 1}  # ours -> diffusers' downsample_p
 VARIANCE_TYPES = {"fixed_small": "posterior", "fixed_large": "beta"}  # diffusers -> ours
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError, ValueError):
     """Weights or a config that do not map; the message names what and the layouts understood."""
 
 

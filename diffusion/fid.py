@@ -23,9 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 FEATURE_DIM = 2048
+
+
+class MissingWeights(InputError, FileNotFoundError):
+    """The FID Inception weights are not where they were looked for."""
 
 
 def inception_weights(path: str | None = None, download: bool = True) -> Path:
@@ -34,7 +40,7 @@ def inception_weights(path: str | None = None, download: bool = True) -> Path:
     path = path or os.environ.get("FID_INCEPTION_WEIGHTS")
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"FID Inception weights {path} do not exist: {_where_to_put()}")
+            raise MissingWeights(f"FID Inception weights {path} do not exist: {_where_to_put()}")
         return Path(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
     if cached.is_file():
@@ -49,8 +55,8 @@ def inception_weights(path: str | None = None, download: bool = True) -> Path:
             partial.replace(cached)  # never a half-downloaded file under the real name
             return cached
         except OSError as e:
-            raise FileNotFoundError(f"FID Inception weights could not be downloaded ({e}): {_where_to_put()}") from None
-    raise FileNotFoundError(f"FID Inception weights not found: {_where_to_put()}")
+            raise MissingWeights(f"FID Inception weights could not be downloaded ({e}): {_where_to_put()}") from None
+    raise MissingWeights(f"FID Inception weights not found: {_where_to_put()}")
 
 
 def _where_to_put() -> str:

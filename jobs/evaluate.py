@@ -12,9 +12,8 @@ torch hub cache (pt_inception-2015-12-05-6726825d.pth, downloaded there when rea
 from __future__ import annotations
 
 import json
-import sys
 
-from diffusion.platform.cli import add_sampler_options, add_sampling_job_options, fail, parser, sampling_job
+from diffusion.platform.cli import add_sampler_options, add_sampling_job_options, parser, run, sampling_job
 
 
 def main(argv=None) -> int:
@@ -30,17 +29,11 @@ def main(argv=None) -> int:
     if args.n < 2:
         p.error("--n must be >= 2 (a covariance needs two samples)")
 
-    from diffusion.checkpoint import CheckpointError
     from diffusion.fid import inception_weights
     from diffusion.platform.evaluate import Reference, evaluate
-    from diffusion.platform.shards import DataError
-    from diffusion.platform.storage import StorageError
 
-    try:
-        weights = inception_weights(args.inception_weights)
-        results = evaluate(job, Reference(args.data, args.splits, str(weights), args.endpoint_url), out=args.out)
-    except (DataError, StorageError, CheckpointError, FileNotFoundError, ValueError) as e:
-        return fail(str(e))
+    weights = inception_weights(args.inception_weights)
+    results = evaluate(job, Reference(args.data, args.splits, str(weights), args.endpoint_url), out=args.out)
     print(json.dumps(results, indent=2))
     print(
         f"FID {results['fid']:.2f}, IS {results['is_mean']:.2f} +- {results['is_std']:.2f} "
@@ -50,4 +43,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

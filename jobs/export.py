@@ -10,10 +10,9 @@ Needs diffusers: pip install 'ray-diffusion[diffusers]'.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from diffusion.platform.cli import fail, parser
+from diffusion.platform.cli import parser, run
 
 
 def main(argv=None) -> int:
@@ -24,19 +23,16 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
 
-    from diffusion.checkpoint import CheckpointError, betas_from, model_from, read_checkpoint, sampling_defaults
-    from diffusion.convert import ConversionError, export_diffusers
+    from diffusion.checkpoint import betas_from, model_from, read_checkpoint, sampling_defaults
+    from diffusion.convert import export_diffusers
 
-    try:
-        payload = read_checkpoint(args.checkpoint, args.endpoint_url)
-        model = model_from(payload, ema=not args.raw)
-        out = export_diffusers(model, betas_from(payload), sampling_defaults(payload), Path(args.out))
-    except (CheckpointError, ConversionError, FileNotFoundError) as e:
-        return fail(str(e))
+    payload = read_checkpoint(args.checkpoint, args.endpoint_url)
+    model = model_from(payload, ema=not args.raw)
+    out = export_diffusers(model, betas_from(payload), sampling_defaults(payload), Path(args.out))
     weights = "raw" if args.raw else "EMA"
     print(f"wrote {out}: DDPMPipeline of the {weights} weights of {args.checkpoint} (step {payload['step']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

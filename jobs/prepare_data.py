@@ -12,10 +12,9 @@ environment or ~/.aws. Re-running with the same input is a no-op.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from diffusion.platform.cli import fail, parser
+from diffusion.platform.cli import parser, run
 from diffusion.platform.sources import CIFAR10_SPLITS, STL10_SPLITS
 
 DEFAULT_SPLITS = {"cifar10": ["train"], "stl10": ["train", "test", "unlabeled"], "imagefolder": None}
@@ -53,30 +52,26 @@ def main(argv=None) -> int:
     from diffusion.platform.sources import (
         CIFAR10,
         STL10,
-        DataError,
         cifar10_source,
         imagefolder_source,
         resolve_archive,
         stl10_source,
     )
-    from diffusion.platform.storage import StorageError, open_location
+    from diffusion.platform.storage import open_location
 
-    try:
-        location = open_location(args.out, args.endpoint_url)
-        if args.dataset == "imagefolder":
-            source = imagefolder_source(Path(args.source).expanduser(), args.splits, args.size)
-        else:
-            archive = {"cifar10": CIFAR10, "stl10": STL10}[args.dataset]
-            md5 = args.md5 or archive.md5
-            path = resolve_archive(archive, args.source, Path(args.cache_dir).expanduser(), md5)
-            reader = cifar10_source if args.dataset == "cifar10" else stl10_source
-            source = reader(path, args.splits)
-            source.fingerprint = {"md5": md5}
-        write_shards(source, location, shard_bytes=int(args.shard_mb * 2**20))
-    except (DataError, StorageError) as e:
-        return fail(str(e))
+    location = open_location(args.out, args.endpoint_url)
+    if args.dataset == "imagefolder":
+        source = imagefolder_source(Path(args.source).expanduser(), args.splits, args.size)
+    else:
+        archive = {"cifar10": CIFAR10, "stl10": STL10}[args.dataset]
+        md5 = args.md5 or archive.md5
+        path = resolve_archive(archive, args.source, Path(args.cache_dir).expanduser(), md5)
+        reader = cifar10_source if args.dataset == "cifar10" else stl10_source
+        source = reader(path, args.splits)
+        source.fingerprint = {"md5": md5}
+    write_shards(source, location, shard_bytes=int(args.shard_mb * 2**20))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -7,9 +7,7 @@ Data, write them to storage and log the run (and, with --figures, the papers' fi
 
 from __future__ import annotations
 
-import sys
-
-from diffusion.platform.cli import add_sampler_options, add_sampling_job_options, fail, parser, sampling_job
+from diffusion.platform.cli import add_sampler_options, add_sampling_job_options, parser, run, sampling_job
 
 
 def main(argv=None) -> int:
@@ -25,17 +23,12 @@ def main(argv=None) -> int:
     if args.figure_seeds < 2 or args.figure_seeds % 2:
         p.error("--figure-seeds must be an even number >= 2 (interpolations take seeds in pairs)")
 
-    from diffusion.checkpoint import CheckpointError
-    from diffusion.platform.batch_sample import run
-    from diffusion.platform.storage import StorageError
+    from diffusion.platform.batch_sample import sample_to
 
-    try:
-        run_id = run(job, args.out, args.format, figure_seeds=args.figure_seeds if args.figures else 0)
-    except (StorageError, CheckpointError, FileNotFoundError) as e:
-        return fail(str(e))
+    run_id = sample_to(job, args.out, args.format, figure_seeds=args.figure_seeds if args.figures else 0)
     print(f"MLflow run {run_id}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

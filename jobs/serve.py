@@ -12,9 +12,7 @@ The schema is at /docs and /openapi.json.
 
 from __future__ import annotations
 
-import sys
-
-from diffusion.platform.cli import add_speed_options, parser
+from diffusion.platform.cli import add_speed_options, fail, parser, run
 
 
 def main(argv=None) -> int:
@@ -29,19 +27,24 @@ def main(argv=None) -> int:
     p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
     p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
     p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
+    g = p.add_argument_group("bounds (in UNet calls at the batch shape: ceil(images / batch size) x sampler steps)")
+    g.add_argument("--long-request-calls", type=int, default=200, help="above this, a request takes the long lane")
+    g.add_argument("--max-request-calls", type=int, default=1000, help="above this, a request gets a 422")
+    g.add_argument("--max-queued-calls", type=int, default=4000, help="above this in a lane, a request gets a 503")
     add_speed_options(p)
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
 
     import signal
+    import threading
 
     from ray import serve
 
+    from diffusion.checkpoint import read_checkpoint
     from diffusion.platform.resources import Workers, connect
-    from diffusion.platform.serve import ServeArgs, build_app
+    from diffusion.platform.serve import ServeArgs, build_app, deployment_failure
 
-    stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait below, in every thread
+    read_checkpoint(args.checkpoint)  # a bad checkpoint is named here, before Ray starts
     connect()
     serve.start(http_options={"host": args.host, "port": args.port})
     app_args = ServeArgs(
@@ -55,17 +58,29 @@ def main(argv=None) -> int:
         gpus=Workers(gpus=args.gpus).resolve().gpus,
         precision=args.precision,
         compile=args.compile,
+        long_request_calls=args.long_request_calls,
+        max_request_calls=args.max_request_calls,
+        max_queued_calls=args.max_queued_calls,
     )
-    serve.run(build_app(app_args), blocking=False)
+    try:
+        serve.run(build_app(app_args), blocking=False)
+    except RuntimeError:  # the application failed to deploy: say why its replicas did
+        cause = deployment_failure()
+        serve.shutdown()
+        return fail(f"the Serve application did not start: {cause}")
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from here on, a stop is a clean shutdown
+        signal.signal(sig, lambda *_: stopped.set())
     scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas
     stop_with = "`serve shutdown` to stop" if args.detach else "Ctrl-C to stop"
     print(f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} ({stop_with})", flush=True)
     if args.detach:
         return 0
-    signal.sigwait(stop)
+    while not stopped.wait(1):
+        pass
     serve.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -12,10 +12,9 @@ Re-running with the same --name (and --storage) resumes from the latest checkpoi
 from __future__ import annotations
 
 import posixpath
-import sys
 
 from diffusion.config import TrainConfig
-from diffusion.platform.cli import add_train_options, fail, parser, train_config
+from diffusion.platform.cli import add_train_options, fail, parser, run, train_config
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -26,14 +25,9 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    from diffusion.platform.shards import DataError
-    from diffusion.platform.storage import StorageError
     from diffusion.platform.train import fit
 
-    try:
-        result = fit(config)
-    except (DataError, StorageError, ValueError) as e:
-        return fail(str(e))
+    result = fit(config)
     if result.error:
         return fail(f"training failed: {result.error}")
     if result.checkpoint:  # as a URI the other jobs take (Ray's path drops the s3:// scheme)
@@ -43,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -324,3 +324,84 @@ def test_split_selection_in_both_readers(tmp_path, ray_local):
     assert sorted(r["index"] for r in ds.take_all()) == list(range(15))
     with pytest.raises(DataError, match=r"has no split\(s\) \['val'\]; it has \['train', 'test'\]"):
         shards.ray_dataset(splits=["val"])
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar10(archive, per_batch=2)
+    out = tmp_path / "shards"
+    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is not valid JSON"),
+        ('{"format_version": 1, "count": ', "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not a manifest object"),
+        ('{"format_version": 1}', "lacks ['count'"),
+    ],
+    ids=["empty", "cut-short", "not-an-object", "no-shards"],
+)
+def test_a_bad_manifest_is_named(prepared, text, message):
+    (prepared / MANIFEST).write_text(text)
+    with pytest.raises(DataError) as e:
+        ShardSet.open(str(prepared))
+    assert f"{prepared}/manifest.json" in str(e.value) and message in str(e.value)
+    proc = cli("jobs/train.py", "--preset", "tiny", "--data", prepared)
+    assert (
+        proc.returncode == 1 and proc.stderr.startswith(f"error: {prepared}/manifest.json") and "Ray" not in proc.stderr
+    )
+
+
+@pytest.mark.parametrize("path", ["../../../etc/passwd", "/etc/passwd", "sub/shard-00000-0123456789abcdef.parquet"])
+def test_a_manifest_cannot_point_outside_its_folder(prepared, path):
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    manifest["shards"][0]["path"] = path  # with a size to match, verify="none" would have opened it
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="is not a shard file of its own folder"):
+        ShardSet.open(str(prepared), verify="none")
+
+
+def test_two_writers_into_one_folder_cannot_both_finish(tmp_path):
+    """A second run into a folder a first run is still writing stops at once, naming the first;
+    the first finishes. Two runs that both passed the first check: the later one stops right
+    before its manifest, and only one data set is ever complete."""
+    import threading
+
+    from diffusion.platform.shards import write_shards
+    from diffusion.platform.sources import Source
+
+    location = open_location(str(tmp_path / "shared"))
+    started, go = threading.Event(), threading.Event()
+
+    def chunks(seed):
+        rng = np.random.default_rng(seed)
+        started.set()
+        go.wait(30)
+        yield "train", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.zeros(4, dtype=np.int64)
+
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault(
+            "first", write_shards(Source("a", ["train"], ["c"], chunks(0)), location, quiet=True)
+        )
+    )
+    first.start()
+    assert started.wait(30)
+    with pytest.raises(DataError, match="another run is writing a data set to .* \\(.claim-"):
+        write_shards(Source("b", ["train"], ["c"], chunks(1)), location, quiet=True)
+    go.set()
+    first.join(30)
+    assert results["first"]["dataset"] == "a" and ShardSet.open(str(tmp_path / "shared")).manifest["dataset"] == "a"
+    assert not [p for p in (tmp_path / "shared").iterdir() if p.name.startswith(".claim-")]
+
+    def overtaken():  # an older claim appears while this writer writes its shards
+        location.write_bytes(".claim-00000000000000000000-0000", b'{"host": "elsewhere"}')
+        yield "train", np.zeros((4, 8, 8, 3), dtype=np.uint8), np.zeros(4, dtype=np.int64)
+
+    with pytest.raises(DataError, match="another run is writing a data set .*host elsewhere"):
+        write_shards(Source("late", ["train"], ["c"], overtaken()), location, quiet=True)
+    assert not (tmp_path / "shared" / MANIFEST).exists()  # stopped right before its manifest: nothing complete

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +16,10 @@ import pytest
 from PIL import Image
 
 from diffusion.platform.net import wait_for_http
-from helpers import cli_popen, free_port, tiny_checkpoint, tiny_diffusers_folder
+from helpers import cli, cli_popen, free_port, tiny_checkpoint, tiny_diffusers_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+T, LONG, MAX_REQUEST, MAX_QUEUED = 100, 50, 200, 200  # the service's T; its lanes and bounds in UNet calls
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,19 @@ def service(ray_local, tmp_path_factory):
 
     from diffusion.platform.serve import ServeArgs, build_app
 
-    checkpoint = tiny_diffusers_folder(tmp_path_factory.mktemp("imported") / "pipeline")  # imported weights
+    # Imported weights (a diffusers folder) of a tiny model with T = 100: DDPM is quick enough for tests.
+    checkpoint = tiny_diffusers_folder(tmp_path_factory.mktemp("imported") / "pipeline", num_timesteps=T)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeArgs(checkpoint=checkpoint, batch_size=8, batch_wait_s=0.2)), blocking=False)
+    args = ServeArgs(
+        checkpoint=checkpoint,
+        batch_size=8,
+        batch_wait_s=0.2,
+        long_request_calls=LONG,
+        max_request_calls=MAX_REQUEST,
+        max_queued_calls=MAX_QUEUED,
+    )
+    serve.run(build_app(args), blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -56,11 +67,12 @@ def png_b64(array):
 
 def test_health_and_schema(service):
     health = json.loads(urllib.request.urlopen(f"{service}/healthz").read())
+    assert health.pop("queued_unet_calls") == {"short": 0, "long": 0}
     assert health == {
         "status": "ok",
         "model": "tiny",
         "image_shape": [32, 32, 3],
-        "num_timesteps": 1000,
+        "num_timesteps": T,
         "weights": "ema",
     }
     schema = json.loads(urllib.request.urlopen(f"{service}/openapi.json").read())
@@ -100,7 +112,7 @@ def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(servic
 @pytest.mark.parametrize(
     "body, status, field",
     [
-        (b"{not json", 422, "json"),
+        (b"{not json", 422, "not valid JSON"),
         ({"n": 0}, 422, "n"),
         ({"n": 65}, 422, "n"),
         ({"steps": "many"}, 422, "steps"),
@@ -112,13 +124,91 @@ def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(servic
         ({"seeds": [-1]}, 422, "seeds"),
         ({"seed": 1, "seeds": [1]}, 422, "seed"),
         ({"temperature": 1}, 422, "temperature"),
+        # JSON numbers only where numbers are meant, finite, in range; bodies that parse.
+        (b'{"eta": NaN}', 422, "NaN is not a JSON number"),
+        (b'{"eta": Infinity}', 422, "Infinity is not a JSON number"),
+        (b'{"steps": -Infinity}', 422, "-Infinity is not a JSON number"),
+        (b'{"seeds": [1e400]}', 422, "1e400 is out of range"),
+        ({"n": "3"}, 422, "n: Input should be a valid integer (got '3')"),
+        ({"n": True}, 422, "n: Input should be a valid integer (got True)"),
+        ({"n": 2.0}, 422, "n: Input should be a valid integer"),
+        ({"seed": 2**63 - 1, "n": 2}, 422, "seed + n - 1 must stay below 2**63"),
+        ({"seeds": [2**63]}, 422, "seeds"),
+        ({"clip": 1}, 422, "clip: Input should be a valid boolean"),
+        (b"[" * 10_000 + b"]" * 10_000, 422, "nests deeper than 32 levels"),
+        (b'{"n": 1, "pad": "\xff\xfe"}', 400, "not UTF-8 text: byte 0xff at position 17"),
+        ({"sampler": "ddim", "eta": 0.5, "variance": "beta"}, 422, "sigma-hat, defined for eta = 1"),
+        ({"steps": 101}, 422, "steps must be in [1, 100] (the model's T)"),
+        ({"sampler": "ddpm", "n": 24}, 422, "needs 300 UNet calls"),  # 3 batches x 100: for the batch job
     ],
 )
 def test_malformed_sample_requests_get_a_4xx_naming_the_field(service, body, status, field):
     got, _, text = post(f"{service}/v1/samples", body, raw=isinstance(body, bytes))
     assert got == status and field in text.decode(), text
+    assert isinstance(json.loads(text)["detail"], (str, list)) and len(text) < 2000  # JSON, no echo of the body
     ok, _, _ = post(f"{service}/v1/samples", {"n": 1, "seed": 0, "steps": 2, "format": "npz"})
     assert ok == 200  # the replica keeps serving
+
+
+def test_a_large_body_gets_a_413_without_being_echoed(service):
+    got, _, text = post(f"{service}/v1/samples", b'{"pad": "' + b"x" * (5 << 20) + b'"}', raw=True)
+    assert got == 413 and "larger than 4194304 bytes" in text.decode() and len(text) < 200
+
+
+def replica_rss() -> int:
+    import psutil
+
+    (replica,) = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ServeReplica:default:DiffusionService" in " ".join(p.info["cmdline"] or [])
+    ]
+    return replica.memory_info().rss
+
+
+def test_an_upload_declaring_a_huge_image_is_refused_before_decoding(service):
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")  # 144 million pixels in a few KB
+    assert len(bomb.getvalue()) < 64_000
+    body = {"mode": "ddpm", "images": [base64.b64encode(bomb.getvalue()).decode()] * 2, "t": 5}
+    before = replica_rss()
+    status, _, text = post(f"{service}/v1/interpolations", body)
+    assert status == 422 and "image is 12000x12000, the model needs 32x32" in text.decode()
+    assert replica_rss() - before < 50 * 2**20  # decoding it would take 432 MB as RGB
+
+
+def test_a_long_ddpm_request_holds_back_neither_health_nor_cheap_requests(service):
+    """DDPM over all T = 100 steps (100 UNet calls: the long lane) takes seconds on a CPU;
+    meanwhile /healthz and a one-step request (the short lane) answer at once, and more long
+    work than the lane may queue gets a 503."""
+    long = {"sampler": "ddpm", "n": 4, "seed": 1, "format": "npz"}
+    with ThreadPoolExecutor(1) as pool:
+        ddpm = pool.submit(post, f"{service}/v1/samples", long)
+        deadline = time.time() + 60
+        while json.loads(urllib.request.urlopen(f"{service}/healthz").read())["queued_unet_calls"]["long"] == 0:
+            assert time.time() < deadline and not ddpm.done()
+            time.sleep(0.1)
+        start = time.time()
+        urllib.request.urlopen(f"{service}/healthz", timeout=5).read()
+        status, _, _ = post(f"{service}/v1/samples", {"n": 1, "seed": 3, "steps": 1, "format": "npz"})
+        cheap = time.time() - start
+        busy, headers, text = post(f"{service}/v1/samples", {**long, "n": 16})  # 100 + 200 > 200 queued
+        assert status == 200 and cheap < 5 and not ddpm.done(), cheap
+        assert busy == 503 and headers["retry-after"] and "queued in the long lane" in text.decode()
+        status, _, body = ddpm.result(timeout=300)
+    assert status == 200 and npz(body).shape == (4, 32, 32, 3)
+
+
+def test_a_replica_that_cannot_start_is_named_with_its_cause(service, tmp_path):
+    from ray import serve
+
+    from diffusion.platform.serve import ServeArgs, build_app, deployment_failure
+
+    with pytest.raises(RuntimeError):
+        serve.run(build_app(ServeArgs(checkpoint=str(tmp_path / "none"))), name="broken", route_prefix="/broken")
+    cause = deployment_failure("broken")
+    assert "CheckpointError: no checkpoint at" in cause and str(tmp_path / "none") in cause, cause
+    serve.delete("broken")
 
 
 def test_a_body_not_sent_as_json_gets_a_415_naming_the_header(service):
@@ -142,14 +232,16 @@ def test_interpolations(service):
     assert status == 200 and npz(body).shape == (3, 32, 32, 3)
     small = png_b64(np.zeros((16, 16, 3), dtype=np.uint8))
     for body, field in [
-        ({"mode": "ddpm", "images": [small, small]}, "images[0]"),
-        ({"mode": "ddpm", "images": ["%%%", "%%%"]}, "images[0]"),
+        ({"mode": "ddpm", "images": [small, small], "t": 5}, "images[0]: image is 16x16, the model needs 32x32"),
+        ({"mode": "ddpm", "images": ["%%%", "%%%"], "t": 5}, "images[0]: not valid base64"),
+        ({"mode": "ddpm", "images": [png_b64(a), png_b64(b)], "lambdas": [float("nan")]}, "NaN is not a JSON number"),
         ({"mode": "ddim"}, "seeds"),
         ({"mode": "ddim", "seeds": [1, 2], "lambdas": [1.5]}, "lambdas"),
-        ({"mode": "ddpm", "images": [png_b64(a), png_b64(b)], "t": 1000}, "t"),
+        ({"mode": "ddpm", "images": [png_b64(a), png_b64(b)], "t": T}, "t must be a 0-based timestep below"),
     ]:
         status, _, text = post(f"{service}/v1/interpolations", body)
         assert status == 422 and field in text.decode(), text
+        json.loads(text)
 
 
 def test_sequences(service):
@@ -158,10 +250,10 @@ def test_sequences(service):
     assert status == 200 and len(timesteps) == 10 and timesteps == sorted(timesteps, reverse=True)
     assert npz(body).shape == (10, 32, 32, 3)
     status, headers, body = post(
-        f"{service}/v1/sequences", {"seed": 3, "steps": 20, "record": [0, 500, 950], "show": "pred_x0", "format": "npz"}
+        f"{service}/v1/sequences", {"seed": 3, "steps": 20, "record": [0, 50, 95], "show": "pred_x0", "format": "npz"}
     )
-    assert status == 200 and headers["x-timesteps"] == "950,500,0" and npz(body).shape == (3, 32, 32, 3)
-    status, _, text = post(f"{service}/v1/sequences", {"seed": 3, "steps": 10, "record": [999]})
+    assert status == 200 and headers["x-timesteps"] == "95,50,0" and npz(body).shape == (3, 32, 32, 3)
+    status, _, text = post(f"{service}/v1/sequences", {"seed": 3, "steps": 10, "record": [99]})
     assert status == 422 and "record" in text.decode()
 
 
@@ -171,13 +263,39 @@ def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
     args = ["--checkpoint", tmp_path / "runs" / "demo", "--port", port, "--batch-size", 4, "--max-replicas", 2]
     proc = cli_popen("jobs/serve.py", *args, RAY_ADDRESS="local")  # its own Ray: the tests' Ray runs a Serve already
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, proc)
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, proc, any_status=False)  # the app, not just the proxy
         status, _, body = post(f"http://127.0.0.1:{port}/v1/samples", {"n": 2, "seed": 0, "steps": 3, "format": "npz"})
         assert status == 200 and npz(body).shape == (2, 32, 32, 3)
+        output = ""
+        while "serving " not in output:  # what a user sees once it is up: from here, a stop is a clean shutdown
+            line = proc.stdout.readline()
+            assert line, output
+            output += line
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-    assert "replicas 1..2 autoscaled" in proc.stdout.read()
+        code = proc.wait(timeout=120)
+    assert code == 0 and "replicas 1..2 autoscaled" in output
+
+
+def test_the_serve_cli_names_a_bad_checkpoint_before_starting_ray(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    proc = cli("jobs/serve.py", "--checkpoint", tmp_path / "checkpoint.pt", "--port", free_port(), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "is empty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Ray" not in proc.stderr  # one line, no traceback
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_cli_stops_while_ray_starts(tmp_path, sig):
+    """A Ray address nobody answers at: Ray's start-up waits there for minutes, and Ctrl-C or
+    SIGTERM still end the command at once."""
+    tiny_checkpoint(tmp_path / "ckpt")
+    proc = cli_popen("jobs/serve.py", "--checkpoint", tmp_path / "ckpt", RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    time.sleep(4)  # the checkpoint is read; Ray is connecting
+    assert proc.poll() is None
+    start = time.time()
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert time.time() - start < 10
 
 
 def test_serve_config_file_is_a_valid_serve_application(tmp_path):

@@ -13,17 +13,16 @@ Training options (after --preset and --config) are those of jobs/train.py.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from diffusion.config import SEARCHABLE, SweepConfig, validate_space
 from diffusion.platform.cli import (
     add_dataclass_options,
     add_train_options,
-    fail,
     given,
     parser,
     read_options_file,
+    run,
     train_config,
 )
 
@@ -66,14 +65,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
 
-    from diffusion.platform.shards import DataError
-    from diffusion.platform.storage import StorageError
     from diffusion.platform.sweep import run_sweep
 
-    try:
-        best, checkpoint_uri = run_sweep(base, space, sweep)
-    except (DataError, StorageError, ValueError) as e:
-        return fail(str(e))
+    best, checkpoint_uri = run_sweep(base, space, sweep)
     if best is None:
         return 130
     params = {k: best.config[k] for k in space}
@@ -83,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -102,7 +102,9 @@ def sample_dataset(job: SamplingJob, out: str | None = None, fmt: str = "npz"):
     return map_with_actors(ds, SampleWriter, (job, out, fmt), job.batch_size, job.workers.resolve())
 
 
-def run(job: SamplingJob, out: str, fmt: str = "png", figure_seeds: int = 0, experiment: str = "ray-diffusion") -> str:
+def sample_to(
+    job: SamplingJob, out: str, fmt: str = "png", figure_seeds: int = 0, experiment: str = "ray-diffusion"
+) -> str:
     """Sample the job's seeds to `out` (and the papers' figures from `figure_seeds` seeds, if
     any, to MLflow); returns the MLflow run id."""
     payload = read_checkpoint(job.checkpoint, job.endpoint_url)  # a bad checkpoint or --out fails before Ray starts

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,6 +31,27 @@ def fail(message: str, code: int = 1) -> int:
     """Print `error: message` on stderr (one line, no traceback) and return the exit code."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # SIGTERM: unwind like Ctrl-C, so that cleanups (Ray's atexit) run
+
+
+def run(main: Callable[[], int]) -> None:
+    """Run a command line's `main` and exit with its code: bad input (an InputError) is one line
+    on stderr and exit code 1, Ctrl-C exit code 130, SIGTERM 143; anything else is a bug and
+    keeps its traceback."""
+    from ..errors import InputError
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main()
+    except InputError as e:
+        code = fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        code = 130
+    sys.exit(code)
 
 
 def add_dataclass_options(parser: argparse._ActionsContainer, cls, skip: tuple[str, ...] = ()) -> None:

@@ -21,17 +21,18 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll `url` until it answers with any HTTP status. TimeoutError after `timeout` seconds,
-    ChildProcessError as soon as `proc` (the server, when we started it) has exited."""
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None, any_status: bool = True) -> None:
+    """Poll `url` until it answers: with any HTTP status, or (any_status=False) with a 2xx one.
+    TimeoutError after `timeout` seconds, ChildProcessError as soon as `proc` (the server, when
+    we started it) has exited."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
+        except OSError as e:  # HTTPError (an answer) is one too
+            if isinstance(e, urllib.error.HTTPError) and any_status:
+                return  # it answers
             if proc is not None and proc.poll() is not None:
                 raise ChildProcessError(f"{url}: the server exited with code {proc.returncode}") from None
             if time.monotonic() > deadline:

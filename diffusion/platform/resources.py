@@ -5,15 +5,49 @@ CPU-only clusters, where a whole core per worker starves Ray Data's read tasks).
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from dataclasses import dataclass, replace
+
+from ..errors import InputError
+
+
+class RayStartError(InputError):
+    """Ray could not be started or reached."""
 
 
 def connect() -> None:
-    """Connect to the Ray cluster of RAY_ADDRESS (or start a local one) unless connected."""
-    import ray
+    """Connect to the Ray cluster of RAY_ADDRESS (or start a local one) unless connected.
 
-    if not ray.is_initialized():
+    Ray's start-up waits inside its C++ core, where Python's signal handlers never run, so while
+    it does, Ctrl-C and SIGTERM keep their default action and end the process at once (the
+    processes Ray starts share its fate). ray.init() installs a Python SIGTERM handler of its
+    own first, which would leave SIGTERM unanswered for as long as a start-up hangs: it is kept
+    from doing so for the duration. A start-up that fails is a RayStartError naming the address."""
+    import ray
+    import ray._private.utils as ray_utils  # for set_sigterm_handler: see above
+
+    if ray.is_initialized():
+        return
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    set_sigterm_handler = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
         ray.init()
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        address = os.environ.get("RAY_ADDRESS")
+        where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RayStartError(
+            f"could not start or reach {where} ({first}); check that the head is up and RAY_ADDRESS names it, "
+            "or unset RAY_ADDRESS for a local Ray"
+        ) from None
+    finally:
+        ray_utils.set_sigterm_handler = set_sigterm_handler
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def cluster_gpus() -> int:

@@ -4,13 +4,20 @@ Each shard holds rows of (image: uint8 H x W x C as Arrow's fixed-shape tensor, 
 index, split). `manifest.json` lists every shard with its row count, byte size and
 sha256, and is written LAST: a folder without a manifest is never a complete data set.
 Shard names carry their checksum, so a re-run never overwrites a file an older manifest
-points to; the old manifest is removed before anything else changes.
+points to; the old manifest is removed before anything else changes. A writer first leaves a
+claim in the folder (`Claim`): of two runs writing into one folder at once, one stops with an
+error instead of both reporting success. A manifest names its shards by file name only, in its
+own folder: a path that leads elsewhere is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import secrets
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -21,12 +28,16 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
+from ..errors import excerpt
 from .sources import DataError, Source
 from .storage import Location, open_location
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_BYTES = 32 * 2**20  # images per shard: as many as fit in about 32 MiB
+SHARD_NAME = re.compile(r"shard-\d{5}-[0-9a-f]{16}\.parquet")
+CLAIM_PREFIX = ".claim-"
+MANIFEST_KEYS = ("count", "height", "width", "channels", "splits", "classes", "shards")
 
 
 def _table(images: np.ndarray, labels: np.ndarray, index: np.ndarray, splits: list[str]) -> pa.Table:
@@ -40,11 +51,54 @@ def _table(images: np.ndarray, labels: np.ndarray, index: np.ndarray, splits: li
     )
 
 
+class Claim:
+    """One writer's claim on a data set's folder: a `.claim-<time>-<random>` file written before
+    anything else. Claims sort by their time, and only the oldest may write: a later writer
+    stops with a DataError naming the claim that holds the folder (checked again right before
+    the manifest is written, so two writers can never both finish)."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        self.name = f"{CLAIM_PREFIX}{time.time_ns():020d}-{secrets.token_hex(4)}"
+
+    def __enter__(self) -> "Claim":
+        mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.location.fs.create_dir(self.location.path, recursive=True)
+        self.location.write_bytes(self.name, json.dumps(mine).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.location.delete(self.name)
+
+    def check(self) -> None:
+        claims = sorted(name for name in _names(self.location) if name.startswith(CLAIM_PREFIX))
+        if claims and claims[0] != self.name:
+            try:
+                holder = json.loads(self.location.read_bytes(claims[0]))
+            except (OSError, ValueError):
+                holder = {}
+            who = ", ".join(f"{k} {v}" for k, v in holder.items())
+            raise DataError(
+                f"another run is writing a data set to {self.location.uri} ({claims[0]}: {who}): wait for it to "
+                f"finish, or, if it died, delete {self.location.join(claims[0])} and run again"
+            )
+
+
+def _names(location: Location) -> list[str]:
+    return [info.base_name for info in location.fs.get_file_info(_selector(location))]
+
+
 def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BYTES, quiet: bool = False) -> dict:
     """Write `source` as shards + manifest at `location`; returns the manifest.
 
     Idempotent: when a valid manifest for the same input and options is already there, it is
     returned untouched."""
+    with Claim(location) as claim:
+        claim.check()
+        return _write_shards(source, location, shard_bytes, quiet, claim)
+
+
+def _write_shards(source: Source, location: Location, shard_bytes: int, quiet: bool, claim: Claim) -> dict:
     fingerprint = {"dataset": source.dataset, "splits": source.splits, "shard_bytes": shard_bytes, **source.fingerprint}
     if location.exists(MANIFEST):
         try:
@@ -55,7 +109,6 @@ def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BY
             _say(quiet, f"{location.uri} already holds this data set ({existing['count']} images); nothing to do")
             return existing
     location.delete(MANIFEST)  # from here on, the old shard set is no longer complete
-    location.fs.create_dir(location.path, recursive=True)
 
     shards, pending, shape, count, start = [], [], None, 0, time.time()
     rows_per_shard = None
@@ -119,6 +172,7 @@ def write_shards(source: Source, location: Location, shard_bytes: int = SHARD_BY
         "fingerprint": fingerprint,
         "shards": shards,
     }
+    claim.check()  # still the one writer: only now may the manifest make the set complete
     location.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     keep = {s["path"] for s in shards} | {MANIFEST}
     for info in location.fs.get_file_info(_selector(location)):
@@ -150,12 +204,28 @@ def read_manifest(location: Location, verify: str = "full") -> dict:
             f"no {MANIFEST} at {location.uri}: it is not a prepared data set (or its preparation did not finish). "
             f"Prepare it with: python jobs/prepare_data.py --dataset cifar10|stl10|imagefolder --out {location.uri}"
         )
-    manifest = json.loads(location.read_bytes(MANIFEST))
+    where = f"{location.uri.rstrip('/')}/{MANIFEST}"
+    again = f"prepare the data set again (python jobs/prepare_data.py ... --out {location.uri})"
+    try:
+        manifest = json.loads(location.read_bytes(MANIFEST))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{where} is not valid JSON ({e}): it was cut short or edited; {again}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where} holds a JSON {type(manifest).__name__}, not a manifest object; {again}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
-            f"{location.uri}/{MANIFEST} has format version {manifest.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}: prepare the data set again"
+            f"{where} has format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; {again}"
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    shards = manifest.get("shards")
+    if missing or not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise DataError(f"{where} lacks {missing or ['a list of shards']}; {again}")
+    for shard in shards:
+        if not SHARD_NAME.fullmatch(str(shard.get("path", ""))) or not {"rows", "bytes", "sha256"} <= set(shard):
+            raise DataError(
+                f"{where} names a shard {excerpt(shard.get('path'))} that is not a shard file of its own folder "
+                f"(shard-NNNNN-<sha256>.parquet with rows, bytes and sha256): refused; {again}"
+            )
     if verify == "none":
         return manifest
     for shard in manifest["shards"]:

@@ -20,9 +20,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..digest import file_digest
+from ..errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Input data that cannot be prepared or read; the message names the problem and the fix."""
 
 

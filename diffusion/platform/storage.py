@@ -15,8 +15,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from ..errors import InputError
 
-class StorageError(RuntimeError):
+
+class StorageError(InputError, RuntimeError):
     """Storage that cannot be used as given; the message names the problem and the fix."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import fields
 from ray.tune import Callback
 
 from ..config import SweepConfig, TrainConfig, validate_space
+from ..errors import OptionError
 from . import tracking
 from .tracking import RUN_NAME_TAG, SWEEP_TAG
 
@@ -108,7 +109,7 @@ def _parent_run(sweep: SweepConfig, base: TrainConfig, space: dict) -> tracking.
     found = tracking.Run.find(base.experiment, f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.kind = 'sweep'")
     if found:
         if not sweep.resume:
-            raise ValueError(
+            raise OptionError(
                 f"a sweep named {sweep.name!r} already exists in MLflow experiment {base.experiment!r}: "
                 "pass --resume to continue it, or choose another --name"
             )
@@ -152,9 +153,9 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     experiment_path = f"{storage.path}/{sweep.name}"
     restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage.fs)
     if sweep.resume and not restorable:
-        raise ValueError(f"--resume: no sweep named {sweep.name!r} under {base.storage}; drop --resume to start it")
+        raise OptionError(f"--resume: no sweep named {sweep.name!r} under {base.storage}; drop --resume to start it")
     if restorable and not sweep.resume:
-        raise ValueError(f"a sweep named {sweep.name!r} exists under {base.storage}: pass --resume or another --name")
+        raise OptionError(f"a sweep named {sweep.name!r} exists under {base.storage}: pass --resume or another --name")
     ShardSet.open(base.data, base.endpoint_url or None, verify="size")  # a bad data URI fails here, not per trial
     connect()
     # CPU-only: concurrent trials starve each other's Ray Data reads of CPUs (a hang).

@@ -174,12 +174,16 @@ def checkpoint_of_run(run_id: str) -> str:
     """The latest checkpoint URI a training run recorded (what `runs:/<run_id>` stands for)."""
     from mlflow.exceptions import MlflowException
 
+    from ..checkpoint import CheckpointError
+
     try:
         tag = client().get_run(run_id).data.tags.get(CHECKPOINT_TAG)
     except MlflowException as e:
-        raise FileNotFoundError(f"runs:/{run_id}: no such MLflow run in {tracking_uri()} ({e.message})") from None
+        raise CheckpointError(
+            f"runs:/{run_id}: no such MLflow run in {tracking_uri()} ({e.message}); check the id and MLFLOW_TRACKING_URI"
+        ) from None
     if not tag:
-        raise FileNotFoundError(f"MLflow run {run_id} has no {CHECKPOINT_TAG} tag: it has not checkpointed yet")
+        raise CheckpointError(f"MLflow run {run_id} has no {CHECKPOINT_TAG} tag: it has not checkpointed yet")
     return tag
 
 

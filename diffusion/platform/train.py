@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
 from ..config import TrainConfig
+from ..errors import OptionError
 from ..images import from_uint8, save_grid, to_model_input
 from ..sampling import as_uint8_hwc
 from ..training import (
@@ -67,7 +68,7 @@ def resolve_workers(config: TrainConfig) -> TrainConfig:
     workers = Workers(config.num_workers, config.gpus_per_worker, config.cpus_per_worker).resolve()
     config = config.replace(num_workers=workers.count, gpus_per_worker=workers.gpus, cpus_per_worker=workers.cpus)
     if config.batch_size % config.num_workers:
-        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {config.num_workers} workers")
+        raise OptionError(f"batch_size {config.batch_size} must divide evenly over {config.num_workers} workers")
     return config
 
 
