@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from diffusion.platform.cli import HelpFormatter
 from diffusion.platform.net import free_port, port_in_use, wait_for_http
 
 REGION = "us-east-1"
@@ -310,10 +311,12 @@ def cmd_env(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--state-dir", default=".stack", help="where the stack keeps its state, logs and env file")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the Ray head, the S3 endpoint and the MLflow server")
+    up = sub.add_parser(
+        "up", help="start the Ray head, the S3 endpoint and the MLflow server", formatter_class=HelpFormatter
+    )
     up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (RAY_ADDRESS)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and jobs API port")
     up.add_argument("--s3-port", type=int, default=9000, help="port of the S3 endpoint the stack starts")

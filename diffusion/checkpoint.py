@@ -9,8 +9,10 @@ plain Python values, so that it loads with torch.load(weights_only=True):
     step, optimizer, rng, mlflow_run_id
     sampling     optional sampling defaults of imported weights: {"variance", "clip"}
 
-Ray Train writes each folder as <storage>/<run name>/checkpoint-<step>. `read_checkpoint`
-takes a checkpoint.pt, its folder or a run folder (its latest checkpoint) on a local disk
+Ray Train writes each folder as <storage>/<run name>/checkpoint-<step>, with a metrics.json
+beside the checkpoint.pt: the report's metrics and its score (held-out L_simple, or FID when
+training measures it), by which Ray Train keeps the best checkpoints. `read_checkpoint` takes a
+checkpoint.pt, its folder or a run folder (its latest checkpoint, or its best) on a local disk
 with torch alone, and published weights in their own layouts (`diffusion.convert`: a diffusers
 folder, a DDPM reference state dict); other URIs (s3://..., runs:/<id>, models:/<name>/<version>)
 are resolved by `diffusion.platform.checkpoints`, imported only for them.
@@ -19,15 +21,17 @@ are resolved by `diffusion.platform.checkpoints`, imported only for them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import WHICH, TrainConfig
 from .errors import InputError
 from .unet import UNET_CONFIGS, UNet, UNetConfig
 
@@ -35,6 +39,7 @@ LEGACY_DOWNSAMPLE_PADDING = (1, 1, 1, 1)  # a conv with padding 1: every checkpo
 SAMPLING_DEFAULTS = {"variance": "posterior", "clip": False}  # the papers' equations; DDPM's code clips
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 REQUIRED_KEYS = ("model", "ema", "betas", "config", "step")
 
@@ -47,9 +52,15 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:09d}"  # sorts by step
 
 
-def save_checkpoint(directory: str | Path, state, config: TrainConfig, **extra) -> Path:
+def score_name(config: TrainConfig) -> str:
+    """What ranks a run's checkpoints (lower is better): FID when training measures it."""
+    return "fid" if config.fid_every else "heldout_loss"
+
+
+def save_checkpoint(directory: str | Path, state, config: TrainConfig, metrics: dict | None = None, **extra) -> Path:
     """Write the full training state (a `diffusion.training.TrainState`): model, EMA, optimizer,
-    step, schedule, config, RNG. The file appears under its name only once complete."""
+    step, schedule, config, RNG; with `metrics`, also metrics.json (the metrics and the score).
+    The files appear under their names only once complete."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -66,6 +77,9 @@ def save_checkpoint(directory: str | Path, state, config: TrainConfig, **extra) 
     }
     path = Path(directory) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    if metrics is not None:
+        score = {"name": score_name(config), "value": metrics.get(score_name(config))}
+        (path.parent / METRICS_FILE).write_text(json.dumps({"step": state.step, "metrics": metrics, "score": score}))
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     os.replace(partial, path)
@@ -133,16 +147,35 @@ def parse_checkpoint(data: bytes, origin: str) -> dict:
     return payload
 
 
-def latest_checkpoint(names: list[str]) -> str | None:
-    """The latest checkpoint-<step> folder name among `names` (None if there is none)."""
-    found = sorted(n for n in names if n.startswith(CHECKPOINT_PREFIX))
-    return found[-1] if found else None
-
-
-def local_checkpoint_file(path: Path) -> Path:
-    """The checkpoint.pt of a file, checkpoint folder or run folder (its latest checkpoint)."""
+def choose_checkpoint(names: list[str], metrics_of: Callable[[str], str | None], which: str, where: str) -> str:
+    """The checkpoint-<step> folder of a run folder: the latest, or the best (the lowest score in
+    its metrics.json, read through `metrics_of(name)`); CheckpointError when there is none."""
     from .convert import understood
 
+    if which not in WHICH:
+        raise CheckpointError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    found = sorted(n for n in names if n.startswith(CHECKPOINT_PREFIX))
+    if not found:
+        raise CheckpointError(
+            f"{where} holds no {CHECKPOINT_PREFIX}<step> folder with a {CHECKPOINT_FILE}; {understood()}"
+        )
+    if which == "latest":
+        return found[-1]
+    scored = []
+    for name in found:
+        try:
+            value = json.loads(metrics_of(name) or "{}").get("score", {}).get("value")
+        except ValueError:
+            value = None
+        if isinstance(value, (int, float)):
+            scored.append((value, name))
+    if not scored:
+        raise CheckpointError(f"no checkpoint of {where} records a score in its {METRICS_FILE}: use its latest")
+    return min(scored)[1]
+
+
+def local_checkpoint_file(path: Path, which: str = "latest") -> Path:
+    """The checkpoint.pt of a file, checkpoint folder or run folder (its latest or best checkpoint)."""
     if path.is_file():
         return path
     if not path.is_dir():
@@ -150,26 +183,28 @@ def local_checkpoint_file(path: Path) -> Path:
     if (path / CHECKPOINT_FILE).is_file():
         return path / CHECKPOINT_FILE
     complete = [p.name for p in path.iterdir() if (p / CHECKPOINT_FILE).is_file()]
-    latest = latest_checkpoint(complete)
-    if latest is None:
-        raise CheckpointError(
-            f"{path} holds no {CHECKPOINT_PREFIX}<step> folder with a {CHECKPOINT_FILE}; {understood()}"
-        )
-    return path / latest / CHECKPOINT_FILE
+
+    def metrics_of(name: str) -> str | None:
+        file = path / name / METRICS_FILE
+        return file.read_text() if file.is_file() else None
+
+    return path / choose_checkpoint(complete, metrics_of, which, str(path)) / CHECKPOINT_FILE
 
 
 def is_remote(uri: str) -> bool:
     return "://" in uri or uri.startswith(("runs:/", "models:/"))
 
 
-def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) -> dict:
-    """The checked payload of a checkpoint file, checkpoint folder, run folder (latest
-    checkpoint), s3:// URI or MLflow URI (runs:/<run_id>, models:/<name>/<version>)."""
+def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None, which: str = "latest") -> dict:
+    """The checked payload of a checkpoint file, checkpoint folder, run folder (its latest or
+    best checkpoint, by `which`), s3:// URI or MLflow URI (runs:/<run_id>[/<path>],
+    models:/<name>/<version or @alias>), or published weights (a diffusers folder, a DDPM
+    reference state dict)."""
     uri = str(path_or_uri)
     if is_remote(uri):
         from .platform.checkpoints import read_remote_checkpoint
 
-        return read_remote_checkpoint(uri, endpoint_url)
+        return read_remote_checkpoint(uri, endpoint_url, which)
     path = Path(uri).expanduser()
     from .convert import ConversionError, is_diffusers_folder, payload_from_diffusers
 
@@ -178,7 +213,7 @@ def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) ->
             return payload_from_diffusers(path)
         except ConversionError as e:
             raise CheckpointError(str(e)) from None
-    path = local_checkpoint_file(path)
+    path = local_checkpoint_file(path, which)
     return parse_checkpoint(path.read_bytes(), str(path))
 
 
@@ -207,7 +242,10 @@ def betas_from(payload: dict) -> Tensor:
     return torch.as_tensor(payload["betas"], dtype=torch.float64)
 
 
-def load_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None) -> tuple[UNet, UNet, TrainConfig]:
-    """(model, EMA model, config) from a checkpoint, without Ray; both models in eval mode on the CPU."""
-    payload = read_checkpoint(path_or_uri, endpoint_url)
+def load_checkpoint(
+    path_or_uri: str | Path, endpoint_url: str | None = None, which: str = "latest"
+) -> tuple[UNet, UNet, TrainConfig]:
+    """(model, EMA model, config) from a checkpoint (see `read_checkpoint`), without Ray; both
+    models in eval mode on the CPU."""
+    payload = read_checkpoint(path_or_uri, endpoint_url, which)
     return model_from(payload, ema=False), model_from(payload, ema=True), TrainConfig.from_dict(payload["config"])

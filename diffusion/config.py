@@ -15,6 +15,7 @@ SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quadratic")
 VARIANCES = ("posterior", "beta")  # sigma^2: DDPM beta-tilde_t (eq. 7) or beta_t; DDIM sigma(eta) or sigma-hat
 PRECISIONS = ("auto", "fp32", "bf16")
+WHICH = ("latest", "best")  # of a run folder's checkpoints
 SEARCHABLE = ("lr", "schedule", "beta_end", "batch_size", "ema_decay", "warmup_steps", "dropout", "grad_clip")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")  # of a sweep's search space
 METRICS = ("heldout_loss", "heldout_loss_ema", "fid")  # a sweep ranks trials by one
@@ -53,7 +54,9 @@ class TrainConfig:
     log_every: int = _opt(100, "steps between progress lines and metrics")
     eval_every: int = _opt(5000, "steps between held-out L_simple evaluations")
     checkpoint_every: int = _opt(5000, "steps between checkpoints")
-    keep_checkpoints: int = _opt(3, "checkpoints kept (the latest K)")
+    keep_checkpoints: int = _opt(
+        3, "checkpoints kept: the K best by held-out L_simple (FID with --fid-every), and always the latest"
+    )
     sample_every: int = _opt(20000, "steps between EMA sample grids logged to MLflow")
     sample_n: int = _opt(64, "images in a sample grid")
     sample_steps: int = _opt(50, "DDIM steps for sample grids")
@@ -73,6 +76,8 @@ class TrainConfig:
     )
     max_failures: int = _opt(3, "worker failures Ray Train recovers from")
     experiment: str = _opt("ray-diffusion", "MLflow experiment")
+    register_model: str = _opt("", "register the final and best weights in the MLflow Model Registry under this name")
+    system_metrics: bool = _opt(False, "log CPU, memory, disk, network (and GPU) metrics of rank 0's machine to MLflow")
 
     def replace(self, **changes) -> TrainConfig:
         unknown = set(changes) - {f.name for f in fields(self)}

@@ -20,16 +20,23 @@ def from_uint8(x: Tensor) -> Tensor:
     return x.float() / 127.5 - 1
 
 
+def grid(x: Tensor, nrow: int | None = None) -> Tensor:
+    """(B, C, H, W) images in [-1, 1] as one uint8 (H', W', C) grid, nrow per row (square by
+    default), 2-pixel black borders."""
+    from torchvision.utils import make_grid  # torchvision is needed only to lay out images
+
+    nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
+    return make_grid(to_uint8(x).cpu(), nrow=nrow, padding=2).permute(1, 2, 0)
+
+
 def save_grid(x: Tensor, path: str | Path | BinaryIO, nrow: int | None = None) -> Path | BinaryIO:
-    """Write (B, C, H, W) images in [-1, 1] as one PNG grid (nrow per row, square by default)
-    to a file path or a binary file object."""
-    from torchvision.utils import save_image  # torchvision is needed only to write images
+    """Write (B, C, H, W) images in [-1, 1] as one PNG grid (`grid`) to a file path or a binary file object."""
+    from PIL import Image
 
     if isinstance(path, (str, Path)):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or math.ceil(math.sqrt(x.shape[0]))
-    save_image(to_uint8(x).float() / 255, path, nrow=nrow, padding=2, format="png")
+    Image.fromarray(grid(x, nrow).squeeze(-1).numpy()).save(path, format="PNG")
     return path
 
 

@@ -1,11 +1,15 @@
 """FID and Inception Score of a checkpoint's samples against a prepared data set, on a Ray
 cluster (sampling and Inception features on every GPU), logged to MLflow with every setting.
+For the 8x8 digits: FD-digits, the classifier score and the share of confidently classified
+samples, in the features of a classifier trained on their train split (no Inception needed).
 
     python jobs/evaluate.py --checkpoint runs/cifar10-linear --data data/cifar10 --n 50000 --sampler ddim --steps 100 --spacing quadratic
     python jobs/evaluate.py --checkpoint runs:/<mlflow run id> --data s3://bucket/cifar10 --splits train --raw
 
-The reference statistics are computed once per data set, splits and weights, and cached
-beside the shards. Inception weights: --inception-weights, $FID_INCEPTION_WEIGHTS, or the
+    python jobs/evaluate.py --checkpoint runs/digits-linear --data data/digits --n 2000 --steps 50 --spacing uniform
+
+The reference statistics (and the digits' classifier) are computed once per data set, splits
+and weights, and cached beside the shards. Inception weights: --inception-weights, $FID_INCEPTION_WEIGHTS, or the
 torch hub cache (pt_inception-2015-12-05-6726825d.pth, downloaded there when reachable).
 """
 
@@ -23,22 +27,25 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="prepared data set of the reference statistics (folder or s3://)")
     p.add_argument("--splits", nargs="+", default=["train"], help="reference splits (the papers: train)")
     p.add_argument("--out", default=None, help="also keep the samples here as npz shards (folder or s3://)")
-    p.add_argument("--inception-weights", default=None, help="FID Inception weights file")
+    p.add_argument("--inception-weights", default=None, help="FID Inception weights file (not for digits)")
     args = p.parse_args(argv)
     job = sampling_job(args, p)
     if args.n < 2:
         p.error("--n must be >= 2 (a covariance needs two samples)")
 
-    from diffusion.fid import inception_weights
-    from diffusion.platform.evaluate import Reference, evaluate
+    from diffusion.platform.evaluate import evaluate
 
-    weights = inception_weights(args.inception_weights)
-    results = evaluate(job, Reference(args.data, args.splits, str(weights), args.endpoint_url), out=args.out)
+    results = evaluate(job, args.data, args.splits, args.inception_weights, out=args.out)
     print(json.dumps(results, indent=2))
-    print(
-        f"FID {results['fid']:.2f}, IS {results['is_mean']:.2f} +- {results['is_std']:.2f} "
-        f"({results['n']} samples vs {results['reference_n']} {results['reference_splits']} images)"
-    )
+    against = f"({results['n']} samples vs {results['reference_n']} {results['reference_splits']} images)"
+    if "fid" in results:
+        print(f"FID {results['fid']:.2f}, IS {results['is_mean']:.2f} +- {results['is_std']:.2f} {against}")
+    else:
+        floor = f", floor {results['fd_digits_floor']:.2f} (test vs train)" if "fd_digits_floor" in results else ""
+        print(
+            f"FD-digits {results['fd_digits']:.2f}{floor}, classifier score {results['classifier_score_mean']:.2f}, "
+            f"{results['confident_share']:.1%} classified with confidence >= 0.9 {against}"
+        )
     return 0
 
 

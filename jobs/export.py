@@ -12,21 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion.platform.cli import parser, run
+from diffusion.platform.cli import add_checkpoint_options, parser, run
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI, runs:/<mlflow run id>, ...")
+    add_checkpoint_options(p)
     p.add_argument("--out", required=True, help="a new (or empty) folder for the DDPMPipeline")
-    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
 
     from diffusion.checkpoint import betas_from, model_from, read_checkpoint, sampling_defaults
     from diffusion.convert import export_diffusers
 
-    payload = read_checkpoint(args.checkpoint, args.endpoint_url)
+    payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
     model = model_from(payload, ema=not args.raw)
     out = export_diffusers(model, betas_from(payload), sampling_defaults(payload), Path(args.out))
     weights = "raw" if args.raw else "EMA"

@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="png", choices=["png", "npz"], help="one PNG per image, or npz shards")
     p.add_argument("--figures", action="store_true", help="also log the papers' figures to MLflow")
     p.add_argument("--figure-seeds", type=int, default=8, help="seeds per figure (an even number)")
+    p.add_argument(
+        "--data", default=None, help="prepared data set: two of its images for the DDPM interpolation figure"
+    )
     args = p.parse_args(argv)
     job = sampling_job(args, p)
     if args.figure_seeds < 2 or args.figure_seeds % 2:
@@ -25,7 +28,7 @@ def main(argv=None) -> int:
 
     from diffusion.platform.batch_sample import sample_to
 
-    run_id = sample_to(job, args.out, args.format, figure_seeds=args.figure_seeds if args.figures else 0)
+    run_id = sample_to(job, args.out, args.format, args.figure_seeds if args.figures else 0, args.data)
     print(f"MLflow run {run_id}")
     return 0
 

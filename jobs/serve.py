@@ -12,12 +12,12 @@ The schema is at /docs and /openapi.json.
 
 from __future__ import annotations
 
-from diffusion.platform.cli import add_speed_options, fail, parser, run
+from diffusion.platform.cli import add_checkpoint_options, add_speed_options, fail, parser, run
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, s3:// URI or runs:/<mlflow run id>")
+    add_checkpoint_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch (the fixed batch shape)")
@@ -26,7 +26,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0: fixed)")
     p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
     p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
-    p.add_argument("--raw", action="store_true", help="serve the raw weights instead of the EMA")
     g = p.add_argument_group("bounds (in UNet calls at the batch shape: ceil(images / batch size) x sampler steps)")
     g.add_argument("--long-request-calls", type=int, default=200, help="above this, a request takes the long lane")
     g.add_argument("--max-request-calls", type=int, default=1000, help="above this, a request gets a 422")
@@ -44,11 +43,13 @@ def main(argv=None) -> int:
     from diffusion.platform.resources import Workers, connect
     from diffusion.platform.serve import ServeArgs, build_app, deployment_failure
 
-    read_checkpoint(args.checkpoint)  # a bad checkpoint is named here, before Ray starts
+    read_checkpoint(args.checkpoint, args.endpoint_url, args.which)  # a bad checkpoint is named here, before Ray
     connect()
     serve.start(http_options={"host": args.host, "port": args.port})
     app_args = ServeArgs(
         checkpoint=args.checkpoint,
+        which=args.which,
+        endpoint_url=args.endpoint_url,
         batch_size=args.batch_size,
         batch_wait_s=args.batch_wait_s,
         ema=not args.raw,

@@ -125,6 +125,12 @@ def ray_address(ray_local):
     return ray_local.get_runtime_context().gcs_address
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store for this test, also in this process's MLFLOW_TRACKING_URI."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,35 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
     return str(path)
 
 
+def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:
+    """A sqlite MLflow store in `folder` holding `tiny_checkpoint` (T = 100) logged as the MLflow
+    Model `model` of a run and registered as version 1 of `name` (alias `final`), with a grid of
+    its DDIM samples logged as the image `samples` at step 3: (store URI, run id)."""
+    from diffusion.checkpoint import read_checkpoint
+    from diffusion.config import SamplerSettings
+    from diffusion.images import grid
+    from diffusion.platform import tracking
+    from diffusion.sampling import Sampler
+
+    uri = f"sqlite:///{folder}/mlflow.db"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        checkpoint = Path(tiny_checkpoint(folder / "ckpt", num_timesteps=100)) / "checkpoint.pt"
+        run = tracking.Run.create("ray-diffusion", "registered", {"kind": "training"})
+        tracking.register(name, "final", tracking.log_model(run, checkpoint, "model", (32, 32, 3)))
+        samples = Sampler.from_checkpoint(read_checkpoint(str(checkpoint)), 4).samples(
+            range(4), SamplerSettings(steps=3)
+        )
+        run.log_image(grid(samples).numpy(), "samples", step=3)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return uri, run.id
+
+
 def tiny_diffusers_folder(path: Path, num_timesteps: int = 1000) -> str:
     """`tiny_checkpoint`'s EMA weights exported as a diffusers DDPMPipeline folder (published
     weights come in this layout)."""
@@ -162,3 +193,13 @@ def random_fid_inception(path: Path) -> Path:
             net.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
     torch.save(net.state_dict(), path)
     return path
+
+
+def mlflow_images(client, run_id: str, key: str) -> dict[int, Path]:
+    """The images a run logged with `log_image` under `key`, by step, downloaded."""
+    found = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        m = re.fullmatch(rf"images/{re.escape(key)}\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png", artifact.path)
+        if m:
+            found[int(m[1])] = Path(client.download_artifacts(run_id, artifact.path, tempfile.mkdtemp()))
+    return found

@@ -43,3 +43,42 @@ def test_a_ray_that_cannot_start_is_named_with_the_fix(monkeypatch):
     message = str(e.value)
     assert "the Ray cluster at RAY_ADDRESS=10.0.0.1:6379 (Could not find any running Ray instance.)" in message
     assert "unset RAY_ADDRESS for a local Ray" in message and "more detail" not in message
+
+
+COMMANDS = [
+    "jobs/prepare_data.py",
+    "jobs/train.py",
+    "jobs/serve.py",
+    "jobs/sample.py",
+    "jobs/evaluate.py",
+    "jobs/generate.py",
+    "jobs/export.py",
+    "tune/sweep.py",
+    "tune/screenshot.py",
+    "cluster/stack.py",
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
+    """--help with torch, Ray and MLflow unimportable: argparse comes first. Every option shows
+    its default (or has none to show: a required option, a flag)."""
+    import os
+    import re
+    import sys
+
+    from helpers import cli
+
+    for name in ("torch", "ray", "mlflow"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('--help must not import {name}')\n")
+    proc = cli(command, "--help", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    options = re.split(r"\n  (?=-)", proc.stdout.split("options:", 1)[1])[1:]
+    assert options
+    for option in options:
+        flag = option.split()[0].rstrip(",")
+        if flag in ("-h", "--help") or "{" in flag:
+            continue
+        text = " ".join(option.split())
+        assert "(default:" in text or "required" in text.lower() or flag.startswith("--no-"), text

@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import SHARED_CIFAR, cifar_subset_folder, free_port
+from helpers import SHARED_CIFAR, cifar_subset_folder, free_port, mlflow_images
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -153,7 +153,11 @@ def run_end_to_end(tmp_path: Path, env: dict, serve_port: int) -> None:
     sample = ["jobs/sample.py", "--checkpoint", f"{runs}/e2e", "--n", "6", "--steps", "4", "--batch-size", "3"]
     assert "succeeded" in sh(submit + sample + ["--out", samples], env)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="samples/e2e/")["Contents"]]
-    assert sum(k.endswith(".png") for k in keys) == 6 and "samples/e2e/sampling.json" in keys
+    assert sorted(k for k in keys if k.endswith(".png")) == [
+        *(f"samples/e2e/{seed:010d}.png" for seed in range(6)),
+        "samples/e2e/samples.png",  # the grid of the first images
+    ]
+    assert "samples/e2e/sampling.json" in keys
 
     serve = ["jobs/serve.py", "--checkpoint", f"{runs}/e2e", "--port", serve_port, "--batch-size", "2", "--detach"]
     assert "succeeded" in sh(submit + serve, env)
@@ -169,11 +173,10 @@ def run_end_to_end(tmp_path: Path, env: dict, serve_port: int) -> None:
     assert training.info.status == "FINISHED" and training.data.tags["checkpoint_uri"].startswith(f"{runs}/e2e")
     assert training.data.tags["ray_job_id"] and training.data.metrics["replicas_identical"] == 1.0
     assert sampling.data.tags["training_run_id"] == training.info.run_id
-    grids = [a.path for a in client.list_artifacts(training.info.run_id, "samples")]
-    assert grids and grids[0].endswith(".png")
-    grid = client.download_artifacts(training.info.run_id, grids[0], str(tmp_path))
-    Image.open(grid).verify()  # a real PNG, served back by the tracking server
-    assert "samples.png" in [a.path for a in client.list_artifacts(sampling.info.run_id)]
+    grids = mlflow_images(client, training.info.run_id, "samples")
+    assert list(grids) == [8], grids  # the EMA grid at its step, as an MLflow image
+    Image.open(grids[8]).verify()  # a real PNG, served back by the tracking server
+    assert list(mlflow_images(client, sampling.info.run_id, "samples")) == [0]
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
     assert sum(k.endswith(".png") for k in stored) >= 2  # the artifacts live in the S3 bucket
 

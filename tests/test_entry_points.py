@@ -2,40 +2,37 @@
 
 import json
 
+import pytest
 from PIL import Image
 
-from helpers import cli
+from helpers import cli, tiny_checkpoint
 
 
-def test_generate_writes_a_sample_grid(tmp_path):
+@pytest.mark.slow
+def test_generate_samples_a_checkpoint_with_either_sampler(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
     out = tmp_path / "grid.png"
-    for sampler, n, side in [("ddim", 4, 2 * 32 + 3 * 2), ("ddpm", 1, 32)]:  # DDPM runs all 1000 steps
+    for sampler, n, side in [("ddim", 4, 2 * 32 + 3 * 2), ("ddpm", 1, 32)]:  # DDPM runs all T = 100 steps
         proc = cli(
-            "jobs/generate.py",
-            "--config",
-            "tiny",
-            "--sampler",
-            sampler,
-            "--steps",
-            "5",
-            "--n",
-            str(n),
-            "--out",
-            str(out),
+            "jobs/generate.py", "--checkpoint", checkpoint, "--sampler", sampler, "--steps", 5, "--n", n, "--out", out
         )
         assert proc.returncode == 0, proc.stderr
-        assert "randomly initialised tiny UNet" in proc.stdout
+        assert f"wrote {out}: {n} images, {sampler}" in proc.stdout and "on cpu" in proc.stdout
         with Image.open(out) as img:
             assert img.size == (side, side)
 
 
-def test_generate_rejects_bad_arguments():
-    proc = cli("jobs/generate.py", "--n", "0")
-    assert proc.returncode == 2 and "--n must be >= 1, got 0" in proc.stderr
-    proc = cli("jobs/generate.py", "--config", "imagenet")
-    assert proc.returncode == 2 and "invalid choice: 'imagenet'" in proc.stderr
-    proc = cli("jobs/generate.py", "--steps", "0", "--n", "1")
-    assert proc.returncode != 0 and "steps must be in [1, 1000]" in proc.stderr
+def test_generate_rejects_bad_arguments(tmp_path):
+    proc = cli("jobs/generate.py", "--out", tmp_path / "x.png")
+    assert proc.returncode == 2 and "the following arguments are required: --checkpoint" in proc.stderr
+    proc = cli("jobs/generate.py", "--checkpoint", "c", "--n", "0")
+    assert proc.returncode == 2 and "--n and --batch-size must be >= 1" in proc.stderr
+    proc = cli("jobs/generate.py", "--checkpoint", "c", "--figure-seeds", "3")
+    assert proc.returncode == 2 and "--figure-seeds must be an even number" in proc.stderr
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
+    proc = cli("jobs/generate.py", "--checkpoint", checkpoint, "--steps", "101", "--out", tmp_path / "x.png")
+    assert proc.returncode == 1 and "steps must be in [1, 100]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_bench_smoke_writes_json(tmp_path):

@@ -24,12 +24,14 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_
     args += ["--out", f"s3://{s3}/samples/demo", "--figures", "--figure-seeds", 2]
     proc = cli("jobs/sample.py", *args, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "sampled 20/20" in proc.stderr and "wrote 20 images" in proc.stdout
+    assert "20/20" in proc.stderr and "wrote 20 images" in proc.stdout  # the progress bar, in a log
 
     s3_client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=s3, Prefix="samples/demo/")["Contents"])
-    pngs = [k for k in keys if k.endswith(".png")]
+    pngs = [k for k in keys if k.endswith(".png") and k.split("/")[-1][0].isdigit()]
     assert pngs == [f"samples/demo/{seed:010d}.png" for seed in range(100, 120)]
+    names = ("ddim_consistency", "ddim_interpolation", "ddpm_interpolation", "ddpm_sequence")
+    assert {f"samples/demo/figures/{n}.png" for n in names} | {"samples/demo/samples.png"} <= set(keys)
     image = Image.open(io.BytesIO(s3_client.get_object(Bucket=s3, Key=pngs[0])["Body"].read()))
     assert image.size == (32, 32) and np.asarray(image).std() > 1
     summary = json.loads(s3_client.get_object(Bucket=s3, Key="samples/demo/sampling.json")["Body"].read())
@@ -40,22 +42,17 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_
     assert run.info.status == "FINISHED" and run.data.tags["training_run_id"] == "training-run-123"
     assert run.data.metrics["images"] == 20 and run.data.metrics["images_per_s"] > 0
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert figures == {
-        "consistency_tau_10_20_50_100.png",
-        "ddim_slerp_interpolation.png",
-        "ddpm_interpolation_t10.png",  # t = T/10 and T/4
-        "ddpm_interpolation_t25.png",
-        "ddpm_sequence_x_t.png",
-        "ddpm_sequence_pred_x0.png",
-    }
+    assert figures == {f"{n}.png" for n in names}  # the labelled figures, as jobs/generate.py writes them
     local = Path(client.download_artifacts(run.info.run_id, "figures", str(tmp_path / "figs")))
-    with Image.open(local / "consistency_tau_10_20_50_100.png") as fig:  # 4 rows (tau <= T) x 2 seeds
-        assert fig.size == (2 * 32 + 3 * 2, 4 * 32 + 5 * 2)
-    with Image.open(local / "ddpm_sequence_x_t.png") as fig:  # 2 seeds x 10 timesteps
-        assert fig.size == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)
-    with Image.open(local / "ddpm_interpolation_t25.png") as fig:  # 1 pair x 10 lambdas
-        assert fig.size == (10 * 32 + 11 * 2, 32 + 2 * 2) and np.asarray(fig).std() > 1
-    with Image.open(Path(client.download_artifacts(run.info.run_id, "samples.png", str(tmp_path)))) as grid:
+    tile = 3 * 32  # the 32-pixel images, scaled up for the labels
+    with Image.open(local / "ddim_consistency.png") as fig:  # 4 rows (S = 10, 20, 50, 100 <= T) x 2 seeds
+        assert 4 * tile < fig.size[1] < 5 * tile and 2 * tile < fig.size[0]
+    with Image.open(local / "ddpm_interpolation.png") as fig:  # t = T/10, T/4, T/2 x 9 lambdas
+        assert 9 * tile < fig.size[0] < 10 * tile and 3 * tile < fig.size[1] < 4 * tile and np.asarray(fig).std() > 1
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any(p.startswith("images/samples+step+0+") and p.endswith(".png") for p in images)  # the grid
+    grid = s3_client.get_object(Bucket=s3, Key="samples/demo/samples.png")["Body"].read()
+    with Image.open(io.BytesIO(grid)) as grid:
         assert grid.size == (5 * 32 + 6 * 2, 4 * 32 + 5 * 2)  # the 20 images, 5 per row
         assert np.array_equal(np.asarray(grid.convert("RGB"))[2:34, 2:34], np.asarray(image))  # seed 100 first
 

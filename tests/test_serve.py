@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from diffusion.platform.net import wait_for_http
-from helpers import cli, cli_popen, free_port, tiny_checkpoint, tiny_diffusers_folder
+from helpers import cli, cli_popen, free_port, registered_tiny_model, tiny_checkpoint, tiny_diffusers_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 T, LONG, MAX_REQUEST, MAX_QUEUED = 100, 50, 200, 200  # the service's T; its lanes and bounds in UNet calls
@@ -257,11 +257,12 @@ def test_sequences(service):
     assert status == 422 and "record" in text.decode()
 
 
-def test_serve_cli_serves_a_run_folder_and_stops_on_sigterm(tmp_path):
-    tiny_checkpoint(tmp_path / "runs" / "demo" / "checkpoint-000000010")
+def test_serve_cli_serves_a_registered_model_and_stops_on_sigterm(tmp_path):
+    store, _ = registered_tiny_model(tmp_path)
     port = free_port()
-    args = ["--checkpoint", tmp_path / "runs" / "demo", "--port", port, "--batch-size", 4, "--max-replicas", 2]
-    proc = cli_popen("jobs/serve.py", *args, RAY_ADDRESS="local")  # its own Ray: the tests' Ray runs a Serve already
+    args = ["--checkpoint", "models:/tiny/1", "--port", port, "--batch-size", 4, "--max-replicas", 2]
+    env = {"RAY_ADDRESS": "local", "MLFLOW_TRACKING_URI": store}  # its own Ray: the tests' Ray runs a Serve already
+    proc = cli_popen("jobs/serve.py", *args, **env)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, proc, any_status=False)  # the app, not just the proxy
         status, _, body = post(f"http://127.0.0.1:{port}/v1/samples", {"n": 2, "seed": 0, "steps": 3, "format": "npz"})

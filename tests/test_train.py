@@ -1,10 +1,13 @@
 """Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): checkpoints,
 MLflow, resume, failure recovery, identical replicas."""
 
+import json
 import threading
 import time
-from pathlib import Path
 
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -16,6 +19,7 @@ from diffusion.checkpoint import read_checkpoint
 from diffusion.config import PRESETS
 from diffusion.platform.tracking import RUN_NAME_TAG
 from diffusion.platform.train import fit
+from helpers import mlflow_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -66,16 +70,23 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     assert set(config.to_dict()) <= set(run.data.params)
     assert {"loss", "lr", "grad_norm", "images_per_s", "heldout_loss", "heldout_loss_ema"} <= set(run.data.metrics)
     assert run.data.metrics["replicas_identical"] == 1.0  # the DDP replicas end with identical weights and EMA
-    assert run.data.tags["git_commit"] and run.data.tags["ray_job_id"]
-    png = Path(client.download_artifacts(run.info.run_id, "samples/step_000000020.png", str(tmp_path)))
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] and tags["mlflow.source.type"] == "JOB" and tags["ray_job_id"]
+    (data,) = run.inputs.dataset_inputs  # the training data: its URI, manifest checksum and size
+    assert (
+        json.loads(data.dataset.source)["uri"] == cifar_shards and json.loads(data.dataset.profile)["num_rows"] == 1100
+    )
+    grids = mlflow_images(client, run.info.run_id, "samples")  # EMA sample grids, one an image step
+    assert sorted(grids) == [20] and Image.open(grids[20]).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
 
     # The same name again, with more steps: it continues from step 20, not from 0; now with the
-    # training images held in the workers' device memory instead of streamed by Ray Data, and an
-    # FID every 5 steps from both workers' samples (a randomly initialised Inception: plumbing).
+    # training images held in the workers' device memory instead of streamed by Ray Data, an FID
+    # every 5 steps from both workers' samples (a randomly initialised Inception: plumbing), and a
+    # learning rate that wrecks the model, so that the best checkpoint is no longer the latest:
+    # with --keep-checkpoints 1 it stays, as does the latest.
+    wrecked = dict(lr=0.5, grad_clip=0.0, keep_checkpoints=1, data_on_device="on")
     fid = dict(fid_every=5, fid_n=6, fid_splits="test", inception_weights=str(random_inception))
-    assert fit(config.replace(max_steps=30, data_on_device="on", **fid)).error is None
+    assert fit(config.replace(max_steps=30, **wrecked, **fid)).error is None
     client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
     assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
@@ -84,15 +95,22 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     fids = client.get_metric_history(run.info.run_id, "fid")
     assert [m.step for m in fids] == [25, 30] and all(m.value > 0 for m in fids)
     assert run.data.tags["fid_reference_n"] == "100" and len(run.data.tags["fid_reference_weights_sha256"]) == 64
-    assert read_checkpoint(run_dir)["step"] == 30
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000000020", "checkpoint-000000030"]
+    assert read_checkpoint(run_dir)["step"] == 30 and read_checkpoint(run_dir, which="best")["step"] == 20
     assert run.data.tags["checkpoint_uri"].endswith("resume/checkpoint-000000030")
     assert read_checkpoint(f"runs:/{run.info.run_id}")["step"] == 30  # an MLflow run stands for its checkpoint
-    assert sorted(p.name for p in run_dir.glob("checkpoint-*"))[-1] == "checkpoint-000000030"
 
-    # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1.
-    heldout = client.get_metric_history(run.info.run_id, "heldout_loss")
-    assert heldout[0].step == 0 and heldout[0].value == pytest.approx(1.0, abs=0.05)
-    assert heldout[-1].step == 30 and heldout[-1].value < 0.8 * heldout[0].value
+    # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1, then the wreck.
+    heldout = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "heldout_loss")}
+    assert heldout[0] == pytest.approx(1.0, abs=0.05) and heldout[20] < 0.8 * heldout[0] < heldout[30]
+
+    # The final and the best weights as MLflow Models: loaded by MLflow alone, and as checkpoints.
+    assert (run.data.tags["model_step_model"], run.data.tags["model_step_best"]) == ("30", "20")
+    images = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/best").predict(
+        pd.DataFrame({"seed": [3, 4]}), params={"steps": 4}
+    )
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert read_checkpoint(f"runs:/{run.info.run_id}/best")["step"] == 20
 
     model, ema_model, loaded = load_checkpoint(str(run_dir))
     assert loaded.max_steps == 30 and loaded.model == "tiny"

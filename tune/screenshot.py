@@ -1,11 +1,13 @@
-"""Screenshot the MLflow UI's run-comparison page for a sweep, with headless Chromium.
+"""Screenshot the MLflow UI with headless Chromium: a sweep's run-comparison page, or a run's
+page (its logged and registered models, dataset and tags) beside its latest sample grid.
 
     python tune/screenshot.py --sweep lr-sched --out sweep-compare.png      # MLflow store from MLFLOW_TRACKING_URI
     python tune/screenshot.py --sweep lr-sched --tracking-uri sqlite:///mlflow.db --dom-out page.html
+    python tune/screenshot.py --run <run id> --out run.png
 
-It starts `mlflow server` on 127.0.0.1 over the sweep's tracking store (unless --server
-points at a running one), opens the compare view of the sweep's trial runs, and writes a
-PNG (and, with --dom-out, the rendered page). Chromium: `apt-get install chromium`.
+It starts `mlflow server` on 127.0.0.1 over the tracking store (unless --server points at a
+running one), opens the page, and writes a PNG (and, with --dom-out, the rendered page).
+Chromium: `apt-get install chromium`.
 """
 
 from __future__ import annotations
@@ -75,6 +77,40 @@ def compare_url(server: str, tracking_uri: str, sweep: str, experiment: str) -> 
     return f"{server}/#/compare-runs?{query}", [r.info.run_name for r in trials]
 
 
+def run_urls(server: str, tracking_uri: str, run_id: str, image_key: str) -> tuple[list[str], list[str]]:
+    """The URLs of a run's overview and of its latest image under `image_key` (MLflow's image
+    chart opens on step 0, so the grid is shown from the run's artifacts), and its name."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise SystemExit(f"no MLflow run {run_id!r} in {tracking_uri}: check --run and --tracking-uri") from None
+    page = f"{server}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    latest = max(
+        (p for p in images if p.split("/")[-1].split("+")[0] == image_key),
+        key=lambda p: int(p.split("+step+")[1].split("+")[0]),
+        default=None,
+    )
+    urls = [page] if latest is None else [page, f"{page}/artifacts/{latest}"]
+    return urls, [run.info.run_name]
+
+
+def side_by_side(paths: list[str], out: str) -> None:
+    from PIL import Image
+
+    shots = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(s.width for s in shots), max(s.height for s in shots)), "white")
+    x = 0
+    for shot in shots:
+        canvas.paste(shot, (x, 0))
+        x += shot.width
+    canvas.save(out)
+
+
 def chromium(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
@@ -85,6 +121,9 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-background-networking",  # this machine's network is closed: no updates, no sync
+            "--disable-component-update",
+            "--no-first-run",
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
             "--window-size=1600,1400",
@@ -96,8 +135,11 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--sweep", required=True, help="the sweep's --name")
-    p.add_argument("--out", default="sweep-compare.png", help="PNG to write")
+    page = p.add_mutually_exclusive_group(required=True)
+    page.add_argument("--sweep", help="a sweep's --name: its trials' compare page")
+    page.add_argument("--run", help="a run id: its page")
+    p.add_argument("--image", default="samples", help="with --run: the logged image key shown beside the page")
+    p.add_argument("--out", default="mlflow.png", help="PNG to write")
     p.add_argument("--dom-out", default=None, help="also write the rendered page's HTML here")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--server", default=None, help="a running MLflow server to use instead of starting one")
@@ -109,14 +151,24 @@ def main(argv=None) -> int:
     tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
 
     def shoot(server: str) -> None:
-        url, names = compare_url(server, tracking_uri, args.sweep, args.experiment)
-        proc = chromium(f"--screenshot={os.path.abspath(args.out)}", url)
-        if proc.returncode != 0 or not os.path.exists(args.out):
-            raise SystemExit(f"chromium failed: {proc.stderr[-2000:]}")
+        if args.sweep:
+            url, names = compare_url(server, tracking_uri, args.sweep, args.experiment)
+            urls = [url]
+        else:
+            urls, names = run_urls(server, tracking_uri, args.run, args.image)
+        with tempfile.TemporaryDirectory() as tmp:
+            shots = [os.path.join(tmp, f"{i}.png") for i in range(len(urls))]
+            for url, shot in zip(urls, shots):
+                proc = chromium(f"--screenshot={shot}", url)
+                if proc.returncode != 0 or not os.path.exists(shot):
+                    raise SystemExit(f"chromium failed: {proc.stderr[-2000:]}")
+            side_by_side(shots, args.out)
         if args.dom_out:
             with open(args.dom_out, "w") as f:
-                f.write(chromium("--dump-dom", url).stdout)
-        print(f"wrote {args.out}: compare view of {len(names)} runs ({', '.join(sorted(names))})")
+                f.writelines(chromium("--dump-dom", url).stdout for url in urls)
+        shown = "" if len(urls) == 1 else f" beside its latest {args.image!r} image"
+        what = "compare view" if args.sweep else "page"
+        print(f"wrote {args.out}: {what} of {len(names)} run(s) ({', '.join(sorted(names))}){shown}")
 
     if args.server:
         shoot(args.server)

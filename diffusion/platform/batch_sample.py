@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,11 +18,14 @@ import torch
 
 from ..checkpoint import read_checkpoint, sampling_defaults
 from ..config import SamplerSettings, SamplerSpeed
+from ..figures import batch_size as figures_batch_size
 from ..figures import figures
-from ..images import from_uint8, save_grid
+from ..images import from_uint8, grid
 from ..sampling import Sampler, as_uint8_hwc
 from . import tracking
+from .progress import progress
 from .resources import Workers, connect, map_with_actors
+from .shards import ShardSet
 from .storage import open_location
 
 
@@ -32,6 +34,7 @@ class SamplingJob:
     """What to sample: a checkpoint's images for seeds seed .. seed + n - 1, and how."""
 
     checkpoint: str
+    which: str = "latest"  # of a run folder's checkpoints: the latest or the best
     n: int = 64
     seed: int = 0
     settings: SamplerSettings = SamplerSettings()
@@ -45,6 +48,7 @@ class SamplingJob:
         """The job as flat MLflow params."""
         return {
             "checkpoint": self.checkpoint,
+            "which": self.which,
             "n": self.n,
             "seed": self.seed,
             "weights": "ema" if self.ema else "raw",
@@ -59,7 +63,7 @@ class SampleWriter:
     """A Ray Data actor: samples a batch of seeds and writes it to `out` (unless None)."""
 
     def __init__(self, job: SamplingJob, out: str | None, fmt: str):
-        payload = read_checkpoint(job.checkpoint, job.endpoint_url)
+        payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)
         self.sampler = Sampler.from_checkpoint(payload, job.batch_size, job.ema, job.speed)
         self.settings, self.fmt = job.settings, fmt
         self.location = open_location(out, job.endpoint_url, check=False) if out else None
@@ -77,12 +81,8 @@ class SampleWriter:
             np.savez(buf, images=images, seeds=np.asarray(seeds))
             self.location.write_bytes(f"shard-{seeds[0]:010d}.npz", buf.getvalue())
             return
-        from PIL import Image
-
         for seed, image in zip(seeds, images):
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="PNG")
-            self.location.write_bytes(f"{seed:010d}.png", buf.getvalue())
+            self.location.write_bytes(f"{seed:010d}.png", png(image))
 
 
 def resolved(job: SamplingJob, payload: dict) -> SamplingJob:
@@ -103,11 +103,18 @@ def sample_dataset(job: SamplingJob, out: str | None = None, fmt: str = "npz"):
 
 
 def sample_to(
-    job: SamplingJob, out: str, fmt: str = "png", figure_seeds: int = 0, experiment: str = "ray-diffusion"
+    job: SamplingJob,
+    out: str,
+    fmt: str = "png",
+    figure_seeds: int = 0,
+    figure_data: str | None = None,
+    experiment: str = "ray-diffusion",
 ) -> str:
-    """Sample the job's seeds to `out` (and the papers' figures from `figure_seeds` seeds, if
-    any, to MLflow); returns the MLflow run id."""
-    payload = read_checkpoint(job.checkpoint, job.endpoint_url)  # a bad checkpoint or --out fails before Ray starts
+    """Sample the job's seeds to `out` with a grid of the first 64 (samples.png), and the papers'
+    figures from `figure_seeds` seeds, if any, under out/figures/ (the DDPM interpolation
+    between two images of the prepared data set `figure_data`, when given); all of it also to an
+    MLflow run; sampling.json comes last. Returns the MLflow run id."""
+    payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)  # bad input fails before Ray starts
     job = resolved(job, payload)
     location = open_location(out, job.endpoint_url)
     location.fs.create_dir(location.path, recursive=True)
@@ -121,28 +128,40 @@ def sample_to(
 
     start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
     try:
-        for batch in sample_dataset(job, out, fmt).iter_batches(batch_size=None, batch_format="numpy"):
-            done += len(batch["seed"])
-            preview.update((s, im) for s, im in zip(batch["seed"].tolist(), batch["image"]) if s < job.seed + 64)
-            rate = done / (time.time() - start)
-            eta = (job.n - done) / max(rate, 1e-9)
-            print(f"\rsampled {done}/{job.n} ({rate:.1f} img/s, eta {eta:.0f} s)", end="", file=sys.stderr, flush=True)
+        with progress(job.n, f"sampling {job.settings.label(T)}", unit="img") as bar:
+            for batch in sample_dataset(job, out, fmt).iter_batches(batch_size=None, batch_format="numpy"):
+                done += len(batch["seed"])
+                bar.update(len(batch["seed"]))
+                preview.update((s, im) for s, im in zip(batch["seed"].tolist(), batch["image"]) if s < job.seed + 64)
     except BaseException:
         mlflow_run.finish("FAILED")
         raise
     seconds = time.time() - start
-    print(f"\nwrote {done} images to {out} in {seconds:.1f} s", flush=True)
+    print(f"wrote {done} images to {out} in {seconds:.1f} s", flush=True)
     mlflow_run.log_metrics({"images": done, "seconds": seconds, "images_per_s": done / seconds})
     summary = {"n": done, "seeds": [job.seed, job.seed + job.n - 1], **params}
-    location.write_bytes("sampling.json", json.dumps(summary).encode())
 
-    with tempfile.TemporaryDirectory() as d:
-        grid = torch.from_numpy(np.stack([preview[s] for s in sorted(preview)])).permute(0, 3, 1, 2)
-        mlflow_run.log_artifact(save_grid(from_uint8(grid), Path(d) / "samples.png"))
-        if figure_seeds:
-            # The figures' batches hold figure_seeds images or 10 lambdas: no padding to batch_size.
-            local = Sampler.from_checkpoint(payload, min(job.batch_size, max(figure_seeds, 10)), speed=job.speed)
-            for name, (grid, per_row) in figures(local, list(range(job.seed, job.seed + figure_seeds))).items():
-                mlflow_run.log_artifact(save_grid(grid, Path(d) / f"{name}.png", nrow=per_row), "figures")
+    first = torch.from_numpy(np.stack([preview[s] for s in sorted(preview)])).permute(0, 3, 1, 2)
+    samples = grid(from_uint8(first)).numpy()
+    mlflow_run.log_image(samples, "samples")
+    location.write_bytes("samples.png", png(samples))
+    if figure_seeds:
+        local = Sampler.from_checkpoint(payload, figures_batch_size(figure_seeds), speed=job.speed)
+        pair = ShardSet.open(figure_data, job.endpoint_url, verify="size").first_images(2) if figure_data else None
+        with tempfile.TemporaryDirectory() as d:
+            for figure in figures(local, list(range(job.seed, job.seed + figure_seeds)), pair):
+                path = Path(d) / f"{figure.name}.png"
+                figure.save(path)
+                location.write_bytes(f"figures/{figure.name}.png", path.read_bytes())
+                mlflow_run.log_artifact(path, "figures")
+    location.write_bytes("sampling.json", json.dumps(summary).encode())  # last: the job is complete
     mlflow_run.finish()
     return mlflow_run.id
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze()).save(buf, format="PNG")
+    return buf.getvalue()

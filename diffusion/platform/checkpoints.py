@@ -1,29 +1,50 @@
-"""Checkpoints behind URIs: s3://bucket/prefix (a checkpoint.pt, its folder or a run folder, as
-on a local disk) and MLflow's runs:/<run_id> (the run's latest checkpoint). The format itself
-is `diffusion.checkpoint`; this module only finds the bytes."""
+"""Checkpoints behind URIs. The format is `diffusion.checkpoint`; this module only finds the bytes:
+
+s3://bucket/prefix              a checkpoint.pt, its folder or a run folder, as on a local disk
+runs:/<run_id>                  the latest checkpoint a training run recorded (best: its run folder's best)
+runs:/<run_id>/<artifact path>  an artifact of a run: a logged MLflow Model (`model`, `best`) or a checkpoint
+models:/<name>/<version>        a registered model version, or models:/<name>@<alias>
+"""
 
 from __future__ import annotations
 
 import posixpath
+import tempfile
+from pathlib import Path
 
-from ..checkpoint import CHECKPOINT_FILE, CheckpointError, latest_checkpoint, parse_checkpoint, read_checkpoint
+from ..checkpoint import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    CheckpointError,
+    choose_checkpoint,
+    parse_checkpoint,
+    read_checkpoint,
+)
 from .storage import open_location
 
+MODEL_CHECKPOINT = Path("artifacts") / CHECKPOINT_FILE  # inside an MLflow Model folder of this project
 
-def read_remote_checkpoint(uri: str, endpoint_url: str | None = None) -> dict:
+
+def read_remote_checkpoint(uri: str, endpoint_url: str | None = None, which: str = "latest") -> dict:
     """The checked payload of the checkpoint a remote URI names."""
-    if uri.startswith("runs:/"):
-        from .tracking import checkpoint_of_run
+    from . import tracking
 
-        run_id = uri[len("runs:/") :].strip("/").split("/")[0]
-        return read_checkpoint(checkpoint_of_run(run_id), endpoint_url)
+    if uri.startswith("runs:/") and "/" not in uri[len("runs:/") :].strip("/"):
+        checkpoint = tracking.checkpoint_of_run(uri[len("runs:/") :].strip("/"))
+        return read_checkpoint(checkpoint if which == "latest" else posixpath.dirname(checkpoint), endpoint_url, which)
+    if uri.startswith(("runs:/", "models:/")):
+        with tempfile.TemporaryDirectory() as d:
+            local = tracking.download(uri, d)
+            if (local / "MLmodel").is_file():  # an MLflow Model of this project: its checkpoint artifact
+                local = local / MODEL_CHECKPOINT
+            return read_checkpoint(local, which=which)
     location = open_location(uri, endpoint_url, check=False)
-    path = _checkpoint_file(location, uri)
+    path = _checkpoint_file(location, uri, which)
     with location.fs.open_input_stream(path) as f:
         return parse_checkpoint(f.read(), uri if path == location.path else f"{uri}{path[len(location.path) :]}")
 
 
-def _checkpoint_file(location, uri: str) -> str:
+def _checkpoint_file(location, uri: str, which: str) -> str:
     from pyarrow import fs as pafs
 
     kind = location.fs.get_file_info(location.path).type
@@ -35,7 +56,9 @@ def _checkpoint_file(location, uri: str) -> str:
         return location.join(CHECKPOINT_FILE)
     entries = location.fs.get_file_info(pafs.FileSelector(location.path))
     complete = [e.base_name for e in entries if location.exists(posixpath.join(e.base_name, CHECKPOINT_FILE))]
-    latest = latest_checkpoint(complete)
-    if latest is None:
-        raise CheckpointError(f"{uri} holds no checkpoint-<step> folder with a {CHECKPOINT_FILE}")
-    return location.join(latest, CHECKPOINT_FILE)
+
+    def metrics_of(name: str) -> str | None:
+        metrics = posixpath.join(name, METRICS_FILE)
+        return location.read_bytes(metrics).decode() if location.exists(metrics) else None
+
+    return location.join(choose_checkpoint(complete, metrics_of, which, uri), CHECKPOINT_FILE)

@@ -16,11 +16,29 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import PRECISIONS, PRESETS, SAMPLERS, SPACINGS, VARIANCES, SamplerSettings, SamplerSpeed, TrainConfig
+from ..config import (
+    PRECISIONS,
+    PRESETS,
+    SAMPLERS,
+    SPACINGS,
+    VARIANCES,
+    WHICH,
+    SamplerSettings,
+    SamplerSpeed,
+    TrainConfig,
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default after its help."""
+    """The module docstring as written, and every option's default after its help (but for
+    required options, which have none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return f"{action.help} (required)"
+        if "(default:" in (action.help or ""):  # the help says it in words
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -154,17 +172,28 @@ def sampler_speed(args: argparse.Namespace) -> SamplerSpeed:
     return SamplerSpeed(args.precision, args.compile)
 
 
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint (anything a checkpoint can be), --which, --raw, --endpoint-url."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run folder, a checkpoint (folder or .pt), s3://..., runs:/<run id>[/<artifact path>], "
+        "models:/<name>/<version or @alias>, a diffusers folder or DDPM reference weights",
+    )
+    parser.add_argument(
+        "--which", default="latest", choices=WHICH, help="of a run folder's checkpoints: the latest, or the best"
+    )
+    parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+
+
 def add_sampling_job_options(parser: argparse.ArgumentParser, n: int, batch_size: int) -> None:
     """What a Ray sampling job (jobs/sample.py, jobs/evaluate.py) samples, and on how many actors."""
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint, run folder, s3:// URI or runs:/<mlflow run id>"
-    )
+    add_checkpoint_options(parser)
     parser.add_argument("--n", type=int, default=n, help="number of images (seeds seed .. seed + n - 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per model batch")
     parser.add_argument("--workers", type=int, default=0, help="actors (0: one per GPU, or 1)")
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
 
 
 def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -177,6 +206,7 @@ def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     return SamplingJob(
         checkpoint=args.checkpoint,
+        which=args.which,
         n=args.n,
         seed=args.seed,
         settings=settings,

@@ -1,10 +1,14 @@
-"""Sample-quality evaluation on a Ray cluster: Inception features of a data set's shards or of
-a checkpoint's samples, extracted by an actor pool (one Inception per GPU), reduced to FID
-statistics on the driver; reference statistics cached beside the shards; FID and IS logged to
-MLflow with every setting that changes them.
+"""Sample-quality evaluation on a Ray cluster: features of a data set's shards or of a
+checkpoint's samples, extracted by an actor pool (one feature network per GPU), reduced to
+Frechet statistics on the driver; reference statistics cached beside the shards; the metrics
+logged to MLflow with every setting that changes them.
 
-    shards --Ray Data--> InceptionActor --> FeatureStats --> fid-stats-<splits>.npz (cache)
-    seeds --> SampleWriter (batch_sample) --> InceptionActor --> FID vs the cache, IS --> MLflow
+The feature network (the `Judge`) is FID's Inception for image data sets, and for the 8x8
+digits, where ImageNet features mean little, a small classifier trained on their own train
+split (`diffusion.classifier`), cached beside the shards as the statistics are:
+
+    shards --Ray Data--> FeatureActor --> FeatureStats --> <metric>-stats-<splits>.npz (cache)
+    seeds --> SampleWriter (batch_sample) --> FeatureActor --> FID / FD-digits, IS / score --> MLflow
 """
 
 from __future__ import annotations
@@ -13,76 +17,125 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
 
+from .. import classifier, fid
 from ..checkpoint import read_checkpoint
 from ..digest import file_digest
-from ..fid import FeatureStats, InceptionFeatures, frechet_distance, inception_score
+from ..fid import FeatureStats, frechet_distance, inception_score
 from ..speed import default_device
 from . import tracking
 from .batch_sample import SamplingJob, resolved, sample_dataset
+from .progress import progress
 from .resources import Workers, connect, map_with_actors
 from .shards import ShardSet
 
+CLASSIFIER_FILE = "classifier.pt"
+
 
 @dataclass(frozen=True)
-class Reference:
-    """The real images samples are compared with: splits of a prepared data set, seen through
-    the FID Inception weights in `weights`."""
+class Judge:
+    """The network that sees the images: uint8 (N, H, W, C) -> (features, class logits)."""
 
-    data: str
-    splits: list[str] | None  # None: every split
-    weights: str
-    endpoint_url: str | None = None
+    kind: str  # "inception" or "classifier"
+    metric: str  # the Frechet distance's name: "fid" or "fd_digits" (also the cache's prefix)
+    score: str  # the Inception Score's formula on its classes: "is" or "classifier_score"
+    build: Callable[[], torch.nn.Module]  # picklable: each actor builds its own
+    dim: int  # feature dimension
+    sha256: str  # of its weights: part of every cache key
 
 
-class InceptionActor:
-    """A Ray Data actor: uint8 images -> 2048-d pool features and 1008 logits."""
+def inception_judge(weights: str) -> Judge:
+    """FID's Inception (the weights of `fid.inception_weights`)."""
+    return Judge(
+        "inception", "fid", "is", partial(fid.InceptionFeatures, weights), fid.FEATURE_DIM, file_digest(weights)
+    )
 
-    def __init__(self, weights: str):
-        self.net = InceptionFeatures(weights).to(default_device())
+
+def classifier_judge(shards: ShardSet, split: str = "train") -> Judge:
+    """FD-digits' classifier, trained on the shards' `split` once (seconds, seeded) and cached
+    beside them as classifier.pt with the manifest's checksum and the recipe: a cache from
+    other shards or another recipe is retrained, never used."""
+    key = {"manifest_sha256": shards.digest, "split": split, "recipe": classifier.RECIPE}
+    where = shards.location.join(CLASSIFIER_FILE)
+    if shards.location.exists(CLASSIFIER_FILE):
+        data = shards.location.read_bytes(CLASSIFIER_FILE)
+        cached = torch.load(io.BytesIO(data), weights_only=True)
+        if cached["key"] == key:
+            return _classifier_judge(cached["state"], data)
+        print(f"{where} is stale (other shards or recipe): retraining", flush=True)
+    batch = next(shards.iter_batches(len(shards), splits=[split]))
+    print(f"training the FD classifier on {len(batch['label'])} {split} images of {shards.location.uri}", flush=True)
+    state = classifier.train_classifier(torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"]))
+    buf = io.BytesIO()
+    torch.save({"key": key, "state": state}, buf)
+    shards.location.write_bytes(CLASSIFIER_FILE + ".partial", buf.getvalue())  # complete before it is visible
+    shards.location.fs.move(where + ".partial", where)
+    return _classifier_judge(state, buf.getvalue())
+
+
+def _classifier_judge(state: dict, data: bytes) -> Judge:
+    build = partial(classifier.DigitsClassifier.from_state, state)
+    sha256 = hashlib.sha256(data).hexdigest()
+    return Judge("classifier", "fd_digits", "classifier_score", build, classifier.FEATURE_DIM, sha256)
+
+
+def judge_for(shards: ShardSet, inception_weights: str | None = None) -> Judge:
+    """The digits' own classifier for the digits, FID's Inception for every other data set."""
+    if shards.manifest["dataset"] == "digits":
+        return classifier_judge(shards)
+    return inception_judge(str(fid.inception_weights(inception_weights)))
+
+
+class FeatureActor:
+    """A Ray Data actor: uint8 images -> the judge's features and logits."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module]):
+        self.net = build().to(default_device())
 
     def __call__(self, batch: dict) -> dict:
-        pool, logits = self.net(torch.from_numpy(batch["image"]))
-        return {"pool": pool.cpu().numpy(), "logits": logits.cpu().numpy()}
+        features, logits = self.net(torch.from_numpy(batch["image"]))
+        return {"features": features.cpu().numpy(), "logits": logits.cpu().numpy()}
 
 
-def extract(ds, weights: str, batch_size: int, workers: Workers) -> tuple[FeatureStats, np.ndarray]:
-    """Feature statistics and logits of every image of `ds` (a dataset with an "image" column)."""
-    stats, logits = FeatureStats(), []
-    features = map_with_actors(ds, InceptionActor, (str(weights),), batch_size, workers.resolve())
-    for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
-        stats.add(batch["pool"])
-        logits.append(batch["logits"])
+def extract(
+    ds, total: int, what: str, judge: Judge, batch_size: int, workers: Workers
+) -> tuple[FeatureStats, np.ndarray]:
+    """Feature statistics and logits of every image of `ds` (a dataset with an "image" column
+    of `total` images of `what`)."""
+    stats, logits = FeatureStats(judge.dim), []
+    features = map_with_actors(ds, FeatureActor, (judge.build,), batch_size, workers.resolve())
+    with progress(total, f"{judge.kind} features of {what}", unit="img") as bar:
+        for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
+            stats.add(batch["features"])
+            logits.append(batch["logits"])
+            bar.update(len(batch["features"]))
     return stats, np.concatenate(logits)
 
 
-def manifest_sha256(shards: ShardSet) -> str:
-    return hashlib.sha256(json.dumps(shards.manifest, sort_keys=True).encode()).hexdigest()
-
-
-def reference_stats(reference: Reference, batch_size: int = 200, workers: Workers = Workers()) -> dict:
-    """FID statistics of a prepared data set's splits, computed once and cached beside its
-    shards as fid-stats-<splits>.npz with the manifest's and the weights' checksums: a cache
-    from other shards or other weights is recomputed, never used."""
-    shards = ShardSet.open(reference.data, reference.endpoint_url, verify="size")
-    splits = sorted(reference.splits or shards.manifest["splits"])
-    name = f"fid-stats-{'+'.join(splits)}.npz"
-    key = {
-        "manifest_sha256": manifest_sha256(shards),
-        "weights_sha256": file_digest(reference.weights),
-        "splits": splits,
-    }
+def reference_stats(
+    shards: ShardSet, splits: list[str] | None, judge: Judge, batch_size: int = 200, workers: Workers = Workers()
+) -> dict:
+    """Frechet statistics of a prepared data set's splits (None: all), computed once and cached
+    beside its shards as <metric>-stats-<splits>.npz with the manifest's and the judge's
+    checksums: a cache from other shards or other weights is recomputed, never used."""
+    splits = sorted(splits or shards.manifest["splits"])
+    name = f"{judge.metric.replace('_', '-')}-stats-{'+'.join(splits)}.npz"
+    key = {"manifest_sha256": shards.digest, "weights_sha256": judge.sha256, "splits": splits}
     if shards.location.exists(name):
         cached = dict(np.load(io.BytesIO(shards.location.read_bytes(name))))
         if json.loads(str(cached["key"])) == key:
             return {"mu": cached["mu"], "sigma": cached["sigma"], "n": int(cached["n"]), **key, "cached": True}
         print(f"{shards.location.join(name)} is stale (other shards or weights): recomputing", flush=True)
     images = shards.ray_dataset(splits=splits, columns=["image"])
-    stats, _ = extract(images, reference.weights, batch_size, workers)
+    total = sum(s["rows"] for s in shards.manifest["shards"]) if splits == sorted(shards.manifest["splits"]) else None
+    what = f"{shards.location.uri} ({'+'.join(splits)})"
+    stats, _ = extract(images, total, what, judge, batch_size, workers)
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=json.dumps(key))
     shards.location.write_bytes(name + ".partial", buf.getvalue())  # complete before it is visible
@@ -90,35 +143,55 @@ def reference_stats(reference: Reference, batch_size: int = 200, workers: Worker
     return {"mu": stats.mu, "sigma": stats.sigma, "n": stats.n, **key, "cached": False}
 
 
-def evaluate(job: SamplingJob, reference: Reference, out: str | None = None, experiment: str = "ray-diffusion") -> dict:
-    """FID and IS of the job's samples against the reference statistics, logged to an MLflow
-    run (linked to the training run); returns the results and settings."""
-    payload = read_checkpoint(job.checkpoint, job.endpoint_url)  # a bad checkpoint fails before Ray starts
+def evaluate(
+    job: SamplingJob,
+    data: str,
+    splits: list[str] | None = None,
+    inception_weights: str | None = None,
+    out: str | None = None,
+    experiment: str = "ray-diffusion",
+) -> dict:
+    """The job's samples against the reference statistics of `data`'s `splits`: FID and IS
+    (Inception), or for the digits FD-digits, the classifier score, the share of confidently
+    classified samples and the floor (the test split against the reference); logged to an
+    MLflow run linked to the training run. Returns the results and settings."""
+    payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)  # bad input fails before Ray starts
     job = resolved(job, payload)
-    ShardSet.open(reference.data, reference.endpoint_url, verify="size")
+    shards = ShardSet.open(data, job.endpoint_url, verify="size")
+    judge = judge_for(shards, inception_weights)
     connect()
     job = replace(job, workers=job.workers.resolve())
     start = time.time()
-    ref = reference_stats(reference, job.batch_size, job.workers)
-    stats, logits = extract(sample_dataset(job, out), reference.weights, job.batch_size, job.workers)
-    fid = frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])
-    is_mean, is_std = inception_score(logits)
-    metrics = {"fid": fid, "is_mean": is_mean, "is_std": is_std, "seconds": time.time() - start}
+    ref = reference_stats(shards, splits, judge, job.batch_size, job.workers)
+    samples = sample_dataset(job, out)
+    stats, logits = extract(samples, job.n, f"{job.n} samples", judge, job.batch_size, job.workers)
+    score_mean, score_std = inception_score(logits)
+    metrics = {
+        judge.metric: frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"]),
+        f"{judge.score}_mean": score_mean,
+        f"{judge.score}_std": score_std,
+    }
+    if judge.kind == "classifier":
+        metrics["confident_share"] = classifier.confident_share(torch.from_numpy(logits))
+        if "test" in shards.manifest["splits"] and "test" not in ref["splits"]:
+            real = reference_stats(shards, ["test"], judge, job.batch_size, job.workers)
+            metrics[f"{judge.metric}_floor"] = frechet_distance(real["mu"], real["sigma"], ref["mu"], ref["sigma"])
+    metrics["seconds"] = time.time() - start
     params = {
         **job.params(),
         "n": stats.n,
         "checkpoint_step": payload["step"],
-        "reference_data": reference.data,
+        "reference_data": data,
         "reference_splits": "+".join(ref["splits"]),
         "reference_n": ref["n"],
         "reference_cached": ref["cached"],
         "reference_manifest_sha256": ref["manifest_sha256"],
-        "inception_weights_sha256": ref["weights_sha256"],
+        f"{judge.kind}_weights_sha256": ref["weights_sha256"],
     }
     results = {**metrics, **params}
     T = len(payload["betas"])
     tags = {"kind": "evaluation", "training_run_id": payload.get("mlflow_run_id", "")}
-    run = tracking.Run.create(experiment, f"fid-{job.settings.label(T)}-{stats.n}", tags, params)
+    run = tracking.Run.create(experiment, f"{judge.metric}-{job.settings.label(T)}-{stats.n}", tags, params)
     run.log_metrics(metrics)
     run.log_text(json.dumps(results, indent=2), "evaluation.json")
     run.finish()

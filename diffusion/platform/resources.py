@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, replace
 
@@ -36,6 +37,8 @@ def connect() -> None:
     ray_utils.set_sigterm_handler = lambda handler: None
     try:
         ray.init()
+        if not sys.stderr.isatty():  # in a log, Ray Data's bars are carriage returns and escape codes
+            ray.data.DataContext.get_current().enable_progress_bars = False
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         address = os.environ.get("RAY_ADDRESS")
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"

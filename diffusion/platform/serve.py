@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from ..checkpoint import read_checkpoint
-from ..config import PRECISIONS, SAMPLERS, SPACINGS, VARIANCES, SamplerSettings, SamplerSpeed
+from ..config import PRECISIONS, SAMPLERS, SPACINGS, VARIANCES, WHICH, SamplerSettings, SamplerSpeed
 from ..errors import excerpt
 from ..images import from_uint8, save_grid
 from ..samplers import timesteps
@@ -275,7 +275,7 @@ def decode_png(data: str, shape: tuple[int, int, int], field: str) -> torch.Tens
     if image.size != (size, size):
         raise HTTPException(422, f"{field}: image is {image.size[0]}x{image.size[1]}, the model needs {size}x{size}")
     try:
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.asarray(image.convert("RGB" if channels == 3 else "L")).reshape(size, size, channels)
     except Exception:  # noqa: BLE001
         raise HTTPException(422, f"{field}: not a decodable PNG image") from None
     return from_uint8(torch.from_numpy(pixels).permute(2, 0, 1))
@@ -330,7 +330,9 @@ class ServeArgs(BaseModel):
     """The application's arguments: `build_app`'s, and the `args:` of a Serve config file."""
 
     model_config = ConfigDict(extra="forbid")
-    checkpoint: str = Field(description="run folder, checkpoint, s3:// URI or runs:/<mlflow run id>")
+    checkpoint: str = Field(description="run folder, checkpoint, URI (s3://, runs:/, models:/), diffusers folder, ...")
+    which: Literal[WHICH] = Field("latest", description="of a run folder's checkpoints: the latest, or the best")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (default: AWS_ENDPOINT_URL)")
     batch_size: int = Field(16, ge=1, description="images per model batch (the fixed batch shape)")
     batch_wait_s: float = Field(0.05, ge=0, description="how long a batch waits for more requests")
     ema: bool = Field(True, description="serve the EMA weights (else the raw ones)")
@@ -349,7 +351,7 @@ class ServeArgs(BaseModel):
 @serve.ingress(app)
 class DiffusionService:
     def __init__(self, args: ServeArgs):
-        payload = read_checkpoint(args.checkpoint)
+        payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
         speed = SamplerSpeed(args.precision, args.compile)
         self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, speed)
         self.model_name = payload["config"]["model"]

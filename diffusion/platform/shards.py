@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from ..errors import excerpt
+from .progress import progress
 from .sources import DataError, Source
 from .storage import Location, open_location
 
@@ -127,7 +127,9 @@ def _write_shards(source: Source, location: Location, shard_bytes: int, quiet: b
         shards.append({"path": name, "rows": len(images), "bytes": len(data), "sha256": sha})
 
     buffered = 0
+    bar = progress(source.count, f"preparing {source.dataset}", unit="img", disable=quiet)
     for split, images, labels in source.chunks:
+        bar.update(len(images))
         if shape is None:
             shape = tuple(images.shape[1:])
             rows_per_shard = max(1, shard_bytes // int(np.prod(shape)))
@@ -142,15 +144,9 @@ def _write_shards(source: Source, location: Location, shard_bytes: int, quiet: b
             if buffered == rows_per_shard:
                 flush(pending)
                 pending, buffered = [], 0
-        if not quiet:
-            print(
-                f"\r{count} images ({count / max(time.time() - start, 1e-9):.0f}/s)",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
     if pending:
         flush(pending)
+    bar.close()
     if count == 0:
         raise DataError(f"{source.dataset} {source.splits} holds no images: nothing was written")
 
@@ -202,7 +198,7 @@ def read_manifest(location: Location, verify: str = "full") -> dict:
     if not location.exists(MANIFEST):
         raise DataError(
             f"no {MANIFEST} at {location.uri}: it is not a prepared data set (or its preparation did not finish). "
-            f"Prepare it with: python jobs/prepare_data.py --dataset cifar10|stl10|imagefolder --out {location.uri}"
+            f"Prepare it with: python jobs/prepare_data.py --dataset cifar10|stl10|digits|imagefolder --out {location.uri}"
         )
     where = f"{location.uri.rstrip('/')}/{MANIFEST}"
     again = f"prepare the data set again (python jobs/prepare_data.py ... --out {location.uri})"
@@ -258,6 +254,15 @@ class ShardSet:
 
     def __len__(self) -> int:
         return self.manifest["count"]
+
+    def first_images(self, n: int) -> np.ndarray:
+        """The first `n` images of the data set, uint8 (n, H, W, C) (e.g. a figure's real images)."""
+        return next(self.iter_batches(n))["image"]
+
+    @property
+    def digest(self) -> str:
+        """The sha256 of the manifest, which names every shard by its sha256: the data set's identity."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     @property
     def shard_paths(self) -> list[str]:

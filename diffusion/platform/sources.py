@@ -7,10 +7,10 @@ their md5 before a byte is read; downloads resume and show progress.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +21,7 @@ import numpy as np
 
 from ..digest import file_digest
 from ..errors import InputError
+from .progress import progress
 
 
 class DataError(InputError, ValueError):
@@ -39,6 +40,7 @@ class Source:
     classes: list[str]
     chunks: Iterator[Chunk]
     fingerprint: dict = field(default_factory=dict)  # what identifies the input, for idempotent re-runs
+    count: int | None = None  # images, when known before reading them (progress)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ STL10_SPLITS = {
     "test": ("test_X.bin", "test_y.bin"),
     "unlabeled": ("unlabeled_X.bin", None),
 }
+DIGITS_SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CHUNK = 1000
 
@@ -96,18 +99,11 @@ def download(url: str, dest: Path, md5: str | None) -> Path:
             if have and response.status != 206:  # the server ignored the range: start over
                 have = 0
             total = have + int(response.headers.get("Content-Length") or 0)
-            with open(part, "ab" if have else "wb") as f:
-                done = have
+            bar = progress(total or None, f"downloading {dest.name}", unit="B", unit_scale=True, initial=have)
+            with open(part, "ab" if have else "wb") as f, bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     f.write(block)
-                    done += len(block)
-                    if total:
-                        print(
-                            f"\rdownloading {dest.name}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
-                            end="",
-                            file=sys.stderr,
-                        )
-            print(file=sys.stderr)
+                    bar.update(len(block))
     try:
         check_md5(part, md5, url)
     except DataError:
@@ -178,7 +174,7 @@ def cifar10_source(archive: Path, splits: list[str]) -> Source:
                     images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                     yield split, np.ascontiguousarray(images), np.asarray(d[b"labels"], dtype=np.int64)
 
-    return Source("cifar10", splits, classes, chunks())
+    return Source("cifar10", splits, classes, chunks(), count=10_000 * sum(len(CIFAR10_SPLITS[s]) for s in splits))
 
 
 def stl10_source(archive: Path, splits: list[str]) -> Source:
@@ -209,7 +205,32 @@ def stl10_source(archive: Path, splits: list[str]) -> Source:
                     raw = np.frombuffer(x_file.read(count * image_bytes), dtype=np.uint8).reshape(count, 3, 96, 96)
                     yield split, np.ascontiguousarray(raw.transpose(0, 3, 2, 1)), labels[start : start + count]
 
-    return Source("stl10", splits, classes, chunks())
+    count = sum(members[STL10_SPLITS[s][0]].size // image_bytes for s in splits)
+    return Source("stl10", splits, classes, chunks(), count=count)
+
+
+def digits_source(splits: list[str]) -> Source:
+    """scikit-learn's 1,797 handwritten digits (UCI, inside the package: no download) at their
+    own 8x8, one grey channel, ink bright on black: 17 levels 0..16 scaled to 0..255 (v * 255 / 16,
+    rounded). A fixed split: 1,437 train and 360 test images, stratified by class (seed 0)."""
+    from sklearn import __version__ as sklearn_version
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
+    labels = digits.target.astype(np.int64)
+    index = np.arange(len(labels))
+    train, test = train_test_split(index, test_size=360, random_state=0, stratify=labels)
+    parts = {"train": np.sort(train), "test": np.sort(test)}
+
+    def chunks() -> Iterator[Chunk]:
+        for split in splits:
+            yield split, images[parts[split]], labels[parts[split]]
+
+    classes = [str(d) for d in range(10)]
+    fingerprint = {"sklearn": sklearn_version, "pixels_sha256": hashlib.sha256(images.tobytes()).hexdigest()}
+    return Source("digits", splits, classes, chunks(), fingerprint, count=sum(len(parts[s]) for s in splits))
 
 
 # ---------------------------------------------------------------------------- image folders
@@ -306,7 +327,7 @@ def imagefolder_source(root: Path, splits: list[str] | None, size: int | None) -
                 yield split, np.stack(images), np.asarray(labels, dtype=np.int64)
 
     fingerprint = {"source": str(root.resolve()), **_tree_stat(root), "size": size}
-    return Source("imagefolder", splits, classes, chunks(), fingerprint)
+    return Source("imagefolder", splits, classes, chunks(), fingerprint, count=len(selected))
 
 
 def _decode(Image, root: Path, name: str, data: bytes, size: int | None) -> np.ndarray:

@@ -5,31 +5,42 @@ The store is MLFLOW_TRACKING_URI, else MLflow's local default (./mlflow.db). A s
 keeps no artifacts of its own: an experiment created here puts them in `mlruns/` beside the
 database (an absolute path), not in whatever folder a Ray worker happens to run in.
 
-Runs are tagged `kind` (training, sampling, evaluation, sweep); a training run also carries
+Runs are tagged `kind` (training, sampling, evaluation, sweep) and with MLflow's standard
+source tags (mlflow.source.git.commit, .name, .type, mlflow.user); a training run also carries
 its run name (RUN_NAME_TAG), which is how a resumed run finds its MLflow run again, and the
-URI of its latest checkpoint (CHECKPOINT_TAG), which `runs:/<run_id>` stands for.
+URI of its latest checkpoint (CHECKPOINT_TAG), which `runs:/<run_id>` stands for. A finished
+training run logs its final and its best weights as MLflow Models (`SamplerModel`: a pyfunc
+that samples images), which the Model Registry can hold.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
 SWEEP_TAG = "ray_diffusion.sweep"
 CHECKPOINT_TAG = "checkpoint_uri"
+MODEL_NAMES = {"final": "model", "best": "best"}  # the logged models of a training run, and their aliases
 log = logging.getLogger("ray_diffusion")
 
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else MLflow's local default, made absolute so Ray workers (which
-    run in other folders) write to the same store."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
+    run in other folders) write to the same store. The environment comes first: MLflow's own
+    notion (mlflow.get_tracking_uri()) keeps whatever store a model was last logged to."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
@@ -52,6 +63,18 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
+
+
+def source_tags() -> dict:
+    """MLflow's standard tags for where a run comes from (the fluent API sets them; clients don't)."""
+    from mlflow.utils import mlflow_tags
+
+    return {
+        mlflow_tags.MLFLOW_GIT_COMMIT: git_commit(),
+        mlflow_tags.MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+        mlflow_tags.MLFLOW_SOURCE_TYPE: "JOB",
+        mlflow_tags.MLFLOW_USER: getpass.getuser(),
+    }
 
 
 def git_commit() -> str:
@@ -77,6 +100,7 @@ class Run:
     @classmethod
     def create(cls, experiment: str, name: str, tags: dict, params: dict | None = None) -> Run:
         uri = tracking_uri()
+        tags = {**source_tags(), **tags}
         run_id = client(uri).create_run(experiment_id(experiment, uri), run_name=name, tags=tags).info.run_id
         run = cls(run_id, uri)
         run.log_params(params or {})
@@ -121,6 +145,10 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(self.client.log_artifact, self.id, str(path), artifact_path)
 
+    def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
+        """An image (uint8 H x W x C) under `key` at `step`: the MLflow UI steps through them."""
+        self._call(self.client.log_image, self.id, image, key=key, step=step)
+
     def log_text(self, text: str, name: str) -> None:
         self._call(self.client.log_text, self.id, text, name)
 
@@ -161,7 +189,6 @@ def training_run(config, tags: dict | None = None) -> Run:
         tags = {
             RUN_NAME_TAG: config.name,
             "kind": "training",
-            "git_commit": git_commit(),
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             **(tags or {}),
         }
@@ -191,3 +218,160 @@ def runs_of(experiment: str, where: str) -> list[Run]:
     """Every run of `experiment` matching the MLflow search filter `where`."""
     uri = tracking_uri()
     return [Run(r.info.run_id, uri) for r in client(uri).search_runs([experiment_id(experiment, uri)], where)]
+
+
+def log_dataset(run: Run, name: str, uri: str, manifest_sha256: str, count: int, splits: list[str]) -> None:
+    """The training data as the run's input: its URI, the manifest's checksum (MLflow keeps 36
+    characters of a digest: the whole is a tag) and its image count."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source_type = "s3" if uri.startswith("s3://") else "local"
+    dataset = Dataset(
+        name, manifest_sha256[:36], source_type, json.dumps({"uri": uri}), profile=json.dumps({"num_rows": count})
+    )
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("manifest_sha256", manifest_sha256)]
+    tags.append(InputTag("splits", "+".join(splits)))
+    run._call(run.client.log_inputs, run.id, datasets=[DatasetInput(dataset, tags=tags)])
+
+
+def system_metrics(run: Run, node: str):
+    """A started monitor logging this machine's CPU, memory, disk, network (and GPU, with
+    nvidia-ml-py) to the run as system/... metrics every 10 s; `.finish()` stops it."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.id, node_id=node, tracking_uri=run.uri, resume_logging=True)
+    monitor.start()
+    return monitor
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class SamplerModel(mlflow.pyfunc.PythonModel):
+    """A checkpoint as an MLflow Model: `predict` takes a DataFrame with a `seed` column (one
+    image a seed) and sampler params, and returns the images, uint8 (N, H, W, C).
+
+        model = mlflow.pyfunc.load_model("models:/cifar10/1")
+        images = model.predict(pd.DataFrame({"seed": range(8)}), params={"sampler": "ddim", "steps": 50})
+    """
+
+    def load_context(self, context) -> None:
+        from diffusion.checkpoint import read_checkpoint
+        from diffusion.sampling import Sampler
+
+        self.sampler = Sampler.from_checkpoint(read_checkpoint(context.artifacts["checkpoint"]), batch_size=16)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from diffusion.config import SamplerSettings
+        from diffusion.sampling import as_uint8_hwc
+
+        params = {**PARAM_DEFAULTS, **(params or {})}
+        clip = {"": None, "true": True, "false": False}[str(params["clip"]).lower()]
+        settings = SamplerSettings(
+            params["sampler"],
+            int(params["steps"]),
+            float(params["eta"]),
+            params["spacing"],
+            params["variance"] or None,
+            clip,
+        )
+        seeds = [int(seed) for seed in model_input["seed"]]
+        return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy()
+
+
+# The sampler params of SamplerModel.predict ("" for variance and clip: the checkpoint's defaults).
+PARAM_DEFAULTS = {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "uniform", "variance": "", "clip": ""}
+# A logged model is code, not a pickle (MLflow's "models from code"): this file builds it on load.
+MODEL_CODE = (
+    "import mlflow\nfrom diffusion.platform.tracking import SamplerModel\n\nmlflow.models.set_model(SamplerModel())\n"
+)
+
+
+def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int, int]) -> str:
+    """Log the checkpoint file `checkpoint` (a payload without optimizer state) as the MLflow
+    Model `name` of `run`, with its signature and requirements and this package's code, so
+    that mlflow.pyfunc.load_model() works wherever MLflow, torch and numpy are installed."""
+    import torch
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    types = {str: "string", int: "integer", float: "double"}
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("long", "seed")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))]),
+        params=ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAM_DEFAULTS.items()]),
+    )
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+    code = checkpoint.parent / "sampler_model.py"
+    code.write_text(MODEL_CODE)
+    # Model.log files the model under the fluent API's store and experiment: the run's own, so
+    # that runs:/<run id>/<name> finds it.
+    mlflow.set_tracking_uri(run.uri)
+    mlflow.set_experiment(experiment_id=run.client.get_run(run.id).info.experiment_id)
+    with warnings.catch_warnings():  # an input example would be sampled at logging time: there is none
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run.id,
+            python_model=str(code),
+            artifacts={"checkpoint": str(checkpoint)},
+            signature=signature,
+            pip_requirements=requirements,
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the diffusion package
+        )
+    return info.model_uri
+
+
+def check_registry(uri: str | None = None) -> None:
+    """An OptionError naming the fix unless the tracking store has a Model Registry."""
+    from mlflow.exceptions import MlflowException
+
+    from ..errors import OptionError
+
+    uri = uri or tracking_uri()
+    try:
+        client(uri).search_registered_models(max_results=1)
+    except MlflowException as e:
+        raise OptionError(
+            f"--register-model needs a Model Registry, which the tracking store {uri} does not provide "
+            f"({e.message.splitlines()[0][:120]}): use a database store (MLFLOW_TRACKING_URI=sqlite:///mlflow.db) "
+            "or a tracking server"
+        ) from None
+
+
+def register(name: str, alias: str, model_uri: str, version: int | None = None) -> int:
+    """Point `alias` of registered model `name` at `version`, or at a new version registered
+    from the logged model `model_uri`; the version."""
+    if version is None:
+        mlflow.set_registry_uri(tracking_uri())  # the fluent registry keeps the first store it saw otherwise
+        version = int(mlflow.register_model(model_uri, name).version)
+    client().set_registered_model_alias(name, alias, version)
+    return version
+
+
+def download(uri: str, dst: str) -> Path:
+    """The artifacts behind a runs:/ or models:/ URI, downloaded into `dst`; a CheckpointError
+    naming the URI and what to check when there are none."""
+    from mlflow.exceptions import MlflowException
+
+    from ..checkpoint import CheckpointError
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri()))
+    except MlflowException as e:
+        first = e.message.splitlines()[0][:160].rstrip(".")
+        fix = (
+            "list the model's versions and aliases in the MLflow UI or with MlflowClient().search_model_versions()"
+            if uri.startswith("models:/")
+            else "check the run id and the artifact path (runs:/<run id>/model or /best for its logged models)"
+        )
+        raise CheckpointError(f"{uri}: {first} in the MLflow store {tracking_uri()}; {fix}") from None

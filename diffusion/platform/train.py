@@ -25,10 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
+from ..checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    parse_checkpoint,
+    read_checkpoint,
+    restore_state,
+    save_checkpoint,
+    score_name,
+)
 from ..config import TrainConfig
 from ..errors import OptionError
-from ..images import from_uint8, save_grid, to_model_input
+from ..images import from_uint8, grid, to_model_input
 from ..sampling import as_uint8_hwc
 from ..training import (
     DeviceData,
@@ -89,18 +97,16 @@ def heldout_images(shards: ShardSet, config: TrainConfig) -> tuple[np.ndarray, l
     return np.concatenate(images)[: config.heldout_size], train_splits, source
 
 
-def fid_reference(config: TrainConfig, run: tracking.Run):
+def fid_reference(config: TrainConfig, shards: ShardSet, run: tracking.Run):
     """For in-training FID: the data set's reference statistics (cached beside its shards) and
     the Inception weights, in the object store for the workers; the settings go to MLflow."""
     import ray
 
     from ..fid import inception_weights
-    from .evaluate import Reference, reference_stats
+    from .evaluate import inception_judge, reference_stats
 
     weights = inception_weights(config.inception_weights or None)
-    reference = reference_stats(
-        Reference(config.data, config.fid_splits.split("+"), str(weights), config.endpoint_url or None)
-    )
+    reference = reference_stats(shards, config.fid_splits.split("+"), inception_judge(str(weights)))
     run.set_tags({f"fid_reference_{key}": reference[key] for key in ("n", "manifest_sha256", "weights_sha256")})
     return ray.put({"mu": reference["mu"], "sigma": reference["sigma"], "weights": weights.read_bytes()})
 
@@ -116,12 +122,21 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
 
     config = resolve_paths(config)
     shards = ShardSet.open(config.data, config.endpoint_url or None, verify="size")  # before starting Ray
+    if config.fid_every and shards.manifest["dataset"] == "digits":
+        raise OptionError(
+            "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
+            "measure FD-digits after training (python jobs/evaluate.py or bench/quality.py)"
+        )
+    if config.register_model:
+        tracking.check_registry()
     connect()
     config = resolve_workers(config)
     heldout, train_splits, heldout_source = heldout_images(shards, config)
     storage = open_location(config.storage, config.endpoint_url or None)
     run = tracking.training_run(config, mlflow_tags)
     run.set_tags({"heldout_source": heldout_source})
+    name = f"{shards.manifest['dataset']}:{config.data.rstrip('/').rsplit('/', 1)[-1]}"
+    tracking.log_dataset(run, name, config.data, shards.digest, len(shards), train_splits or shards.manifest["splits"])
     print(
         f"run {config.name}: {len(shards)} images from {config.data}, {config.num_workers} worker(s) with "
         f"{config.gpus_per_worker:g} GPU each, checkpoints in {config.storage}/{config.name}, MLflow run {run.id}",
@@ -136,7 +151,7 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
             "run_id": run.id,
             "heldout": ray.put(heldout),
             "dataset_bytes": len(shards) * image_bytes,
-            "fid_reference": fid_reference(config, run) if config.fid_every else None,
+            "fid_reference": fid_reference(config, shards, run) if config.fid_every else None,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -152,12 +167,18 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute=score_name(config),  # every checkpoint's report carries it
+                checkpoint_score_order="min",
+            ),
             callbacks=callbacks,
         ),
     )
     try:
         result = trainer.fit()
+        if result.error is None and result.checkpoint:
+            log_models(config, run, (shards.manifest["height"], shards.manifest["width"], shards.manifest["channels"]))
     except BaseException:
         if close_run:
             run.finish("FAILED")
@@ -165,6 +186,26 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
     if close_run:
         run.finish()
     return result
+
+
+def log_models(config: TrainConfig, run: tracking.Run, image_shape: tuple[int, int, int]) -> None:
+    """The run's final and best weights as MLflow Models `model` and `best` (registered under
+    --register-model with the aliases `final` and `best`)."""
+    run_folder = f"{config.storage}/{config.name}"
+    versions = {}  # step -> registered version: the best may be the final checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        for which, alias in (("latest", "final"), ("best", "best")):
+            name = tracking.MODEL_NAMES[alias]
+            payload = read_checkpoint(run_folder, config.endpoint_url or None, which)
+            path = Path(d) / name / CHECKPOINT_FILE
+            path.parent.mkdir()
+            torch.save({k: v for k, v in payload.items() if k not in ("optimizer", "rng")}, path)  # for sampling
+            model_uri = tracking.log_model(run, path, name, image_shape)
+            step = payload["step"]
+            run.set_tags({f"model_step_{name}": step})
+            if config.register_model:
+                versions[step] = tracking.register(config.register_model, alias, model_uri, versions.get(step))
+                print(f"{alias} weights (step {step}): models:/{config.register_model}/{versions[step]}", flush=True)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -187,12 +228,13 @@ class Due:
         def every(n: int) -> bool:
             return last or (n > 0 and step % n == 0)
 
+        checkpoint = every(config.checkpoint_every)  # its report carries the score Ray Train keeps the best by
         return cls(
             log=every(config.log_every),
-            evaluate=every(config.eval_every),
-            fid=config.fid_every > 0 and every(config.fid_every),
+            evaluate=every(config.eval_every) or checkpoint,
+            fid=config.fid_every > 0 and (every(config.fid_every) or checkpoint),
             samples=every(config.sample_every),
-            checkpoint=every(config.checkpoint_every),
+            checkpoint=checkpoint,
         )
 
     @property
@@ -236,6 +278,7 @@ class Chief:
         images = torch.from_numpy(np.array(ray.get(loop_config["heldout"])))  # a writable copy
         self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), config.num_timesteps, config.seed)
         self.start_step, self.start_time = start_step, time.time()
+        self.monitor = tracking.system_metrics(self.run, "rank0") if config.system_metrics else None
 
     def evaluate(self, state: TrainState) -> dict:
         return {
@@ -244,9 +287,9 @@ class Chief:
         }
 
     def log_sample_grid(self, state: TrainState) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            grid = sample_grid(state.ema.ema_model, state.schedule, self.config)
-            self.run.log_artifact(save_grid(grid, Path(d) / f"step_{state.step:09d}.png"), "samples")
+        """EMA samples from fixed seeds as an MLflow image at this step (the UI steps through them)."""
+        images = grid(sample_grid(state.ema.ema_model, state.schedule, self.config)).numpy()
+        self.run.log_image(images, "samples", state.step)
 
     def progress(self, step: int, metrics: dict) -> str:
         config = self.config
@@ -352,7 +395,7 @@ def report(metrics: dict, state: TrainState, config: TrainConfig, rank: int, run
         return
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_checkpoint(d, state, config, mlflow_run_id=run_id)
+            save_checkpoint(d, state, config, metrics, mlflow_run_id=run_id)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(d) if rank == 0 else None,
@@ -423,4 +466,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if chief:
         identical = len(set(fingerprints)) == 1
         chief.run.log_metrics({"replicas_identical": float(identical)}, state.step)
+        if chief.monitor:
+            chief.monitor.finish()
         log.info(f"done at step {state.step}: {world} replica(s), weights and EMA identical across ranks: {identical}")
