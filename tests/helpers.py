@@ -117,10 +117,10 @@ def cifar_subset_folder(dst: Path, per_class: dict[str, int]) -> Path:
     return dst
 
 
-def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 1000) -> str:
-    """A tiny-UNet checkpoint (no training) whose EMA weights are perturbed from the zero
-    initialisation, so that samples are not trivially equal. A smaller `num_timesteps` (T)
-    makes DDPM sampling and the papers' figures cheaper."""
+def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 1000, preset: str = "tiny") -> str:
+    """A checkpoint of the `preset`'s UNet (tiny; digits for 8x8 grey images), untrained, with
+    EMA weights perturbed from the zero initialisation, so that samples are not trivially equal.
+    A smaller `num_timesteps` (T) makes DDPM sampling and the papers' figures cheaper."""
     import torch
 
     from diffusion.checkpoint import save_checkpoint
@@ -128,7 +128,7 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
     from diffusion.training import build_state
 
     torch.manual_seed(0)
-    config = PRESETS["tiny"].replace(num_timesteps=num_timesteps)
+    config = PRESETS[preset].replace(num_timesteps=num_timesteps)
     state = build_state(config, torch.device("cpu"))
     with torch.no_grad():
         for p in state.ema.ema_model.parameters():

@@ -1,11 +1,14 @@
 """jobs/generate.py and the core benchmark, run as a user runs them."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import cli, tiny_checkpoint
+from helpers import cli, cli_env, tiny_checkpoint
 
 
 @pytest.mark.slow
@@ -43,3 +46,21 @@ def test_bench_smoke_writes_json(tmp_path):
     assert {row["task"] for row in data["results"]} == {"forward", "train_step", "ddim2"}
     assert all(row["img_per_s"] > 0 and row["gflop_per_img_forward"] > 0.5 for row in data["results"])
     assert data["meta"]["torch"]
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_its_steps_at_smoke_size(tmp_path):
+    """bench/gpu.sh is run once per GPU lease with no second chance: its CPU smoke mode keeps it working."""
+    env = {"OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "bench/gpu.sh", "--smoke"],
+        cwd=Path(__file__).parents[1],
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "torch" in (tmp_path / "device.txt").read_text() and "smoke run done" in (tmp_path / "gpu.log").read_text()
+    rows = json.loads((tmp_path / "speed-smoke.json").read_text())["rows"]
+    assert {row["task"] for row in rows} == {"train", "ddim2", "ddpm10"} and all(row["ratio"] > 0 for row in rows)

@@ -62,8 +62,8 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
     assert raw["reference_cached"] and raw["weights"] == "raw" and raw["fid"] != results["fid"]
 
 
-def test_missing_inception_weights_name_the_file_and_where_to_put_it(tmp_path):
-    args = evaluate_args(tmp_path / "ckpt", tmp_path / "data", tmp_path / "missing.pth")
+def test_missing_inception_weights_name_the_file_and_where_to_put_it(cifar_shards, tmp_path):
+    args = evaluate_args(tiny_checkpoint(tmp_path / "ckpt"), cifar_shards, tmp_path / "missing.pth")
     proc = cli("jobs/evaluate.py", *args, TORCH_HOME=tmp_path / "torch", timeout=120)
     assert proc.returncode == 1 and "missing.pth do not exist" in proc.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "--inception-weights" in proc.stderr

@@ -100,9 +100,11 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     assert run.data.tags["checkpoint_uri"].endswith("resume/checkpoint-000000030")
     assert read_checkpoint(f"runs:/{run.info.run_id}")["step"] == 30  # an MLflow run stands for its checkpoint
 
-    # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1, then the wreck.
+    # Real CIFAR-10 images: the held-out L_simple falls from its initial value of 1, then the wreck
+    # (a larger loss, or NaN when it diverged).
     heldout = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "heldout_loss")}
-    assert heldout[0] == pytest.approx(1.0, abs=0.05) and heldout[20] < 0.8 * heldout[0] < heldout[30]
+    assert heldout[0] == pytest.approx(1.0, abs=0.05) and heldout[20] < 0.8 * heldout[0]
+    assert not heldout[30] <= 0.8 * heldout[0], heldout
 
     # The final and the best weights as MLflow Models: loaded by MLflow alone, and as checkpoints.
     assert (run.data.tags["model_step_model"], run.data.tags["model_step_best"]) == ("30", "20")

@@ -29,6 +29,8 @@ def test_presets_follow_the_ddpm_recipe():
     )
     assert (c.schedule, c.num_timesteps, c.beta_start, c.beta_end) == ("linear", 1000, 1e-4, 0.02)
     assert PRESETS["stl10"].model == "stl10" and PRESETS["tiny"].model == "tiny"
+    digits = PRESETS["digits"].validate()  # the recipe bench/quality.py measured (README: 12m40s on 2 cores)
+    assert (digits.model, digits.flip, digits.data, digits.num_timesteps) == ("digits", False, "data/digits", 1000)
 
 
 def test_learning_rate_warms_up_linearly_then_stays():

@@ -65,13 +65,16 @@ def classifier_judge(shards: ShardSet, split: str = "train") -> Judge:
     where = shards.location.join(CLASSIFIER_FILE)
     if shards.location.exists(CLASSIFIER_FILE):
         data = shards.location.read_bytes(CLASSIFIER_FILE)
-        cached = torch.load(io.BytesIO(data), weights_only=True)
+        try:
+            cached = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception:  # noqa: BLE001 - cut short or not ours: retrained like a stale one
+            cached = {"key": None}
         if cached["key"] == key:
             return _classifier_judge(cached["state"], data)
-        print(f"{where} is stale (other shards or recipe): retraining", flush=True)
+        print(f"{where} is stale (other shards or recipe, or unreadable): retraining", flush=True)
     batch = next(shards.iter_batches(len(shards), splits=[split]))
     print(f"training the FD classifier on {len(batch['label'])} {split} images of {shards.location.uri}", flush=True)
-    state = classifier.train_classifier(torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"]))
+    state = classifier.train_classifier(torch.tensor(batch["image"]), torch.tensor(batch["label"]))
     buf = io.BytesIO()
     torch.save({"key": key, "state": state}, buf)
     shards.location.write_bytes(CLASSIFIER_FILE + ".partial", buf.getvalue())  # complete before it is visible

@@ -248,7 +248,7 @@ def encode(images: np.ndarray, fmt: str, headers: dict) -> Response:
         pngs = []
         for image in images:
             buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="PNG")
+            Image.fromarray(image.squeeze()).save(buf, format="PNG")  # (H, W) for grey
             pngs.append(base64.b64encode(buf.getvalue()).decode())
         return Response(json.dumps({"images": pngs, **headers}), media_type="application/json", headers=headers)
     buf = io.BytesIO()

@@ -1,0 +1,324 @@
+"""DDIM's Table 1 in miniature: sample quality against the number of steps S, eta and the tau
+spacing, measured on the 8x8 digits, which 2 CPU cores can learn (Song et al. 2021, Table 1 and
+section 5.2; Ho et al. 2020 for DDPM).
+
+    python bench/quality.py                                  # prepare + train the digits preset, then the grid
+    python bench/quality.py --checkpoint runs/digits-linear --n 1000    # bench/results/quality-digits: 32 min
+    python bench/quality.py --train-steps 600 --n 200 --steps 10 50 --etas 0 1 --spacings uniform
+
+Every cell samples the same seeds 0..N-1, so all cells start from the same x_T (DDIM eq. 12
+with sigma(eta) of eq. 16; sigma-hat is the row "sigma-hat": eta = 1 with DDPM's beta_t
+variance; DDPM-1000 is Ho et al.'s ancestral sampler with beta-tilde_t or beta_t). Each cell:
+FD-digits (the Frechet distance in the features of a classifier trained on the train split,
+the FID analogue; diffusion/classifier.py), the classifier score (the IS analogue), the share
+of samples classified with confidence >= 0.9, and for DDIM the consistency: the mean RMS
+distance (in [-1, 1] pixel units) of each image to the image of the same x_T from the eta = 0,
+uniform cell with the most steps, S = 1000 in the full grid (section 5.2: DDIM's x_0 depends on
+x_T alone, whatever the tau). The floor is the FD between
+the real test split and the train split, the untrained line the FD of an untrained UNet.
+
+Cells run cheapest first; with --budget-minutes, those that would not fit are listed as
+skipped. Writes quality.json, quality.md (laid out like Table 1, the paper's CIFAR-10 FIDs
+beside), grids/<cell>.png (the first 64 samples) and ddim50.npz (uint8 N x H x W x C, DDIM-50
+eta 0 uniform). Absolute numbers are CPU timings of this machine, so only the sample-quality
+columns are comparable across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.checkpoint import read_checkpoint, unet_config_of
+from diffusion.classifier import DigitsClassifier, confident_share
+from diffusion.config import PRESETS, SamplerSettings
+from diffusion.fid import FeatureStats, frechet_distance, inception_score
+from diffusion.images import save_grid, to_uint8
+from diffusion.sampling import Sampler
+from diffusion.unet import build_unet
+
+# FID of 50,000 CIFAR-10 samples, Song et al. 2021, Table 1 (quadratic tau for CIFAR-10);
+# the sigma-hat row at S = 1000 is Ho et al.'s DDPM (3.17).
+PAPER_CIFAR10 = {
+    "0.0": {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16, 1000: 4.04},
+    "0.2": {10: 14.04, 20: 7.11, 50: 4.77, 100: 4.25, 1000: 4.09},
+    "0.5": {10: 16.66, 20: 8.35, 50: 5.25, 100: 4.46, 1000: 4.29},
+    "1.0": {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78, 1000: 4.73},
+    "sigma-hat": {10: 367.43, 20: 133.37, 50: 32.72, 100: 9.99, 1000: 3.17},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str  # an eta ("0.0") or "sigma-hat"; "ddpm" for DDPM-1000
+    steps: int
+    spacing: str
+    settings: SamplerSettings
+
+    @property
+    def name(self) -> str:
+        if self.settings.sampler == "ddpm":
+            return f"ddpm-1000-{self.settings.variance}"
+        return f"ddim-{self.steps}-{self.row}-{self.spacing}"
+
+    @property
+    def model_calls(self) -> int:
+        return self.steps
+
+
+def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: bool, ddpm: list[str]) -> list[Cell]:
+    """The grid, cheapest first. Quadratic tau needs S well below T (its timesteps repeat
+    towards S = T), so it stops at S = 100 as in the DDIM reference."""
+    rows = [(f"{eta:.1f}", eta, "posterior") for eta in etas] + ([("sigma-hat", 1.0, "beta")] if sigma_hat else [])
+    grid = [
+        Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance))
+        for s in steps
+        for spacing in spacings
+        if not (spacing == "quadratic" and s > 100)
+        for row, eta, variance in rows
+    ]
+    grid += [Cell("ddpm", 1000, "-", SamplerSettings("ddpm", variance=v)) for v in ddpm]
+    return sorted(grid, key=lambda c: c.model_calls)
+
+
+class Scorer:
+    """The classifier's view of a set of uint8 (N, H, W, C) images against the train split.
+    FD's estimate falls with N, so each set is also measured on its first len(test) images,
+    the size of the floor (the real test split), for a like-for-like comparison with it."""
+
+    def __init__(self, net: DigitsClassifier, train: np.ndarray, test: np.ndarray):
+        self.net = net
+        self.ref = self.stats(train)[0]
+        self.floor_n = len(test)
+        self.floor = self.fd(self.stats(test)[0])
+
+    def stats(self, images: np.ndarray) -> tuple[FeatureStats, torch.Tensor]:
+        features, logits = self.net(torch.from_numpy(images))
+        return FeatureStats(features.shape[1]).add(features.numpy()), logits
+
+    def fd(self, stats: FeatureStats) -> float:
+        return frechet_distance(stats.mu, stats.sigma, self.ref.mu, self.ref.sigma)
+
+    def __call__(self, images: np.ndarray) -> dict:
+        stats, logits = self.stats(images)
+        return {
+            "fd": self.fd(stats),
+            "fd_at_floor_n": self.fd(self.stats(images[: self.floor_n])[0]),
+            "score": inception_score(logits.numpy(), 1)[0],
+            "confident": confident_share(logits),
+        }
+
+
+def generate(sampler: Sampler, settings: SamplerSettings, n: int, batch_size: int) -> torch.Tensor:
+    """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W)."""
+    return torch.cat([sampler.samples(range(i, min(i + batch_size, n)), settings) for i in range(0, n, batch_size)])
+
+
+def as_images(x: torch.Tensor) -> np.ndarray:
+    return to_uint8(x).permute(0, 2, 3, 1).numpy()
+
+
+def train_preset(data: str, storage: str, train_steps: int | None) -> str:
+    """Prepare the digits (if absent) and train the digits preset through Ray Train; returns
+    the run folder."""
+    from diffusion.platform.shards import write_shards
+    from diffusion.platform.sources import digits_source
+    from diffusion.platform.storage import open_location
+    from diffusion.platform.train import fit
+
+    location = open_location(data)
+    if not location.exists("manifest.json"):
+        write_shards(digits_source(["train", "test"]), location)
+    config = PRESETS["digits"].replace(data=data, storage=storage)
+    if train_steps:
+        config = config.replace(max_steps=train_steps, name=f"digits-quality-{train_steps}")
+    config = config.replace(name=config.name or "digits-quality")
+    result = fit(config)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    return f"{storage}/{config.name}"
+
+
+def markdown(report: dict) -> str:
+    """Table 1's layout: a row per eta (and sigma-hat), a column per S; FD-digits measured here,
+    the paper's CIFAR-10 FID in brackets; then the consistency, DDPM and every cell."""
+    results = {r["cell"]: r for r in report["cells"]}
+    steps = sorted({r["steps"] for r in report["cells"] if r["sampler"] == "ddim"})
+
+    def table(spacing: str, value) -> list[str]:
+        shown = [s for s in steps if any(f"ddim-{s}-{row}-{spacing}" in results for row in PAPER_CIFAR10)]
+        lines = ["| eta | " + " | ".join(f"S = {s}" for s in shown) + " |", "|---|" + "---|" * len(shown)]
+        for row, paper in PAPER_CIFAR10.items():
+            cells_ = [results.get(f"ddim-{s}-{row}-{spacing}") for s in shown]
+            if any(cells_):
+                text = [value(c, paper[s]) if c else "-" for c, s in zip(cells_, shown)]
+                lines.append(f"| {row} | " + " | ".join(text) + " |")
+        return lines
+
+    lines = [
+        f"# DDIM Table 1 in miniature: {report['checkpoint']} (step {report['checkpoint_step']})",
+        "",
+        f"FD-digits of {report['n']} samples per cell (seeds 0..{report['n'] - 1}: the same x_T in every cell) "
+        f"against the {report['reference_n']} train images. Floor (the {report['floor_n']} real test images "
+        f"against train) {report['floor']:.2f}; an untrained UNet {report['untrained']['fd']:.1f}. "
+        "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
+        f"{report['machine']}; {report['minutes']:.1f} min.",
+    ]
+    for spacing in report["spacings"]:
+        if not any(r["spacing"] == spacing for r in report["cells"]):
+            continue
+        lines += ["", f"## {spacing} tau", ""]
+        lines += table(spacing, lambda c, paper: f"{c['fd']:.2f} ({paper})")
+        if report["consistency_anchor"]:
+            lines += [
+                "",
+                f"Consistency: mean RMS distance ([-1, 1] units) to the image of the same x_T from "
+                f"{report['consistency_anchor']}:",
+                "",
+            ]
+            lines += table(spacing, lambda c, paper: f"{c['consistency']:.3f}")
+    ddpm = [r for r in report["cells"] if r["sampler"] == "ddpm"]
+    if ddpm:
+        lines += ["", "## DDPM, 1000 steps", "", "| variance | FD-digits | classifier score | confident |"]
+        lines += ["|---|---|---|---|"]
+        lines += [f"| {r['variance']} | {r['fd']:.2f} | {r['score']:.2f} | {r['confident']:.3f} |" for r in ddpm]
+    lines += ["", "## Every cell", ""]
+    lines += [
+        f"| cell | FD-digits | FD-digits of the first {report['floor_n']} (floor {report['floor']:.2f}) "
+        "| classifier score | confident >= 0.9 | consistency | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["cells"]:
+        consistency = "-" if r["consistency"] is None else f"{r['consistency']:.3f}"
+        lines.append(
+            f"| {r['cell']} | {r['fd']:.2f} | {r['fd_at_floor_n']:.2f} | {r['score']:.2f} | {r['confident']:.3f} "
+            f"| {consistency} | {r['seconds']:.0f} |"
+        )
+    if report["skipped"]:
+        lines += ["", f"Skipped for the {report['budget_minutes']}-minute budget: {', '.join(report['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--checkpoint", default=None, help="digits checkpoint (run folder, file, runs:/, models:/); default: train"
+    )
+    p.add_argument("--which", default="latest", choices=["latest", "best"], help="checkpoint of a run folder")
+    p.add_argument("--data", default="data/digits", help="the prepared digits (prepared here when absent)")
+    p.add_argument("--storage", default="runs", help="where the preset trains when no --checkpoint is given")
+    p.add_argument("--train-steps", type=int, default=None, help="train this many steps instead of the preset's")
+    p.add_argument("--n", type=int, default=500, help="samples per cell")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 1000], help="DDIM S values")
+    p.add_argument("--etas", type=float, nargs="+", default=[0.0, 0.2, 0.5, 1.0], help="DDIM eta rows")
+    p.add_argument("--spacings", nargs="+", default=["uniform", "quadratic"], choices=["uniform", "quadratic"])
+    p.add_argument("--no-sigma-hat", action="store_true", help="skip the sigma-hat row")
+    p.add_argument(
+        "--ddpm",
+        nargs="*",
+        default=["posterior", "beta"],
+        choices=["posterior", "beta"],
+        help="DDPM-1000 variances (none: skip)",
+    )
+    p.add_argument("--batch-size", type=int, default=500, help="samples per model call")
+    p.add_argument("--budget-minutes", type=float, default=0, help="skip cells that would not fit (0: no limit)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default="bench/results/quality-digits", help="output folder")
+    args = p.parse_args(argv)
+    if args.n < 2:
+        p.error("--n must be >= 2 (a covariance needs two samples)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusion.platform.evaluate import classifier_judge
+    from diffusion.platform.shards import ShardSet
+
+    start = time.time()
+    checkpoint = args.checkpoint or train_preset(args.data, args.storage, args.train_steps)
+    trained_at = time.time()
+    payload = read_checkpoint(checkpoint, which=args.which)
+    shards = ShardSet.open(args.data)
+    classifier = classifier_judge(shards).build()
+    train = next(shards.iter_batches(len(shards), splits=["train"]))["image"]
+    test = next(shards.iter_batches(len(shards), splits=["test"]))["image"]
+    scorer = Scorer(classifier, train, test)
+    sampler = Sampler.from_checkpoint(payload, batch_size=args.batch_size, device="cpu")
+
+    torch.manual_seed(0)
+    untrained_sampler = Sampler(build_unet(unet_config_of(payload)), sampler.betas, args.batch_size)
+    untrained = scorer(as_images(generate(untrained_sampler, SamplerSettings(steps=50), args.n, args.batch_size)))
+
+    out = Path(args.out)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm)
+    done, skipped, per_call = [], [], None
+    for cell in plan:
+        elapsed = (time.time() - trained_at) / 60
+        if args.budget_minutes and per_call and elapsed + per_call * cell.model_calls / 60 > args.budget_minutes:
+            skipped.append(cell.name)
+            continue
+        t0 = time.time()
+        x = generate(sampler, cell.settings, args.n, args.batch_size)
+        seconds = time.time() - t0
+        per_call = seconds / cell.model_calls
+        images = as_images(x)
+        result = {"cell": cell.name, "row": cell.row, "steps": cell.steps, "spacing": cell.spacing}
+        result |= {"sampler": cell.settings.sampler, "eta": cell.settings.eta, "variance": cell.settings.variance}
+        result |= {**scorer(images), "seconds": seconds, "consistency": None}
+        result["_x"] = x
+        done.append(result)
+        save_grid(x[:64], out / "grids" / f"{cell.name}.png")
+        if cell.name == "ddim-50-0.0-uniform":
+            np.savez_compressed(out / "ddim50.npz", images=images)
+        print(
+            f"{cell.name:28s} FD-digits {result['fd']:8.2f}  score {result['score']:.2f}  "
+            f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
+            flush=True,
+        )
+    # The consistency reference: the eta 0, uniform DDIM cell with the most steps (S = 1000 in the full grid).
+    deterministic = [r for r in done if r["sampler"] == "ddim" and r["row"] == "0.0" and r["spacing"] == "uniform"]
+    anchor = max(deterministic, key=lambda r: r["steps"], default=None)
+    anchor_x = anchor["_x"] if anchor else None
+    for result in done:
+        x = result.pop("_x")
+        if anchor_x is not None and result["sampler"] == "ddim":
+            result["consistency"] = (x - anchor_x).pow(2).flatten(1).mean(1).sqrt().mean().item()
+
+    report = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_step": payload["step"],
+        "model": payload["config"]["model"],
+        "n": args.n,
+        "seeds": f"0..{args.n - 1}",
+        "reference_n": len(train),
+        "floor": scorer.floor,
+        "floor_n": scorer.floor_n,
+        "untrained": untrained,
+        "spacings": args.spacings,
+        "consistency_anchor": anchor["cell"] if anchor else None,
+        "cells": done,
+        "skipped": skipped,
+        "budget_minutes": args.budget_minutes,
+        "minutes": (time.time() - start) / 60,
+        "train_minutes": (trained_at - start) / 60 if not args.checkpoint else 0,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    (out / "quality.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}: quality.json, quality.md, grids/" + (", ddim50.npz" if (out / "ddim50.npz").exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
