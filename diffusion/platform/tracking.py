@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -315,8 +316,8 @@ def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int
     # that runs:/<run id>/<name> finds it.
     mlflow.set_tracking_uri(run.uri)
     mlflow.set_experiment(experiment_id=run.client.get_run(run.id).info.experiment_id)
-    with warnings.catch_warnings():  # an input example would be sampled at logging time: there is none
-        warnings.filterwarnings("ignore", message=".*input example was not provided")
+    with warnings.catch_warnings(), _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # no bar per local copy
+        warnings.filterwarnings("ignore", message=".*input example was not provided")  # none: it would be sampled
         info = Model.log(
             artifact_path=None,
             name=name,
@@ -329,6 +330,21 @@ def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the diffusion package
         )
     return info.model_uri
+
+
+@contextmanager
+def _env(**values: str):
+    """Environment variables set for the duration of a block, then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def check_registry(uri: str | None = None) -> None:
