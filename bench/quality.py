@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from diffusion.checkpoint import read_checkpoint, unet_config_of
-from diffusion.classifier import DigitsClassifier, confident_share
+from diffusion.classifier import CLASSIFIER_SCORE_SPLITS, DigitsClassifier, confident_share
 from diffusion.config import PRESETS, SamplerSettings
 from diffusion.fid import FeatureStats, frechet_distance, inception_score
 from diffusion.images import save_grid, to_uint8
@@ -59,7 +59,7 @@ PAPER_CIFAR10 = {
 @dataclass(frozen=True)
 class Cell:
     row: str  # an eta ("0.0") or "sigma-hat"; "ddpm" for DDPM-1000
-    steps: int
+    steps: int  # also the model calls per image
     spacing: str
     settings: SamplerSettings
 
@@ -68,10 +68,6 @@ class Cell:
         if self.settings.sampler == "ddpm":
             return f"ddpm-1000-{self.settings.variance}"
         return f"ddim-{self.steps}-{self.row}-{self.spacing}"
-
-    @property
-    def model_calls(self) -> int:
-        return self.steps
 
 
 def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: bool, ddpm: list[str]) -> list[Cell]:
@@ -86,7 +82,7 @@ def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: b
         for row, eta, variance in rows
     ]
     grid += [Cell("ddpm", 1000, "-", SamplerSettings("ddpm", variance=v)) for v in ddpm]
-    return sorted(grid, key=lambda c: c.model_calls)
+    return sorted(grid, key=lambda c: c.steps)
 
 
 class Scorer:
@@ -112,7 +108,7 @@ class Scorer:
         return {
             "fd": self.fd(stats),
             "fd_at_floor_n": self.fd(self.stats(images[: self.floor_n])[0]),
-            "score": inception_score(logits.numpy(), 1)[0],
+            "score": inception_score(logits.numpy(), CLASSIFIER_SCORE_SPLITS)[0],
             "confident": confident_share(logits),
         }
 
@@ -259,16 +255,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm)
-    done, skipped, per_call = [], [], None
+    done, skipped, per_call, wrote_npz = [], [], None, False
     for cell in plan:
         elapsed = (time.time() - trained_at) / 60
-        if args.budget_minutes and per_call and elapsed + per_call * cell.model_calls / 60 > args.budget_minutes:
+        if args.budget_minutes and per_call and elapsed + per_call * cell.steps / 60 > args.budget_minutes:
             skipped.append(cell.name)
             continue
         t0 = time.time()
         x = generate(sampler, cell.settings, args.n, args.batch_size)
         seconds = time.time() - t0
-        per_call = seconds / cell.model_calls
+        per_call = seconds / cell.steps
         images = as_images(x)
         result = {"cell": cell.name, "row": cell.row, "steps": cell.steps, "spacing": cell.spacing}
         result |= {"sampler": cell.settings.sampler, "eta": cell.settings.eta, "variance": cell.settings.variance}
@@ -278,6 +274,7 @@ def main(argv=None) -> int:
         save_grid(x[:64], out / "grids" / f"{cell.name}.png")
         if cell.name == "ddim-50-0.0-uniform":
             np.savez_compressed(out / "ddim50.npz", images=images)
+            wrote_npz = True
         print(
             f"{cell.name:28s} FD-digits {result['fd']:8.2f}  score {result['score']:.2f}  "
             f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
@@ -316,7 +313,7 @@ def main(argv=None) -> int:
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "quality.md").write_text(markdown(report))
     print(markdown(report))
-    print(f"wrote {out}: quality.json, quality.md, grids/" + (", ddim50.npz" if (out / "ddim50.npz").exists() else ""))
+    print(f"wrote {out}: quality.json, quality.md, grids/" + (", ddim50.npz" if wrote_npz else ""))
     return 0
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 FEATURE_DIM = 64
 CONFIDENT = 0.9  # a sample counts as recognisable when its top class has at least this probability
+CLASSIFIER_SCORE_SPLITS = 1  # the classifier score over all samples at once (IS's convention is 10 splits)
 RECIPE = {"epochs": 40, "batch_size": 64, "lr": 2e-3, "seed": 0}  # train_classifier's; part of every cache key
 
 

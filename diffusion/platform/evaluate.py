@@ -45,6 +45,7 @@ class Judge:
     kind: str  # "inception" or "classifier"
     metric: str  # the Frechet distance's name: "fid" or "fd_digits" (also the cache's prefix)
     score: str  # the Inception Score's formula on its classes: "is" or "classifier_score"
+    score_splits: int  # splits of that score: 10 for IS (its convention), 1 for the classifier score
     build: Callable[[], torch.nn.Module]  # picklable: each actor builds its own
     dim: int  # feature dimension
     sha256: str  # of its weights: part of every cache key
@@ -53,7 +54,7 @@ class Judge:
 def inception_judge(weights: str) -> Judge:
     """FID's Inception (the weights of `fid.inception_weights`)."""
     return Judge(
-        "inception", "fid", "is", partial(fid.InceptionFeatures, weights), fid.FEATURE_DIM, file_digest(weights)
+        "inception", "fid", "is", 10, partial(fid.InceptionFeatures, weights), fid.FEATURE_DIM, file_digest(weights)
     )
 
 
@@ -85,7 +86,15 @@ def classifier_judge(shards: ShardSet, split: str = "train") -> Judge:
 def _classifier_judge(state: dict, data: bytes) -> Judge:
     build = partial(classifier.DigitsClassifier.from_state, state)
     sha256 = hashlib.sha256(data).hexdigest()
-    return Judge("classifier", "fd_digits", "classifier_score", build, classifier.FEATURE_DIM, sha256)
+    return Judge(
+        "classifier",
+        "fd_digits",
+        "classifier_score",
+        classifier.CLASSIFIER_SCORE_SPLITS,
+        build,
+        classifier.FEATURE_DIM,
+        sha256,
+    )
 
 
 def judge_for(shards: ShardSet, inception_weights: str | None = None) -> Judge:
@@ -168,7 +177,7 @@ def evaluate(
     ref = reference_stats(shards, splits, judge, job.batch_size, job.workers)
     samples = sample_dataset(job, out)
     stats, logits = extract(samples, job.n, f"{job.n} samples", judge, job.batch_size, job.workers)
-    score_mean, score_std = inception_score(logits)
+    score_mean, score_std = inception_score(logits, judge.score_splits)
     metrics = {
         judge.metric: frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"]),
         f"{judge.score}_mean": score_mean,
