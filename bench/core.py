@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,6 +28,40 @@ from diffusion.training import autocast, build_state, train_step
 
 # Dense bf16 tensor-core peaks, TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# The CPU flags that decide how fast a convolution runs (x86 SIMD and AMX; Arm NEON/SVE).
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "asimd", "sve")
+
+
+def machine(device: str = "cpu") -> dict:
+    """What a benchmark ran on: the CPU model and its vector extensions (/proc/cpuinfo), the
+    kernels torch picked for it (cpu_capability), cores and torch threads, and the GPU if any.
+    The same network runs several times faster on one x86 CPU than on another of the same core
+    count, so CPU timings mean little without these."""
+    info = {"cpu": platform.processor() or platform.machine(), "vector_extensions": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                info["cpu"] = value
+            elif key in ("flags", "Features"):
+                info["vector_extensions"] = [f for f in VECTOR_FLAGS if f in value.split()]
+    except OSError:  # not Linux: the model from platform alone
+        pass
+    info |= {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+    }
+    return info
+
+
+def describe(info: dict) -> str:
+    """One line for a table's header: the GPU, or the CPU with its extensions and threads."""
+    if info["gpu"]:
+        return info["gpu"]
+    extensions = ", ".join(info["vector_extensions"]) or "no AVX"
+    return f"{info['cpu']} ({extensions}; torch {info['torch_cpu_capability']}), {info['torch_threads']} threads"
 
 
 def forward_flops(model, size: int, device) -> int:
@@ -137,7 +173,7 @@ def main(argv=None) -> None:
     rows = [row for name in args.configs for batch in args.batch_sizes for row in bench_config(name, batch, args)]
     if args.json:
         meta = {
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+            "machine": machine(args.device),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "bf16": args.bf16,

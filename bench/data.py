@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from core import machine  # bench/core.py, beside this script
 
 from diffusion.images import to_model_input
 from diffusion.platform.shards import ShardSet, write_shards
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
     )
     if args.json:
         meta = {
-            "cpus": os.cpu_count(),
+            "machine": machine(),
             "source": "synthetic" if use_synthetic else args.source,
             "batch_size": args.batch_size,
         }

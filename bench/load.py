@@ -15,7 +15,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import random
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from core import describe, machine  # bench/core.py, beside this script
 
 KINDS = {"ddim": 6, "ddpm": 1, "health": 2, "hostile": 3}  # relative frequencies
 
@@ -171,10 +171,12 @@ def main(argv=None) -> None:
         "model": args.model,
         "num_timesteps": args.num_timesteps,
         "clients": args.clients,
-        "device": "cuda" if args.gpus else f"cpu ({os.cpu_count()} cores)",
+        "machine": machine("cuda" if args.gpus else "cpu"),
         **summary(records, rss, args.seconds),
     }
-    print(f"{args.clients} clients for {args.seconds:.0f} s, {args.model} T={args.num_timesteps} on {result['device']}")
+    print(
+        f"{args.clients} clients for {args.seconds:.0f} s, {args.model} T={args.num_timesteps} on {describe(result['machine'])}"
+    )
     print("| kind | requests | as expected | statuses | p50 ms | p95 ms |\n|---|---|---|---|---|---|")
     for kind, row in result["kinds"].items():
         statuses = ", ".join(f"{s}: {n}" for s, n in row["statuses"].items())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from core import describe, machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import read_checkpoint, unet_config_of
 from diffusion.classifier import CLASSIFIER_SCORE_SPLITS, DigitsClassifier, confident_share
@@ -166,7 +166,7 @@ def markdown(report: dict) -> str:
         f"against the {report['reference_n']} train images. Floor (the {report['floor_n']} real test images "
         f"against train) {report['floor']:.2f}; an untrained UNet {report['untrained']['fd']:.1f}. "
         "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
-        f"{report['machine']}; {report['minutes']:.1f} min.",
+        f"{describe(report['machine'])}; {report['minutes']:.1f} min.",
     ]
     for spacing in report["spacings"]:
         if not any(r["spacing"] == spacing for r in report["cells"]):
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         "budget_minutes": args.budget_minutes,
         "minutes": (time.time() - start) / 60,
         "train_minutes": (trained_at - start) / 60 if not args.checkpoint else 0,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "machine": machine(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from core import machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import save_checkpoint
 from diffusion.config import PRESETS, SamplerSettings
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
         result = {
             "model": args.model,
             "steps": args.steps,
-            "device": torch.cuda.get_device_name() if args.gpus else f"cpu ({os.cpu_count()} cores)",
+            "machine": machine("cuda" if args.gpus else "cpu"),
             "serve": rows,
             "batch_job_img_per_s": job_rate,
         }

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from core import forward_flops, peak_tflops, timed  # bench/core.py, beside this script
+from core import describe, forward_flops, machine, peak_tflops, timed  # bench/core.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps
@@ -311,7 +311,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# UNet speed: ours vs diffusers",
         "",
-        f"{meta['device']}; torch {meta['torch']}, diffusers {meta['diffusers']}, CUDA {meta['cuda']}; {flags}; "
+        f"{describe(meta['machine'])}; torch {meta['torch']}, diffusers {meta['diffusers']}, CUDA {meta['cuda']}; {flags}; "
         f"T={meta['num_timesteps']}; median of {meta['rounds']} alternating rounds; {meta['date']}.",
         "ratio = ours img/s / diffusers img/s.",
         "",
@@ -375,12 +375,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> None:
     args = parse_args(argv)
     if args.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     meta = {
         "device": device_name(args.device),
+        "machine": machine(args.device),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "cuda": torch.version.cuda,
@@ -409,7 +410,6 @@ def main(argv=None) -> list[dict]:
         (out / f"speed-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         (out / f"speed-{tag}.md").write_text(table)
         print(f"wrote {out / f'speed-{tag}.json'} and {out / f'speed-{tag}.md'}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from core import machine  # bench/core.py, beside this script
 from data import synthetic_source  # bench/data.py, beside this script
 
 from diffusion.config import PRESETS
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
         ", ".join(f"{r['workers']}: {r['speedup']:.2f}x" for r in rows),
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "cpus": os.cpu_count(), "results": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": args.model, "machine": machine(), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ class TrainConfig:
     # resources and speed
     num_workers: int = _opt(0, "Ray Train workers (0: one per GPU, or 1 without GPUs)")
     gpus_per_worker: float = _opt(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)")
-    cpus_per_worker: float = _opt(0.0, "CPUs per worker (0: 1 with GPUs, 0.5 without)")
+    cpus_per_worker: float = _opt(
+        0.0, "CPUs per worker, and its torch threads (0: 1 with GPUs, else the free CPUs but one, shared)"
+    )
     bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
     channels_last: bool = _opt(True, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the UNet")

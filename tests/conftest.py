@@ -19,6 +19,10 @@ from helpers import SHARED_CIFAR, cifar_subset_folder, free_port
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 # The tests' Ray runs without token auth, so that the command lines they start can join it.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray Train's controller polls its workers every 2 s by default and starts a preemption
+# watcher; polled every 0.25 s, a tiny test fit ends about 3 s sooner (the fits are the same).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 class GaussianOracle:
@@ -152,6 +156,27 @@ def cifar_shards(tmp_path_factory):
     folder = cifar_subset_folder(root / "images", {"train": 100, "test": 10})
     write_shards(imagefolder_source(folder, None, None), open_location(str(root / "shards")), quiet=True)
     return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """scikit-learn's 8x8 digits prepared as shards (1,437 train, 360 test images)."""
+    from diffusion.platform.shards import write_shards
+    from diffusion.platform.sources import digits_source
+    from diffusion.platform.storage import open_location
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    write_shards(digits_source(["train", "test"]), open_location(str(out)), quiet=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_shards, tmp_path_factory):
+    """The one trained model of the test run: the digits UNet, trained by the core alone for the
+    DIGITS_CI recipe (about a minute on 2 cores)."""
+    from helpers import train_digits
+
+    return train_digits(digits_shards, tmp_path_factory.mktemp("trained-digits") / "run")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ the arrays they must read back as."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,120 @@ def cli(script: str, *args, timeout: float = 600, **env: str) -> subprocess.Comp
     project root with `args`, as a user does; `env` adds environment variables."""
     cmd = [sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(script: str, *args, ray: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """`cli` in this process: the script's `main(argv)` under the command lines' rules (one line
+    and exit code 1 for bad input, 2 for a parser error), from the project root, with `env` added
+    and its output captured. For the error paths and quick commands, where a fresh interpreter
+    (torch, MLflow: seconds on a slow machine) is most of the cost. Unless `ray`, starting or
+    joining Ray fails the test: these commands must stop before Ray starts."""
+    import ray as ray_module
+
+    from diffusion.platform.cli import exit_code
+
+    module = _script_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_environ(cli_env(**env)))
+        stack.enter_context(_cwd(ROOT))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        if not ray:
+            stack.enter_context(_ray_forbidden(ray_module))
+        try:
+            code = exit_code(lambda: module.main([str(a) for a in args])) or 0  # main() may return None
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def _script_module(script: str):
+    """A script of the project (jobs/train.py, ...) imported once as a module (its main is not run);
+    its folder is importable while it loads, as when it runs (bench/ scripts import bench/core.py)."""
+    import importlib.util
+
+    name = "script_" + re.sub(r"\W", "_", script)
+    if name not in sys.modules:
+        path = ROOT / script
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            sys.path.remove(str(path.parent))
+    return sys.modules[name]
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    saved = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
+
+
+@contextlib.contextmanager
+def _ray_forbidden(ray_module):
+    """Every path into a Ray cluster (diffusion.platform.resources.connect) asks ray.is_initialized
+    and then calls ray.init: as if none were connected, and a call is a test failure."""
+
+    def init(*args, **kwargs):
+        raise AssertionError("the command started or joined Ray before refusing its input")
+
+    saved = ray_module.is_initialized, ray_module.init
+    ray_module.is_initialized, ray_module.init = (lambda: False), init
+    try:
+        yield
+    finally:
+        ray_module.is_initialized, ray_module.init = saved
+
+
+def post(url: str, body, raw: bool = False, content_type: str = "application/json"):
+    """POST `body` (JSON, or bytes with raw) to a Serve endpoint: (status, headers, body bytes)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if raw else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def npz(body: bytes) -> np.ndarray:
+    """The images of an npz response."""
+    return np.load(io.BytesIO(body))["images"]
+
+
+def assert_machine_recorded(machine: dict) -> None:
+    """A benchmark's CPU timing names the CPU, its vector extensions and the kernels torch picked."""
+    import platform
+
+    assert machine["cpu"] and machine["torch_cpu_capability"] and machine["torch_threads"] >= 1
+    if platform.machine() == "x86_64":
+        assert "avx2" in machine["vector_extensions"], machine  # every x86 machine CI runs on has AVX2
 
 
 def cli_popen(script: str, *args, stdout=subprocess.PIPE, **env: str) -> subprocess.Popen:
@@ -135,6 +251,52 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
             p.add_(0.02 * torch.randn_like(p))
     save_checkpoint(path, state, config, mlflow_run_id=mlflow_run_id)
     return str(path)
+
+
+@dataclass(frozen=True)
+class TrainedDigits:
+    checkpoint: str  # the run folder (its one checkpoint)
+    heldout_loss: dict  # held-out L_simple of the test split: {"initial", "final", "final_ema"}
+
+
+# The digits preset at a size CI affords (about a minute on 2 cores): an eighth of its steps, so
+# a shorter warm-up and EMA, and no dropout, which slows a short run down. What its EMA samples
+# measure: tests/test_quality.py.
+DIGITS_CI = dict(max_steps=500, warmup_steps=50, ema_decay=0.98, dropout=0.0)
+
+
+def train_digits(shards_uri: str, folder: Path, seed: int = 0) -> TrainedDigits:
+    """The digits UNet trained by the core alone (`diffusion.training.train_step` on the train
+    split held in memory; no Ray) with the DIGITS_CI recipe, checkpointed in `folder`."""
+    import torch
+
+    from diffusion.checkpoint import checkpoint_dir_name, save_checkpoint
+    from diffusion.config import PRESETS
+    from diffusion.images import from_uint8, to_model_input
+    from diffusion.platform.shards import ShardSet
+    from diffusion.training import DeviceData, HeldoutSet, build_state, train_step
+
+    config = PRESETS["digits"].replace(**DIGITS_CI, seed=seed)
+    shards = ShardSet.open(shards_uri)
+    train, test = (
+        torch.from_numpy(next(shards.iter_batches(len(shards), splits=[s]))["image"]) for s in ("train", "test")
+    )
+    state = build_state(config, torch.device("cpu"))
+    heldout = HeldoutSet(from_uint8(test.permute(0, 3, 1, 2)), config.num_timesteps, config.seed)
+    initial = heldout.loss(state.model, state.schedule, config)
+    data = DeviceData(train)
+    while state.step < config.max_steps:
+        for images in data.epoch(config.batch_size):
+            train_step(state, state.model, to_model_input(images, flip=config.flip), config)
+            if state.step == config.max_steps:
+                break
+    losses = {
+        "initial": initial,
+        "final": heldout.loss(state.model, state.schedule, config),
+        "final_ema": heldout.loss(state.ema.ema_model, state.schedule, config),
+    }
+    save_checkpoint(folder / checkpoint_dir_name(state.step), state, config)
+    return TrainedDigits(str(folder), losses)
 
 
 def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:

@@ -11,7 +11,7 @@ import torch
 from diffusion import UNET_CONFIGS, build_unet, ddim_sample, ddpm_sample, make_betas, timesteps
 from diffusion.config import TrainConfig
 from diffusion.schedule import NoiseSchedule
-from helpers import ROOT, cli
+from helpers import ROOT, assert_machine_recorded, run_main
 
 pytest.importorskip("diffusers", reason="bench/speed.py compares against diffusers: pip install 'ray-diffusion[bench]'")
 
@@ -20,10 +20,11 @@ import speed  # noqa: E402
 
 
 def test_smoke_run_writes_json_and_markdown(tmp_path):
-    proc = cli("bench/speed.py", "--smoke", "--out", tmp_path, "--tag", "smoke")
+    proc = run_main("bench/speed.py", "--smoke", "--out", tmp_path, "--tag", "smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "speed-smoke.json").read_text())
     assert data["meta"]["diffusers"] and data["meta"]["torch"] and data["meta"]["num_timesteps"] == 10
+    assert_machine_recorded(data["meta"]["machine"])
     rows = data["rows"]
     assert [(r["config"], r["task"], r["batch"]) for r in rows] == [
         ("tiny", "train", 2),
@@ -38,6 +39,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     table = (tmp_path / "speed-smoke.md").read_text()
     assert "| config | task | batch | ours img/s | diffusers img/s | ratio | MFU ours | MFU diffusers |" in table
     assert all(f"| tiny | {task} | 2 |" in table for task in ("train", "ddim2", "ddpm10"))
+    assert data["meta"]["machine"]["cpu"] in table
 
 
 def n_params(model) -> int:

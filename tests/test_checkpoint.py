@@ -9,7 +9,7 @@ import torch
 
 from diffusion import read_checkpoint
 from diffusion.checkpoint import CheckpointError
-from helpers import cli, tiny_checkpoint
+from helpers import run_main, tiny_checkpoint
 
 
 class Malicious:
@@ -72,7 +72,7 @@ def test_every_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path, payload,
     path, message = bad_files(tmp_path, payload)["malicious"]
     (tmp_path / "weights").write_bytes(b"not read")
     args = [{"OUT": tmp_path / "out", "DATA": tmp_path, "WEIGHTS": tmp_path / "weights"}.get(a, a) for a in command[1:]]
-    proc = cli(command[0], "--checkpoint", path, *args, timeout=120)
+    proc = run_main(command[0], "--checkpoint", path, *args)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
     assert proc.stderr.startswith(f"error: {path} holds Python objects") and "Ray" not in proc.stderr

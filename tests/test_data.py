@@ -15,14 +15,24 @@ from diffusion.images import to_model_input
 from diffusion.platform.shards import MANIFEST, ShardSet
 from diffusion.platform.sources import DataError
 from diffusion.platform.storage import StorageError, open_location
-from helpers import SHARED_CIFAR, cli, free_port, write_cifar10, write_stl10
+from helpers import SHARED_CIFAR, free_port, run_main, write_cifar10, write_stl10
 
 
 def prepare(*args, check=True):
-    proc = cli("jobs/prepare_data.py", *args)
+    proc = run_main("jobs/prepare_data.py", *args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def prepared_cifar10(tmp_path: Path, *extra, per_batch: int = 6, seed: int = 0, out: str | Path | None = None):
+    """A synthetic cifar-10-python.tar.gz (`per_batch` images a batch) prepared with `extra` options
+    into `out` (default tmp_path/shards): (out, the arrays it must read back as)."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    expected = write_cifar10(archive, per_batch=per_batch, seed=seed)
+    out = out or tmp_path / "shards"
+    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out, *extra)
+    return out, expected
 
 
 def rows_by_index(batches):
@@ -49,22 +59,7 @@ def ray_rows(shards: ShardSet):
 
 
 def test_cifar10_archive_round_trips_pixel_exact_through_ray_data(tmp_path, ray_local):
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    expected = write_cifar10(archive)
-    out = tmp_path / "shards"
-    prepare(
-        "--dataset",
-        "cifar10",
-        "--source",
-        archive,
-        "--md5",
-        file_digest(archive, "md5"),
-        "--splits",
-        "train",
-        "test",
-        "--out",
-        out,
-    )
+    out, expected = prepared_cifar10(tmp_path, "--splits", "train", "test")
     shards = ShardSet.open(str(out))
     m = shards.manifest
     assert (m["count"], m["height"], m["width"], m["channels"]) == (36, 32, 32, 3)
@@ -98,10 +93,8 @@ def test_stl10_archive_round_trips_pixel_exact(tmp_path, ray_local):
 
 
 def test_cifar10_to_s3_and_back_over_http(tmp_path, s3, ray_local):
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    expected = write_cifar10(archive, per_batch=4)
     uri = f"s3://{s3}/sets/cifar10"
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", uri)
+    _, expected = prepared_cifar10(tmp_path, per_batch=4, out=uri)
     shards = ShardSet.open(uri)
     assert shards.location.fs.type_name == "s3"
     assert_round_trip(expected, ["train"], ray_rows(shards))  # Ray Data reads over HTTP
@@ -112,14 +105,14 @@ def test_cifar10_to_s3_and_back_over_http(tmp_path, s3, ray_local):
 def test_shared_cifar10_jpegs_as_an_image_folder_to_local_and_s3(tmp_path, s3, ray_local):
     if not SHARED_CIFAR.exists():
         pytest.skip(f"real-data check skipped: {SHARED_CIFAR} is absent")
-    local, remote = tmp_path / "cifar-jpeg", f"s3://{s3}/cifar-jpeg"
-    prepare("--dataset", "imagefolder", "--source", SHARED_CIFAR, "--out", local)
+    local, remote = tmp_path / "cifar-jpeg", f"s3://{s3}/cifar-jpeg"  # the 10,000 test images: every class
+    prepare("--dataset", "imagefolder", "--source", SHARED_CIFAR, "--splits", "test", "--out", local)
     prepare("--dataset", "imagefolder", "--source", SHARED_CIFAR, "--splits", "test", "--out", remote)
     shards = ShardSet.open(str(local))
-    assert shards.manifest["count"] == 60000 and shards.manifest["splits"] == ["test", "train"]
+    assert shards.manifest["count"] == 10000 and shards.manifest["splits"] == ["test"]
     assert len(shards.manifest["classes"]) == 10
     labels = np.concatenate([b["label"] for b in shards.iter_batches(4096)])
-    assert Counter(labels.tolist()) == {c: 6000 for c in range(10)}
+    assert Counter(labels.tolist()) == {c: 1000 for c in range(10)}
     remote_set = ShardSet.open(remote)
     counts = remote_set.ray_dataset(columns=["label"]).groupby("label").count().to_pandas()
     assert dict(zip(counts["label"], counts["count()"])) == {c: 1000 for c in range(10)}
@@ -127,17 +120,14 @@ def test_shared_cifar10_jpegs_as_an_image_folder_to_local_and_s3(tmp_path, s3, r
 
 
 def test_rerun_is_idempotent_and_a_changed_input_replaces_the_set(tmp_path):
+    out, _ = prepared_cifar10(tmp_path, per_batch=3)
     archive = tmp_path / "cifar-10-python.tar.gz"
-    write_cifar10(archive, per_batch=3)
-    out = tmp_path / "shards"
-    args = ["--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out]
-    prepare(*args)
     first = sorted(p.name for p in out.iterdir())
     mtime = (out / MANIFEST).stat().st_mtime_ns
-    assert "nothing to do" in prepare(*args).stdout
+    again = prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out)
+    assert "nothing to do" in again.stdout
     assert sorted(p.name for p in out.iterdir()) == first and (out / MANIFEST).stat().st_mtime_ns == mtime
-    write_cifar10(archive, per_batch=3, seed=1)  # different content at the same URI
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out)
+    prepared_cifar10(tmp_path, per_batch=3, seed=1)  # different content at the same URI
     second = sorted(p.name for p in out.iterdir())
     assert second != first and len(second) == len(first)  # old shards are gone, nothing left over
     ShardSet.open(str(out))
@@ -205,21 +195,7 @@ def test_unknown_dataset_is_named():
 def test_reading_checks_the_manifest_and_every_shard(tmp_path):
     with pytest.raises(DataError, match="no manifest.json at .*: it is not a prepared data set"):
         ShardSet.open(str(tmp_path))
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    write_cifar10(archive, per_batch=2)
-    out = tmp_path / "shards"
-    prepare(
-        "--dataset",
-        "cifar10",
-        "--source",
-        archive,
-        "--md5",
-        file_digest(archive, "md5"),
-        "--out",
-        out,
-        "--shard-mb",
-        0.01,
-    )
+    out, _ = prepared_cifar10(tmp_path, "--shard-mb", 0.01, per_batch=2)
     manifest = json.loads((out / MANIFEST).read_text())
     first, second = (out / s["path"] for s in manifest["shards"][:2])
     data = bytearray(first.read_bytes())
@@ -265,21 +241,7 @@ def test_cli_errors_do_not_print_credentials(tmp_path, s3, monkeypatch):
 
 
 def test_plain_iterator_shuffles_deterministically_and_covers_every_row(tmp_path):
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    write_cifar10(archive, per_batch=5)
-    out = tmp_path / "shards"
-    prepare(
-        "--dataset",
-        "cifar10",
-        "--source",
-        archive,
-        "--md5",
-        file_digest(archive, "md5"),
-        "--out",
-        out,
-        "--shard-mb",
-        0.02,
-    )
+    out, _ = prepared_cifar10(tmp_path, "--shard-mb", 0.02, per_batch=5)
     shards = ShardSet.open(str(out))
     order = lambda seed: np.concatenate([b["index"] for b in shards.iter_batches(4, shuffle=True, seed=seed)])  # noqa: E731
     assert sorted(order(0).tolist()) == list(range(25))
@@ -300,22 +262,7 @@ def test_to_model_input_scales_and_flips():
 
 
 def test_split_selection_in_both_readers(tmp_path, ray_local):
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    expected = write_cifar10(archive, per_batch=3)
-    out = tmp_path / "shards"
-    prepare(
-        "--dataset",
-        "cifar10",
-        "--source",
-        archive,
-        "--md5",
-        file_digest(archive, "md5"),
-        "--splits",
-        "train",
-        "test",
-        "--out",
-        out,
-    )
+    out, expected = prepared_cifar10(tmp_path, "--splits", "train", "test", per_batch=3)
     shards = ShardSet.open(str(out))
     test_rows = rows_by_index(shards.iter_batches(4, splits=["test"]))
     assert sorted(test_rows) == list(range(15, 18))  # train is rows 0..14
@@ -328,11 +275,7 @@ def test_split_selection_in_both_readers(tmp_path, ray_local):
 
 @pytest.fixture
 def prepared(tmp_path):
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    write_cifar10(archive, per_batch=2)
-    out = tmp_path / "shards"
-    prepare("--dataset", "cifar10", "--source", archive, "--md5", file_digest(archive, "md5"), "--out", out)
-    return out
+    return prepared_cifar10(tmp_path, per_batch=2)[0]
 
 
 @pytest.mark.parametrize(
@@ -350,7 +293,7 @@ def test_a_bad_manifest_is_named(prepared, text, message):
     with pytest.raises(DataError) as e:
         ShardSet.open(str(prepared))
     assert f"{prepared}/manifest.json" in str(e.value) and message in str(e.value)
-    proc = cli("jobs/train.py", "--preset", "tiny", "--data", prepared)
+    proc = run_main("jobs/train.py", "--preset", "tiny", "--data", prepared)
     assert (
         proc.returncode == 1 and proc.stderr.startswith(f"error: {prepared}/manifest.json") and "Ray" not in proc.stderr
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import cli, tiny_checkpoint
+from helpers import cli, run_main, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -56,7 +56,9 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
     )
 
     # Again with the raw weights: the reference statistics come from the cache, the FID differs.
-    proc = cli("jobs/evaluate.py", *evaluate_args(checkpoint, cifar_shards, random_inception, "--raw"), **env)
+    proc = run_main(
+        "jobs/evaluate.py", *evaluate_args(checkpoint, cifar_shards, random_inception, "--raw"), ray=True, **env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert raw["reference_cached"] and raw["weights"] == "raw" and raw["fid"] != results["fid"]
@@ -64,6 +66,6 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
 
 def test_missing_inception_weights_name_the_file_and_where_to_put_it(cifar_shards, tmp_path):
     args = evaluate_args(tiny_checkpoint(tmp_path / "ckpt"), cifar_shards, tmp_path / "missing.pth")
-    proc = cli("jobs/evaluate.py", *args, TORCH_HOME=tmp_path / "torch", timeout=120)
+    proc = run_main("jobs/evaluate.py", *args, TORCH_HOME=tmp_path / "torch")
     assert proc.returncode == 1 and "missing.pth do not exist" in proc.stderr
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr and "--inception-weights" in proc.stderr

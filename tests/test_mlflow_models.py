@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from diffusion import read_checkpoint
-from helpers import cli, mlflow_images, registered_tiny_model
+from helpers import cli, mlflow_images, registered_tiny_model, run_main
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_generate_samples_a_registered_model_and_writes_the_labelled_figures(reg
 def test_uris_that_name_nothing_are_one_line_errors(registry, tmp_path, uri, message):
     store, run_id = registry
     uri = uri.replace("RUN", run_id)
-    proc = cli("jobs/generate.py", "--checkpoint", uri, "--out", tmp_path / "x.png", MLFLOW_TRACKING_URI=store)
+    proc = run_main("jobs/generate.py", "--checkpoint", uri, "--out", tmp_path / "x.png", MLFLOW_TRACKING_URI=store)
     last = proc.stderr.strip().splitlines()[-1]  # after MLflow's download progress, if any: no traceback
     assert proc.returncode == 1 and last.startswith("error: ") and message in last and "Traceback" not in proc.stderr
     assert "MLflow store" in last and not (tmp_path / "x.png").exists()
@@ -120,6 +120,6 @@ def test_registering_needs_a_store_with_a_registry(tmp_path):
     chunks = [("train", np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64))]
     write_shards(Source("synthetic", ["train"], ["c"], iter(chunks)), open_location(str(tmp_path / "data")), quiet=True)
     args = ["--preset", "tiny", "--data", tmp_path / "data", "--register-model", "tiny"]
-    proc = cli("jobs/train.py", *args, MLFLOW_TRACKING_URI=f"file:{tmp_path}/mlruns", timeout=120)
+    proc = run_main("jobs/train.py", *args, MLFLOW_TRACKING_URI=f"file:{tmp_path}/mlruns")
     assert proc.returncode == 1 and "--register-model needs a Model Registry" in proc.stderr
     assert "sqlite:///mlflow.db" in proc.stderr and "Ray" not in proc.stderr

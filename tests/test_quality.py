@@ -1,8 +1,12 @@
 """The DDIM paper's qualitative claims (Song et al. 2021, Table 1 and section 5), on real data:
-bench/quality.py trains the digits preset for a CI-sized run through Ray Train, samples the
-same seeds with each sampler and measures FD-digits against the train split.
+bench/quality.py samples the session's trained digits model (`trained_digits`: the digits UNet
+trained by the core alone, DIGITS_CI) with each sampler from the same seeds and measures
+FD-digits against the train split.
 
-Thresholds come from measured runs of exactly this command on the 2-core machine; the values
+Sized for CI: the DDIM cells on 360 samples (as many as the real test split of the floor), and
+DDPM-1000, a thousand UNet calls per image, on 100, beside DDIM-50 on the same 100. FD's
+estimate rises as the sample shrinks, so only cells of one size are compared with each other.
+Thresholds come from measured runs of exactly these commands on 2-core machines; the values
 measured are written beside each one."""
 
 import json
@@ -10,53 +14,68 @@ import json
 import numpy as np
 import pytest
 
-from helpers import cli
+from helpers import run_main
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-@pytest.mark.slow
-def test_the_papers_claims_hold_on_the_digits(tmp_path, ray_address, mlflow_uri):
-    args = ["--data", tmp_path / "digits", "--storage", tmp_path / "runs", "--out", tmp_path / "out"]
-    args += ["--train-steps", 1000, "--n", 360, "--steps", 10, 50, "--etas", 0, 1, "--spacings", "uniform"]
-    args += ["--no-sigma-hat", "--ddpm", "posterior"]
-    proc = cli("bench/quality.py", *args, timeout=1100, RAY_ADDRESS=ray_address, MLFLOW_TRACKING_URI=mlflow_uri)
+def quality(trained, digits, out, n: int, *args) -> dict:
+    """bench/quality.py on the trained checkpoint, n samples a cell in one model batch (uniform
+    tau, no sigma-hat row): its report."""
+    common = ["--checkpoint", trained.checkpoint, "--data", digits, "--out", out, "--n", n, "--batch-size", n]
+    proc = run_main("bench/quality.py", *common, "--spacings", "uniform", "--no-sigma-hat", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "quality.json").read_text())
-    fd = {cell["cell"]: cell["fd"] for cell in report["cells"]}
-    assert report["n"] == 360 and set(fd) == {
+    return json.loads((out / "quality.json").read_text())
+
+
+def test_training_lowers_heldout_l_simple_on_real_digits(trained_digits):
+    """The core's training step (L_simple, clipping, Adam, EMA) learns real images: held-out
+    L_simple of the 360 test digits, from the zero-initialised output's 1.0."""
+    loss = trained_digits.heldout_loss
+    assert loss["initial"] == pytest.approx(1.0, abs=0.02)
+    assert loss["final"] < 0.5 * loss["initial"] and loss["final_ema"] < 0.5 * loss["initial"], loss  # 0.09-0.10
+
+
+def test_the_papers_claims_hold_on_the_digits(trained_digits, digits_shards, tmp_path):
+    ddim = quality(trained_digits, digits_shards, tmp_path / "ddim", 360, "--steps", 10, 50, "--etas", 0, 1, "--ddpm")
+    fd = {cell["cell"]: cell["fd"] for cell in ddim["cells"]}
+    assert ddim["n"] == 360 and set(fd) == {
         "ddim-10-0.0-uniform",
         "ddim-10-1.0-uniform",
         "ddim-50-0.0-uniform",
         "ddim-50-1.0-uniform",
-        "ddpm-1000-posterior",
     }, fd
-    summary = json.dumps({**fd, "floor": report["floor"], "untrained": report["untrained"]["fd"]})
-    consistency = {cell["cell"]: cell["consistency"] for cell in report["cells"]}
-    # Measured on the 2-core machine in two runs (training is not bit-reproducible across runs),
-    # n = 360, 1,000 training steps:
-    #   ddim-10 eta 0 / eta 1: 50.4 / 79.9 and 56.7 / 84.6 | ddim-50 eta 0 / eta 1: 38.1 / 24.6 and 43.7 / 28.2
-    #   ddpm-1000: 19.8 and 23.9 | floor 7.85, untrained 1708 (both runs)
-    #   consistency at S = 10 against ddim-50 eta 0: eta 0 0.100 and 0.102, eta 1 0.797 and 0.797
+    ddpm = quality(
+        trained_digits, digits_shards, tmp_path / "ddpm", 100, "--steps", 50, "--etas", 0, "--ddpm", "posterior"
+    )
+    fd100 = {cell["cell"]: cell["fd"] for cell in ddpm["cells"]}
+    assert ddpm["n"] == 100 and set(fd100) == {"ddim-50-0.0-uniform", "ddpm-1000-posterior"}, fd100
+    summary = json.dumps({"n360": fd, "n100": fd100, "floor": ddim["floor"], "untrained": ddim["untrained"]["fd"]})
+    consistency = {cell["cell"]: cell["consistency"] for cell in ddim["cells"]}
+    # Measured on a 2-core machine for three training seeds (0, 1, 2); the test trains seed 0:
+    #   n = 360: ddim-10 eta 0 / eta 1: 80.4 / 146.3, 85.7 / 132.7, 72.6 / 143.3
+    #            ddim-50 eta 0: 49.2, 56.8, 45.0 | floor 7.97, untrained 1728
+    #   n = 100: ddim-50 eta 0 / ddpm-1000: 92.1 / 68.5, 74.0 / 72.3, 67.1 / 68.5 | untrained 1746
+    #   consistency at S = 10 against ddim-50 eta 0: eta 0 0.094, 0.112, 0.108; eta 1 0.735, 0.766, 0.759
 
     # Few steps: deterministic DDIM (eta 0) beats the stochastic sampler (eta 1) (Table 1, S = 10).
-    assert fd["ddim-10-0.0-uniform"] < 0.8 * fd["ddim-10-1.0-uniform"], summary  # measured ratio 0.63, 0.67
+    assert fd["ddim-10-0.0-uniform"] < 0.8 * fd["ddim-10-1.0-uniform"], summary  # measured ratio 0.55, 0.65, 0.51
     # More steps are better (eta 0, S = 10 -> 50).
-    assert fd["ddim-50-0.0-uniform"] < fd["ddim-10-0.0-uniform"], summary  # measured 38.1 < 50.4, 43.7 < 56.7
+    assert fd["ddim-50-0.0-uniform"] < fd["ddim-10-0.0-uniform"], summary
     # DDIM-50 within a margin of DDPM-1000 (20x the model calls). At this training length the
     # margin is wide (the full preset's is in bench/results/quality-digits).
-    assert fd["ddim-50-0.0-uniform"] < 2.5 * fd["ddpm-1000-posterior"], summary  # measured ratio 1.93, 1.82
-    # Every sampler above the real-data floor (360 test images vs train) and far below an untrained UNet.
-    assert 3 < report["floor"] < 15, summary  # measured 7.85
-    assert all(report["floor"] < v < report["untrained"]["fd"] / 10 for v in fd.values()), summary
+    assert fd100["ddim-50-0.0-uniform"] < 2.5 * fd100["ddpm-1000-posterior"], summary  # measured 1.35, 1.02, 0.98
+    # Every sampler above the real-data floor (360 test images vs train) and far below an untrained
+    # UNet (the closest: ddim-10 eta 1, 146 of 173).
+    for report, values in ((ddim, fd), (ddpm, fd100)):
+        assert 3 < report["floor"] < 15, summary
+        assert all(report["floor"] < v < report["untrained"]["fd"] / 10 for v in values.values()), summary
     # Consistency (section 5.2): with eta 0, x_T alone decides the image, whatever the tau.
-    assert report["consistency_anchor"] == "ddim-50-0.0-uniform"
-    assert consistency["ddim-10-0.0-uniform"] < 0.25 * consistency["ddim-10-1.0-uniform"], (
-        consistency
-    )  # 0.100 / 0.797, 0.102 / 0.797
-    with np.load(tmp_path / "out" / "ddim50.npz") as samples:
+    assert ddim["consistency_anchor"] == "ddim-50-0.0-uniform"
+    assert consistency["ddim-10-0.0-uniform"] < 0.25 * consistency["ddim-10-1.0-uniform"], consistency  # 0.13-0.15
+    with np.load(tmp_path / "ddim" / "ddim50.npz") as samples:
         assert samples["images"].shape == (360, 8, 8, 1) and samples["images"].dtype == np.uint8
-    table = (tmp_path / "out" / "quality.md").read_text()
+    table = (tmp_path / "ddim" / "quality.md").read_text()
     assert (
         "## uniform tau" in table and f"| 0.0 | {fd['ddim-10-0.0-uniform']:.2f} (13.36) |" in table
     )  # the paper beside

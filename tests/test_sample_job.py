@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import cli, tiny_checkpoint, tiny_diffusers_folder
+from helpers import cli, run_main, tiny_checkpoint, tiny_diffusers_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -61,7 +61,7 @@ def test_sample_job_npz_shards_locally_from_a_diffusers_folder(tmp_path, ray_add
     checkpoint = tiny_diffusers_folder(tmp_path / "pipeline")  # imported weights
     out = tmp_path / "out"
     args = ["--checkpoint", checkpoint, "--n", 10, "--steps", 3, "--batch-size", 4, "--format", "npz", "--out", out]
-    proc = cli("jobs/sample.py", *args, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
+    proc = run_main("jobs/sample.py", *args, ray=True, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted(out.glob("shard-*.npz"))
     seeds = np.concatenate([np.load(s)["seeds"] for s in shards])
@@ -70,6 +70,6 @@ def test_sample_job_npz_shards_locally_from_a_diffusers_folder(tmp_path, ray_add
 
 
 def test_a_missing_checkpoint_is_named_before_ray_starts(tmp_path):
-    proc = cli("jobs/sample.py", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "out", timeout=120)
+    proc = run_main("jobs/sample.py", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "out")
     assert proc.returncode == 1 and "no checkpoint at" in proc.stderr
     assert "Ray" not in proc.stderr and not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion import load_checkpoint
 from diffusion.platform.tracking import SWEEP_TAG
-from helpers import cli, cli_popen
+from helpers import cli, cli_popen, run_main
 
 pytestmark = pytest.mark.timeout(900)
 TRIAL_LINE = re.compile(r"^trial (\S+) (finished|stopped early)", re.M)
@@ -41,13 +41,13 @@ def sweep_args(data, tmp_path, *extra):
 )
 def test_bad_search_spaces_are_refused_naming_the_problem(tmp_path, space, message):
     (tmp_path / "space.json").write_text(space)
-    proc = cli("tune/sweep.py", "--preset", "tiny", "--space", tmp_path / "space.json", timeout=120)
+    proc = run_main("tune/sweep.py", "--preset", "tiny", "--space", tmp_path / "space.json")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_resume_without_a_sweep_says_so(tmp_path):
     args = sweep_args(tmp_path / "no-data", tmp_path, "--resume")
-    proc = cli("tune/sweep.py", *args, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", timeout=120)
+    proc = run_main("tune/sweep.py", *args, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     assert proc.returncode == 1 and "--resume: no sweep named 'lr-sched'" in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and "Started a local Ray" not in proc.stderr
 
@@ -58,7 +58,12 @@ def swept(cifar_shards, tmp_path_factory, ray_address):
     tmp_path = tmp_path_factory.mktemp("sweep")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_ADDRESS": ray_address}
     log = open(tmp_path / "first.log", "w+")
-    proc = cli_popen("tune/sweep.py", *sweep_args(cifar_shards, tmp_path), stdout=log, **env)
+    # The run to interrupt starts a Ray of its own, which ends with it: a trial cut off mid-start
+    # has been seen to leave its workers' placement group (0.25 CPU) in a shared Ray, where the
+    # next 2-worker fit then lacks the CPU Ray Data's reads need.
+    proc = cli_popen(
+        "tune/sweep.py", *sweep_args(cifar_shards, tmp_path), stdout=log, **{**env, "RAY_ADDRESS": "local"}
+    )
     deadline = time.time() + 600
     while len(TRIAL_LINE.findall((tmp_path / "first.log").read_text())) < 2:
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -67,7 +72,7 @@ def swept(cifar_shards, tmp_path_factory, ray_address):
     proc.send_signal(signal.SIGINT)
     first_code = proc.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
-    second = cli("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), timeout=900, **env)
+    second = run_main("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), ray=True, **env)
     return tmp_path, env["MLFLOW_TRACKING_URI"], first_code, first, second
 
 
@@ -155,7 +160,7 @@ def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_incepti
         f"--cpus-per-worker 0.25 --heldout-size 8 --sample-n 2 --sample-steps 2 --fid-n 4 --fid-splits test "
         f"--inception-weights {random_inception}"
     )
-    proc = cli("tune/sweep.py", *options.split(), timeout=900, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
+    proc = run_main("tune/sweep.py", *options.split(), ray=True, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 1
     client = MlflowClient(uri)

@@ -7,7 +7,7 @@ import pytest
 
 from diffusion.config import PRESETS, TrainConfig
 from diffusion.training import lr_at
-from helpers import ROOT, cli
+from helpers import ROOT, run_main
 
 spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
 train_cli = importlib.util.module_from_spec(spec)
@@ -70,7 +70,7 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
 
 
 def test_every_config_field_is_a_flag_with_help_and_default():
-    out = cli("jobs/train.py", "--help").stdout
+    out = run_main("jobs/train.py", "--help").stdout
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out
     assert "(default: 0.0002)" in out and "(default: 'linear')" in out
@@ -88,16 +88,16 @@ def test_every_config_field_is_a_flag_with_help_and_default():
     ],
 )
 def test_bad_options_are_named(args, message):
-    proc = cli("jobs/train.py", *args)
+    proc = run_main("jobs/train.py", *args)
     assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_unknown_keys_in_a_config_file_are_named(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
-    proc = cli("jobs/train.py", "--config", tmp_path / "bad.json")
+    proc = run_main("jobs/train.py", "--config", tmp_path / "bad.json")
     assert proc.returncode == 2 and "unknown option(s) ['learning_rate']" in proc.stderr
 
 
 def test_missing_data_set_is_a_clear_error(tmp_path):
-    proc = cli("jobs/train.py", "--preset", "tiny", "--data", tmp_path / "none", timeout=300)
+    proc = run_main("jobs/train.py", "--preset", "tiny", "--data", tmp_path / "none")
     assert proc.returncode == 1 and "no manifest.json at" in proc.stderr and "prepare_data.py" in proc.stderr

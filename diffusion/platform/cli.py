@@ -56,20 +56,23 @@ def _terminate(signum, frame):
 
 
 def run(main: Callable[[], int]) -> None:
-    """Run a command line's `main` and exit with its code: bad input (an InputError) is one line
-    on stderr and exit code 1, Ctrl-C exit code 130, SIGTERM 143; anything else is a bug and
-    keeps its traceback."""
+    """Run a command line's `main` and exit with its code (`exit_code`); SIGTERM exits 143."""
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.exit(exit_code(main))
+
+
+def exit_code(main: Callable[[], int]) -> int:
+    """`main`'s exit code: bad input (an InputError) is one line on stderr and exit code 1,
+    Ctrl-C exit code 130; anything else is a bug and keeps its traceback."""
     from ..errors import InputError
 
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = main()
+        return main()
     except InputError as e:
-        code = fail(str(e))
+        return fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        code = 130
-    sys.exit(code)
+        return 130
 
 
 def add_dataclass_options(parser: argparse._ActionsContainer, cls, skip: tuple[str, ...] = ()) -> None:

@@ -1,10 +1,14 @@
 """The Ray cluster this process works on: connecting to it, and the workers a job gets from
 its GPUs. One rule everywhere: without a count, one worker per GPU (one worker on a cluster
-without GPUs); a worker holds one GPU where the cluster has GPUs, and one CPU (half a CPU on
-CPU-only clusters, where a whole core per worker starves Ray Data's read tasks)."""
+without GPUs); a worker holds one GPU and one CPU where the cluster has GPUs. On CPU-only
+clusters, training workers share the free CPUs but one, which Ray Data's read tasks need (each
+asks for a whole CPU: without it they never start), and the actors of a pipeline (sampling,
+features) hold half a CPU each, so that its stages fit beside each other. A worker or actor
+runs torch on as many threads as the CPUs it holds, rounded up (`use_assigned_cpus`)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -59,24 +63,45 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def cpu_share(count: int) -> float:
+    """CPUs for each of `count` CPU workers: the cluster's free CPUs less one CPU for Ray Data,
+    and no more than the largest node less one, in steps of half a CPU; at least half a CPU.
+    2 CPUs: one worker 1, two workers 0.5 each; an 8-core machine: one worker 7."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+    share = min(largest - 1, (free - 1) / count)
+    return max(0.5, math.floor(2 * share) / 2)
+
+
+def use_assigned_cpus() -> int:
+    """Set torch's CPU threads in a Ray worker or actor to the CPUs Ray gave it, rounded up
+    (Ray's own OMP_NUM_THREADS rounds down, to one thread for 1.5 CPUs); returns the count."""
+    import ray
+    import torch
+
+    threads = max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 @dataclass(frozen=True)
 class Workers:
     """Ray workers or actors: how many, and the GPUs and CPUs of each (0 and -1: from the cluster)."""
 
     count: int = 0  # 0: one per GPU of the cluster, or 1 without GPUs
     gpus: float = -1.0  # per worker; -1: 1 if the cluster has GPUs, else 0
-    cpus: float = 0.0  # per worker; 0: 1 with a GPU, 0.5 without
+    cpus: float = 0.0  # per worker; 0: 1 with a GPU, else half a CPU or (share) `cpu_share`
 
-    def resolve(self) -> Workers:
-        """The concrete numbers on the connected cluster."""
+    def resolve(self, share: bool = False) -> Workers:
+        """The concrete numbers on the connected cluster; with `share`, CPU workers split the
+        free CPUs (a training run) instead of holding half a CPU each (a pipeline's actors)."""
         gpus = cluster_gpus()
         per_worker = self.gpus if self.gpus >= 0 else (1.0 if gpus else 0.0)
-        return replace(
-            self,
-            count=self.count or max(1, gpus),
-            gpus=per_worker,
-            cpus=self.cpus or (1.0 if per_worker else 0.5),
-        )
+        count = self.count or max(1, gpus)
+        cpus = 1.0 if per_worker else (cpu_share(count) if share else 0.5)
+        return replace(self, count=count, gpus=per_worker, cpus=self.cpus or cpus)
 
 
 def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Workers):

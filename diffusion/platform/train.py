@@ -50,7 +50,7 @@ from ..training import (
     train_step,
 )
 from . import tracking
-from .resources import Workers, connect
+from .resources import Workers, connect, use_assigned_cpus
 from .shards import ShardSet
 from .storage import open_location
 
@@ -73,7 +73,7 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
 
 def resolve_workers(config: TrainConfig) -> TrainConfig:
     """Fill the automatic worker count, GPUs and CPUs from the connected Ray cluster."""
-    workers = Workers(config.num_workers, config.gpus_per_worker, config.cpus_per_worker).resolve()
+    workers = Workers(config.num_workers, config.gpus_per_worker, config.cpus_per_worker).resolve(share=True)
     config = config.replace(num_workers=workers.count, gpus_per_worker=workers.gpus, cpus_per_worker=workers.cpus)
     if config.batch_size % config.num_workers:
         raise OptionError(f"batch_size {config.batch_size} must divide evenly over {config.num_workers} workers")
@@ -139,7 +139,7 @@ def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | 
     tracking.log_dataset(run, name, config.data, shards.digest, len(shards), train_splits or shards.manifest["splits"])
     print(
         f"run {config.name}: {len(shards)} images from {config.data}, {config.num_workers} worker(s) with "
-        f"{config.gpus_per_worker:g} GPU each, checkpoints in {config.storage}/{config.name}, MLflow run {run.id}",
+        f"{config.gpus_per_worker:g} GPU and {config.cpus_per_worker:g} CPU each, checkpoints in {config.storage}/{config.name}, MLflow run {run.id}",
         flush=True,
     )
     image_bytes = math.prod(shards.manifest[k] for k in ("height", "width", "channels"))
@@ -421,6 +421,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
+    threads = use_assigned_cpus()
     state = build_state(config, device)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
@@ -429,6 +430,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     chief = Chief(loop_config, config, state.step) if rank == 0 else None
     fid = FidProbe(loop_config["fid_reference"], device) if config.fid_every else None
     epoch = epochs(config, device, world, loop_config["dataset_bytes"], chief)
+    if chief:
+        chief.run.set_tags({"torch_threads_per_worker": threads})
+        log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each")
     if chief and resumed:
         log.info(f"resumed from checkpoint at step {state.step}")
         chief.run.log_metrics({"resumed_from_step": state.step}, state.step)

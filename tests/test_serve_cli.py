@@ -1,0 +1,61 @@
+"""jobs/serve.py as a user runs it: serving a registered MLflow model over HTTP until SIGTERM; a
+bad checkpoint named before Ray starts; Ctrl-C and SIGTERM while Ray's start-up waits."""
+
+import signal
+import time
+
+import pytest
+
+from diffusion.platform.net import wait_for_http
+from helpers import cli_popen, free_port, npz, post, registered_tiny_model, run_main, tiny_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.mark.slow
+def test_serve_cli_serves_a_registered_model_and_stops_on_sigterm(tmp_path):
+    store, _ = registered_tiny_model(tmp_path)
+    port = free_port()
+    args = ["--checkpoint", "models:/tiny/1", "--port", port, "--batch-size", 4, "--max-replicas", 2]
+    # Its own Ray, started by the command with the MLflow store in its environment (the tests' Ray
+    # was started without it, and a replica reads models:/ from its own environment).
+    env = {"RAY_ADDRESS": "local", "MLFLOW_TRACKING_URI": store}
+    proc = cli_popen("jobs/serve.py", *args, **env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, proc, any_status=False)  # the app, not just the proxy
+        status, _, body = post(f"http://127.0.0.1:{port}/v1/samples", {"n": 2, "seed": 0, "steps": 3, "format": "npz"})
+        assert status == 200 and npz(body).shape == (2, 32, 32, 3)
+        output = ""
+        while "serving " not in output:  # what a user sees once it is up: from here, a stop is a clean shutdown
+            line = proc.stdout.readline()
+            assert line, output
+            output += line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    assert code == 0 and "replicas 1..2 autoscaled" in output
+
+
+def test_the_serve_cli_names_a_bad_checkpoint_before_starting_ray(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    proc = run_main("jobs/serve.py", "--checkpoint", tmp_path / "checkpoint.pt", "--port", free_port())
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "is empty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Ray" not in proc.stderr  # one line, no traceback
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_cli_stops_while_ray_starts(tmp_path, sig):
+    """A Ray address nobody answers at: Ray's start-up waits there for minutes, and Ctrl-C or
+    SIGTERM still end the command at once."""
+    tiny_checkpoint(tmp_path / "ckpt")
+    proc = cli_popen("jobs/serve.py", "--checkpoint", tmp_path / "ckpt", RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    output = ""
+    while "Connecting to existing Ray cluster" not in output:  # the checkpoint is read; Ray is connecting
+        line = proc.stdout.readline()
+        assert line, output
+        output += line
+    start = time.time()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert time.time() - start < 20  # at once: Ray's start-up alone waits minutes
