@@ -35,11 +35,12 @@ import datetime
 import inspect
 import json
 import math
+import os
 import platform
 import re
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -200,7 +201,8 @@ def check_same_timesteps(scheduler: DDIMScheduler, num_timesteps: int, steps: in
         raise RuntimeError(f"diffusers DDIM-{steps} timesteps {scheduler.timesteps.tolist()} differ from ours {ours}")
 
 
-def bench_config(name: str, args) -> list[dict]:
+def bench_config(name: str, args) -> Iterator[dict]:
+    """The rows of one config, each yielded as soon as it is measured."""
     device = torch.device(args.device)
     config = PRESETS.get(name, TrainConfig(model=name)).replace(
         model=name, bf16=args.bf16, channels_last=args.channels_last, num_timesteps=args.num_timesteps
@@ -220,9 +222,8 @@ def bench_config(name: str, args) -> list[dict]:
         return {side: torch.compile(m, mode=mode, dynamic=False) for side, m in models.items()}
 
     peak = peak_tflops(args.device, args.peak_tflops)
-    rows = []
 
-    def record(task: str, batch: int, calls: int, fns: dict) -> None:
+    def record(task: str, batch: int, calls: int, fns: dict) -> dict:
         seconds, reps = alternate(fns, args.rounds, args.warmup, args.min_round_s, args.device)
         row = {"config": name, "task": task, "batch": batch, "model_calls": calls, "reps": reps, "rounds": args.rounds}
         for side, s in seconds.items():
@@ -238,8 +239,8 @@ def bench_config(name: str, args) -> list[dict]:
         row["ratio"] = row["ours_img_per_s"] / row["diffusers_img_per_s"]
         # the same from each round pair alone: less sensitive to drift over the cell
         row["ratio_paired_median"] = statistics.median(d / o for o, d in zip(seconds["ours"], seconds["diffusers"]))
-        rows.append(row)
         print(format_row(row), flush=True)
+        return row
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     if "train" in args.tasks:
@@ -248,7 +249,7 @@ def bench_config(name: str, args) -> list[dict]:
             m.train()
         batch = args.train_batch or config.batch_size
         x0 = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device, memory_format=memory_format)
-        record(
+        yield record(
             "train",
             batch,
             1,
@@ -287,8 +288,7 @@ def bench_config(name: str, args) -> list[dict]:
                         return hf_sample(nets["diffusers"], schedulers[kind], x_T, calls)
 
                 label = task if kind == "ddim" else f"ddpm{config.num_timesteps}"
-                record(label, batch, calls, {"ours": ours, "diffusers": theirs})
-    return rows
+                yield record(label, batch, calls, {"ours": ours, "diffusers": theirs})
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -398,18 +398,30 @@ def main(argv=None) -> None:
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     print(f"{meta['device']}: torch {meta['torch']}, diffusers {meta['diffusers']}", flush=True)
-    rows = [row for name in args.configs for row in bench_config(name, args)]
-    table = markdown(meta, rows)
-    print("\n" + table)
+    tag = args.tag or re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+    tag += "-compile" if args.compile and not args.tag else ""
+    tag += "-smoke" if args.smoke and not args.tag else ""
+    rows = []
+    for name in args.configs:
+        for row in bench_config(name, args):
+            rows.append(row)
+            if args.out:  # every cell as it finishes: a run cut short by a time limit keeps them
+                write(Path(args.out), tag, meta, rows)
+    print("\n" + markdown(meta, rows))
     if args.out:
-        tag = args.tag or re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
-        tag += "-compile" if args.compile and not args.tag else ""
-        tag += "-smoke" if args.smoke and not args.tag else ""
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"speed-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / f"speed-{tag}.md").write_text(table)
-        print(f"wrote {out / f'speed-{tag}.json'} and {out / f'speed-{tag}.md'}")
+        print(f"wrote {Path(args.out) / f'speed-{tag}.json'} and .md")
+
+
+def write(out: Path, tag: str, meta: dict, rows: list[dict]) -> None:
+    """speed-<tag>.json and .md with the rows so far, each file replaced whole (never half-written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in (
+        (".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
+        (".md", markdown(meta, rows)),
+    ):
+        partial = out / f"speed-{tag}{suffix}.partial"
+        partial.write_text(text)
+        os.replace(partial, out / f"speed-{tag}{suffix}")
 
 
 if __name__ == "__main__":

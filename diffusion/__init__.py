@@ -17,7 +17,7 @@ _HOMES = {
     "checkpoint": ("CheckpointError", "load_checkpoint", "read_checkpoint"),
     "config": ("PRESETS", "SamplerSettings", "SamplerSpeed", "TrainConfig"),
     "ema": ("EMA",),
-    "images": ("from_uint8", "save_grid", "to_model_input", "to_uint8"),
+    "images": ("from_uint8", "random_flip", "save_grid", "to_model_input", "to_uint8"),
     "interpolate": ("ddim_interpolate", "ddim_interpolate_images", "ddpm_interpolate", "slerp"),
     "samplers": (
         "Recorded",

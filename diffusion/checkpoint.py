@@ -6,7 +6,8 @@ plain Python values, so that it loads with torch.load(weights_only=True):
                  their preset, with the symmetric downsampling padding they were trained with)
     betas        the float64 beta schedule (T,), which fixes T and the sampler's coefficients
     config       the TrainConfig as a dict
-    step, optimizer, rng, mlflow_run_id
+    step, optimizer, mlflow_run_id (no generator state: each training step seeds its own draws,
+                 `diffusion.training.seed_step`)
     sampling     optional sampling defaults of imported weights: {"variance", "clip"}
 
 Ray Train writes each folder as <storage>/<run name>/checkpoint-<step>, with a metrics.json
@@ -59,20 +60,16 @@ def score_name(config: TrainConfig) -> str:
 
 def save_checkpoint(directory: str | Path, state, config: TrainConfig, metrics: dict | None = None, **extra) -> Path:
     """Write the full training state (a `diffusion.training.TrainState`): model, EMA, optimizer,
-    step, schedule, config, RNG; with `metrics`, also metrics.json (the metrics and the score).
+    step, schedule, config; with `metrics`, also metrics.json (the metrics and the score).
     The files appear under their names only once complete."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
         "model": state.model.state_dict(),
         "ema": state.ema.state_dict(),
         "unet": state.model.config.to_dict(),
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
-        "betas": state.schedule.betas,
+        "betas": state.schedule.betas.cpu(),
         "config": config.to_dict(),
-        "rng": rng,
         **extra,
     }
     path = Path(directory) / CHECKPOINT_FILE
@@ -92,9 +89,6 @@ def restore_state(payload: dict, state) -> None:
     state.ema.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.step = payload["step"]
-    torch.set_rng_state(payload["rng"]["torch"])
-    if "cuda" in payload["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
 
 
 def parse_checkpoint(data: bytes, origin: str) -> dict:

@@ -40,12 +40,13 @@ def save_grid(x: Tensor, path: str | Path | BinaryIO, nrow: int | None = None) -
     return path
 
 
-def to_model_input(images: Tensor, flip: bool = True, generator=None) -> Tensor:
-    """The per-batch training transform, run where the batch lands (worker CPU or GPU):
-    uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (a channels_last view), each image
-    flipped left-right with probability 1/2 when `flip` (DDPM section 4, CIFAR-10)."""
-    x = from_uint8(images.permute(0, 3, 1, 2))
-    if flip:
-        mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
-        x = torch.where(mask, x.flip(3), x)
-    return x
+def to_model_input(images: Tensor) -> Tensor:
+    """The per-batch conversion, run where the batch lands (worker CPU or GPU): uint8
+    (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (a channels_last view)."""
+    return from_uint8(images.permute(0, 3, 1, 2))
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each (B, C, H, W) image flipped left-right with probability 1/2 (DDPM section 4, CIFAR-10)."""
+    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
+    return torch.where(mask, x.flip(3), x)

@@ -12,6 +12,7 @@ the dtype of the tensor they scale.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -54,7 +55,8 @@ def make_betas(
 
 
 def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """values[t] shaped (B, 1, 1, ...) to broadcast against `like`, in like's dtype."""
+    """values[t] shaped (B, 1, 1, ...) to broadcast against `like`, in like's dtype (`values` is
+    copied to t's device unless it is there already: training keeps its schedule there)."""
     out = values.to(t.device)[t].to(like.dtype)
     return out.view(-1, *([1] * (like.dim() - 1)))
 
@@ -84,6 +86,14 @@ class NoiseSchedule:
     @classmethod
     def from_name(cls, name: str = "linear", num_timesteps: int = 1000, **kwargs) -> "NoiseSchedule":
         return cls(make_betas(name, num_timesteps, **kwargs))
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """This schedule with every tensor on `device` (float64 still), where a training step
+        indexes them: no host-to-device copy in the step."""
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            setattr(moved, name, value.to(device))
+        return moved
 
     @property
     def num_timesteps(self) -> int:

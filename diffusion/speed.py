@@ -3,6 +3,7 @@ optionally compiled -- in "reduce-overhead" mode on CUDA, so that at the fixed b
 `fixed_batch` a model call replays one CUDA graph instead of launching every kernel from
 Python (Inductor also fuses each GroupNorm with the SiLU after it).
 
+On CUDA, training and sampling also turn on cuDNN autotuning and TF32 (`fast_cuda_kernels`).
 Training's own switches (bf16 autocast, channels_last, fused Adam, foreach EMA, compile, the
 training set kept on the GPU) live in `diffusion.training`.
 """
@@ -21,6 +22,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def fast_cuda_kernels() -> None:
+    """cuDNN's autotuner for the fixed shapes of training and sampling, and TF32 for the float32
+    matmuls and convolutions that remain under bf16 autocast (or all of them with fp32)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """`auto`: bf16 on CUDA (tensor cores), fp32 elsewhere."""
     if precision not in PRECISIONS:
@@ -37,6 +46,8 @@ def sampling_model(model: nn.Module, speed: SamplerSpeed = SamplerSpeed()) -> Mo
     model.eval()
     device = next(model.parameters()).device
     bf16, channels_last, compile = use_bf16(speed.precision, device), device.type == "cuda", speed.compile
+    if device.type == "cuda":
+        fast_cuda_kernels()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = model

@@ -8,17 +8,22 @@ directly on one device.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
 from .ema import EMA
+from .images import random_flip
 from .samplers import ddim_sample, make_generators, randn
 from .schedule import NoiseSchedule, l_simple, make_betas
+from .speed import fast_cuda_kernels
 from .unet import UNet, build_unet
 
 
@@ -32,11 +37,18 @@ class TrainState:
     model: UNet
     ema: EMA
     optimizer: torch.optim.Optimizer
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule  # on the training device
     step: int = 0
+    rank: int = 0  # this worker's rank: its own stream of training draws (`seed_step`)
 
 
-def build_state(config: TrainConfig, device: torch.device) -> TrainState:
+def build_state(config: TrainConfig, device: torch.device, rank: int = 0) -> TrainState:
+    """Model, Adam, EMA and noise schedule on `device`, initialised from `config.seed` (the same
+    weights on every rank)."""
+    if device.type == "cuda":
+        fast_cuda_kernels()
+    elif config.bf16 and rank == 0:
+        warnings.warn(f"bf16 autocast runs on CUDA only: this {device.type} run trains in fp32", stacklevel=2)
     torch.manual_seed(config.seed)
     model = build_unet(config.model, dropout=config.dropout).to(device)
     if config.channels_last:
@@ -44,18 +56,32 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(config, 0), **extra)
     betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
-    return TrainState(model, EMA(model, config.ema_decay), optimizer, NoiseSchedule(betas))
+    return TrainState(model, EMA(model, config.ema_decay), optimizer, NoiseSchedule(betas).to(device), rank=rank)
 
 
 def autocast(config: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    """bf16 autocast on CUDA with `config.bf16`; elsewhere nothing (fp32)."""
+    if config.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's generators (the CPU's and every CUDA device's) from (seed, rank, step): each
+    rank draws its own flips, t, noise and dropout, and a resumed run draws at each step what an
+    uninterrupted run draws there, with no generator state to save."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
 def train_step(state: TrainState, net: nn.Module, x0: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor]:
-    """One step of Algorithm 1 on a batch x0 in [-1, 1]: L_simple, backward, clip, Adam, EMA.
-    `net` is the module to call (DDP- or compile-wrapped `state.model`). Returns the loss and
-    the pre-clip gradient norm as device tensors (no host sync)."""
+    """One step of Algorithm 1 on a batch x0 in [-1, 1]: flips, L_simple, backward, clip, Adam,
+    EMA, its draws seeded by `seed_step`. `net` is the module to call (DDP- or compile-wrapped
+    `state.model`). Returns the loss and the pre-clip gradient norm as device tensors (no host
+    sync: the schedule is on x0's device)."""
     device = x0.device
+    seed_step(config.seed, state.rank, state.step)
+    if config.flip:
+        x0 = random_flip(x0)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(config, state.step)
     with autocast(config, device):
@@ -120,7 +146,7 @@ def fits_on_device(dataset_bytes: int, device: torch.device, fraction: float = 0
 
 class DeviceData:
     """A training set held where training runs, as uint8 (N, H, W, C). Each epoch is a fresh
-    permutation drawn on the device (from its RNG, which checkpoints save), cut into full
+    permutation drawn on the device (from its generator, seeded by the last training step), cut into full
     batches: no host-to-device copy and no host sync per step."""
 
     def __init__(self, images: Tensor):

@@ -173,7 +173,7 @@ def digits_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_digits(digits_shards, tmp_path_factory):
     """The one trained model of the test run: the digits UNet, trained by the core alone for the
-    DIGITS_CI recipe (about a minute on 2 cores)."""
+    DIGITS_CI recipe (under 2 minutes on 2 cores)."""
     from helpers import train_digits
 
     return train_digits(digits_shards, tmp_path_factory.mktemp("trained-digits") / "run")

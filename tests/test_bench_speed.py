@@ -42,6 +42,25 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert data["meta"]["machine"]["cpu"] in table
 
 
+def test_a_run_cut_short_keeps_the_cells_it_finished(tmp_path, monkeypatch):
+    """A GPU lease ends when it ends: every cell is in the JSON and table as soon as it is measured."""
+    measured = []
+
+    def alternate_until_the_time_limit(*args, **kwargs):
+        if measured:
+            raise KeyboardInterrupt  # the lease's limit, during the second cell
+        measured.append(speed_alternate(*args, **kwargs))
+        return measured[-1]
+
+    speed_alternate = speed.alternate
+    monkeypatch.setattr(speed, "alternate", alternate_until_the_time_limit)
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(["--smoke", "--out", str(tmp_path), "--tag", "cut"])
+    assert [row["task"] for row in json.loads((tmp_path / "speed-cut.json").read_text())["rows"]] == ["train"]
+    assert "| tiny | train | 2 |" in (tmp_path / "speed-cut.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed-cut.json", "speed-cut.md"]
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

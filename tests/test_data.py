@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion.digest import file_digest
-from diffusion.images import to_model_input
+from diffusion.images import random_flip, to_model_input
 from diffusion.platform.shards import MANIFEST, ShardSet
 from diffusion.platform.sources import DataError
 from diffusion.platform.storage import StorageError, open_location
@@ -252,10 +252,10 @@ def test_plain_iterator_shuffles_deterministically_and_covers_every_row(tmp_path
 
 def test_to_model_input_scales_and_flips():
     images = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
-    x = to_model_input(images, flip=False)
+    x = to_model_input(images)
     assert x.shape == (64, 3, 8, 8) and x.dtype == torch.float32
     assert torch.equal(x, images.permute(0, 3, 1, 2).float() / 127.5 - 1)
-    flipped = to_model_input(images, flip=True, generator=torch.Generator().manual_seed(0))
+    flipped = random_flip(x, generator=torch.Generator().manual_seed(0))
     same = (flipped == x).flatten(1).all(1)
     mirrored = (flipped == x.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54

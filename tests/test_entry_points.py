@@ -3,12 +3,13 @@
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import assert_machine_recorded, cli, cli_env, run_main, tiny_checkpoint
+from helpers import ROOT, assert_machine_recorded, cli, cli_env, run_main, tiny_checkpoint
 
 
 @pytest.mark.slow
@@ -48,19 +49,37 @@ def test_bench_smoke_writes_json(tmp_path):
     assert_machine_recorded(data["meta"]["machine"])
 
 
+def gpu_sh(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "bench/gpu.sh", *args], cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=300
+    )
+
+
 @pytest.mark.slow
 def test_the_gpu_script_runs_its_steps_at_smoke_size(tmp_path):
-    """bench/gpu.sh is run once per GPU lease with no second chance: its CPU smoke mode keeps it working."""
-    env = {"OUT": str(tmp_path), "PYTHON": sys.executable}
-    proc = subprocess.run(
-        ["bash", "bench/gpu.sh", "--smoke"],
-        cwd=Path(__file__).parents[1],
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """bench/gpu.sh is run once per GPU lease with no second chance: its CPU smoke mode keeps it
+    working. What comes back is two files: the log and one archive of the results."""
+    proc = gpu_sh("--smoke", OUT=str(tmp_path), PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "torch" in (tmp_path / "device.txt").read_text() and "smoke run done" in (tmp_path / "gpu.log").read_text()
-    rows = json.loads((tmp_path / "speed-smoke.json").read_text())["rows"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-results.tar.gz", "gpu.log"]
+    assert "smoke run done" in (tmp_path / "gpu.log").read_text()
+    with tarfile.open(tmp_path / "gpu-results.tar.gz") as tar:
+        files = {Path(m.name).name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    assert set(files) == {"device.txt", "preflight.json", "speed-smoke.json", "speed-smoke.md"}, set(files)
+    assert b"torch" in files["device.txt"]
+    preflight = json.loads(files["preflight.json"])
+    assert all(preflight[check]["ok"] for check in ("train", "graphs", "round_trip")), preflight
+    assert preflight["train"]["fused_adam"] is False and preflight["graphs"]["max_abs_diff"] == 0.0  # CPU: eager both
+    rows = json.loads(files["speed-smoke.json"])["rows"]
     assert {row["task"] for row in rows} == {"train", "ddim2", "ddpm10"} and all(row["ratio"] > 0 for row in rows)
+
+
+def test_the_gpu_script_prints_its_usage_and_refuses_unknown_arguments(tmp_path):
+    """--help must not start a full run (nor install anything): it prints the usage and exits."""
+    usage = gpu_sh("--help", OUT=str(tmp_path))
+    assert usage.returncode == 0 and "bash bench/gpu.sh --smoke" in usage.stdout and "preflight" in usage.stdout
+    assert not any(tmp_path.iterdir())
+    for args in (["--smok"], ["--smoke", "--extra"]):
+        refused = gpu_sh(*args, OUT=str(tmp_path))
+        assert refused.returncode == 2 and "bench/gpu.sh:" in refused.stderr, refused.stderr
+    assert not any(tmp_path.iterdir())

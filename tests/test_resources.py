@@ -1,9 +1,14 @@
-"""The CPUs a Ray worker holds, and torch's threads in it: as many as its CPUs, rounded up."""
+"""The CPUs a Ray worker holds, and torch's threads in it: as many as its CPUs, rounded up; a GPU
+it holds must be one torch can see."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from diffusion.platform import resources
+from helpers import ROOT, cli_env
 
 
 @pytest.mark.parametrize(
@@ -32,7 +37,30 @@ def test_a_worker_runs_torch_on_as_many_threads_as_its_cpus(ray_local):
 
     @ray_local.remote
     def threads() -> tuple[int, int]:
-        return resources.use_assigned_cpus(), torch.get_num_threads()
+        return resources.use_assigned_resources(), torch.get_num_threads()
 
     assert ray_local.get(threads.options(num_cpus=1.5).remote()) == (2, 2)
     assert ray_local.get(threads.options(num_cpus=0.5).remote()) == (1, 1)
+
+
+GPU_WITHOUT_CUDA = """
+import ray
+from diffusion.platform.resources import use_assigned_resources
+ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    ray.get(ray.remote(num_gpus=1)(use_assigned_resources).remote())
+except ray.exceptions.RayTaskError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_on_a_gpu_torch_cannot_see_stops_naming_its_node():
+    """A Ray that declares a GPU this machine does not have: the worker placed on it fails at
+    once, where it would otherwise train on the CPU without a word."""
+    proc = subprocess.run(
+        [sys.executable, "-c", GPU_WITHOUT_CUDA], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert "GpuNotVisibleError" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Ray placed this worker on GPU 0 of node " in proc.stdout and "sees no CUDA device there" in proc.stdout
+    assert "--gpus-per-worker 0" in proc.stdout

@@ -57,7 +57,7 @@ def test_device_data_serves_every_image_once_per_epoch_in_full_batches():
     assert len(set(seen)) == 9 and set(seen) <= set(range(10))
     assert first != second  # a new order every epoch
     torch.manual_seed(0)
-    assert [b[:, 0, 0, 0].tolist() for b in data.epoch(3)] == first  # from the RNG that checkpoints save
+    assert [b[:, 0, 0, 0].tolist() for b in data.epoch(3)] == first  # from torch's generator
     with pytest.raises(ValueError, match="batch size 11 exceeds the 10 images"):
         next(data.epoch(11))
     with pytest.raises(ValueError, match="uint8"):

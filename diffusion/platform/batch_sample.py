@@ -24,7 +24,7 @@ from ..images import from_uint8, grid
 from ..sampling import Sampler, as_uint8_hwc
 from . import tracking
 from .progress import progress
-from .resources import Workers, connect, map_with_actors, use_assigned_cpus
+from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
 from .storage import open_location
 
@@ -63,7 +63,7 @@ class SampleWriter:
     """A Ray Data actor: samples a batch of seeds and writes it to `out` (unless None)."""
 
     def __init__(self, job: SamplingJob, out: str | None, fmt: str):
-        use_assigned_cpus()
+        use_assigned_resources()
         payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)
         self.sampler = Sampler.from_checkpoint(payload, job.batch_size, job.ema, job.speed)
         self.settings, self.fmt = job.settings, fmt

@@ -32,7 +32,7 @@ from ..speed import default_device
 from . import tracking
 from .batch_sample import SamplingJob, resolved, sample_dataset
 from .progress import progress
-from .resources import Workers, connect, map_with_actors, use_assigned_cpus
+from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
 
 CLASSIFIER_FILE = "classifier.pt"
@@ -108,7 +108,7 @@ class FeatureActor:
     """A Ray Data actor: uint8 images -> the judge's features and logits."""
 
     def __init__(self, build: Callable[[], torch.nn.Module]):
-        use_assigned_cpus()
+        use_assigned_resources()
         self.net = build().to(default_device())
 
     def __call__(self, batch: dict) -> dict:

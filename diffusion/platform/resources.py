@@ -4,13 +4,15 @@ without GPUs); a worker holds one GPU and one CPU where the cluster has GPUs. On
 clusters, training workers share the free CPUs but one, which Ray Data's read tasks need (each
 asks for a whole CPU: without it they never start), and the actors of a pipeline (sampling,
 features) hold half a CPU each, so that its stages fit beside each other. A worker or actor
-runs torch on as many threads as the CPUs it holds, rounded up (`use_assigned_cpus`)."""
+runs torch on as many threads as the CPUs it holds, rounded up, and fails at once where it
+holds a GPU that torch cannot see (`use_assigned_resources`)."""
 
 from __future__ import annotations
 
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -75,14 +77,34 @@ def cpu_share(count: int) -> float:
     return max(0.5, math.floor(2 * share) / 2)
 
 
-def use_assigned_cpus() -> int:
-    """Set torch's CPU threads in a Ray worker or actor to the CPUs Ray gave it, rounded up
-    (Ray's own OMP_NUM_THREADS rounds down, to one thread for 1.5 CPUs); returns the count."""
+class GpuNotVisibleError(RuntimeError):
+    """Ray placed a worker on a GPU that torch on its node cannot see."""
+
+
+def use_assigned_resources() -> int:
+    """In a Ray worker or actor: torch's CPU threads set to the CPUs Ray gave it, rounded up (Ray's
+    own OMP_NUM_THREADS rounds down, to one thread for 1.5 CPUs), and a GPU Ray gave it checked:
+    torch must see it (else a GpuNotVisibleError naming the node, rather than a run on the CPU
+    without a word), with cuDNN autotuning and TF32 turned on. Returns the thread count."""
     import ray
     import torch
 
-    threads = max(1, math.ceil(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    from ..speed import fast_cuda_kernels
+
+    context = ray.get_runtime_context()
+    threads = max(1, math.ceil(context.get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
+    gpus = context.get_accelerator_ids().get("GPU", [])
+    if gpus and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise GpuNotVisibleError(
+            f"Ray placed this worker on GPU {', '.join(gpus)} of node {ray.util.get_node_ip_address()} "
+            f"({socket.gethostname()}), but torch {torch.__version__} ({build}) sees no CUDA device there: "
+            "check the node's driver (nvidia-smi) and install a CUDA build of torch on it, or run without GPUs "
+            "(--gpus-per-worker 0)"
+        )
+    if gpus:
+        fast_cuda_kernels()
     return threads
 
 

@@ -46,7 +46,7 @@ from ..errors import excerpt
 from ..images import from_uint8, save_grid
 from ..samplers import timesteps
 from ..sampling import Sampler, as_uint8_hwc
-from .resources import use_assigned_cpus
+from .resources import use_assigned_resources
 
 MAX_IMAGES = 64  # per request
 MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
@@ -352,7 +352,7 @@ class ServeArgs(BaseModel):
 @serve.ingress(app)
 class DiffusionService:
     def __init__(self, args: ServeArgs):
-        use_assigned_cpus()
+        use_assigned_resources()
         payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
         speed = SamplerSpeed(args.precision, args.compile)
         self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, speed)

@@ -50,7 +50,7 @@ from ..training import (
     train_step,
 )
 from . import tracking
-from .resources import Workers, connect, use_assigned_cpus
+from .resources import Workers, connect, use_assigned_resources
 from .shards import ShardSet
 from .storage import open_location
 
@@ -199,7 +199,7 @@ def log_models(config: TrainConfig, run: tracking.Run, image_shape: tuple[int, i
             payload = read_checkpoint(run_folder, config.endpoint_url or None, which)
             path = Path(d) / name / CHECKPOINT_FILE
             path.parent.mkdir()
-            torch.save({k: v for k, v in payload.items() if k not in ("optimizer", "rng")}, path)  # for sampling
+            torch.save({k: v for k, v in payload.items() if k != "optimizer"}, path)  # for sampling
             model_uri = tracking.log_model(run, path, name, image_shape)
             step = payload["step"]
             run.set_tags({f"model_step_{name}": step})
@@ -421,8 +421,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
-    threads = use_assigned_cpus()
-    state = build_state(config, device)
+    threads = use_assigned_resources()
+    state = build_state(config, device, rank)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
     if config.compile:
@@ -442,7 +442,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = Window(device)
     while state.step < config.max_steps:
         for images in epoch():
-            loss, grad_norm = train_step(state, net, to_model_input(images, flip=config.flip), config)
+            loss, grad_norm = train_step(state, net, to_model_input(images), config)
             window.add(loss, grad_norm)
             due = Due.at(state.step, config)
             if due.any:
