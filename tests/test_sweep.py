@@ -58,9 +58,10 @@ def swept(cifar_shards, tmp_path_factory, ray_address):
     tmp_path = tmp_path_factory.mktemp("sweep")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_ADDRESS": ray_address}
     log = open(tmp_path / "first.log", "w+")
-    # The run to interrupt starts a Ray of its own, which ends with it: a trial cut off mid-start
-    # has been seen to leave its workers' placement group (0.25 CPU) in a shared Ray, where the
-    # next 2-worker fit then lacks the CPU Ray Data's reads need.
+    # Every sweep runs in a process of its own: a trial's workers' placement group (0.25 CPU) has
+    # been seen to outlive its sweep, once after a sweep in this process, once after an interrupted
+    # one; in the session's Ray the next 2-worker fit then lacked the CPU Ray Data's reads need.
+    # The run to interrupt also starts a Ray of its own, which ends with it.
     proc = cli_popen(
         "tune/sweep.py", *sweep_args(cifar_shards, tmp_path), stdout=log, **{**env, "RAY_ADDRESS": "local"}
     )
@@ -72,7 +73,7 @@ def swept(cifar_shards, tmp_path_factory, ray_address):
     proc.send_signal(signal.SIGINT)
     first_code = proc.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
-    second = run_main("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), ray=True, **env)
+    second = cli("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), timeout=900, **env)
     return tmp_path, env["MLFLOW_TRACKING_URI"], first_code, first, second
 
 
@@ -160,7 +161,7 @@ def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_incepti
         f"--cpus-per-worker 0.25 --heldout-size 8 --sample-n 2 --sample-steps 2 --fid-n 4 --fid-splits test "
         f"--inception-weights {random_inception}"
     )
-    proc = run_main("tune/sweep.py", *options.split(), ray=True, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
+    proc = cli("tune/sweep.py", *options.split(), timeout=900, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 1
     client = MlflowClient(uri)
