@@ -42,9 +42,9 @@ def host_syncs(fn) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fn()
-            torch.cuda.synchronize()  # outside the debug mode's count: it ends the step's work
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()  # after the count: the step's own work ends before the next is timed
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
