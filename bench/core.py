@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import ddim_sample
-from diffusion.config import TrainConfig
+from diffusion.config import Recipe
 from diffusion.training import autocast, build_state, train_step
 
 # Dense bf16 tensor-core peaks, TFLOP/s.
@@ -102,8 +102,10 @@ def timed(fn, iters: int, warmup: int, device: str) -> float:
 
 def bench_config(name: str, batch: int, args) -> list[dict]:
     device = torch.device(args.device)
-    config = TrainConfig(model=name, bf16=args.bf16, channels_last=args.channels_last, compile=args.compile)
-    state = build_state(config, device)  # the library's model, Adam and EMA, as training uses them
+    config = Recipe(model=name)
+    state = build_state(
+        config, device, channels_last=args.channels_last
+    )  # the library's model, Adam and EMA, as training uses them
     model, size = state.model, state.model.config.image_size
     flops = forward_flops(model, size, device)
     net = torch.compile(model) if args.compile else model
@@ -112,14 +114,14 @@ def bench_config(name: str, batch: int, args) -> list[dict]:
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def forward():
-        with torch.no_grad(), autocast(config, device):
+        with torch.no_grad(), autocast(args.bf16, device):
             net(x, t)
 
     def step():
-        train_step(state, net, x, config)  # L_simple, backward, clip, Adam, EMA
+        train_step(state, net, x, config, args.bf16)  # L_simple, backward, clip, Adam, EMA
 
     def sample():
-        with torch.no_grad(), autocast(config, device):
+        with torch.no_grad(), autocast(args.bf16, device):
             ddim_sample(net, state.schedule.betas, x, steps=args.sampler_steps)
 
     rows = []

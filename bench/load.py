@@ -149,13 +149,14 @@ def main(argv=None) -> None:
     from ray import serve
 
     from diffusion.checkpoint import save_checkpoint
-    from diffusion.config import PRESETS
+    from diffusion.config import RECIPES
     from diffusion.platform.net import free_port, wait_for_http
-    from diffusion.platform.serve import ServeArgs, build_app
+    from diffusion.platform.serve import build_app
+    from diffusion.platform.settings import ServeArgs
     from diffusion.training import build_state
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = PRESETS[args.model].replace(num_timesteps=args.num_timesteps)
+        config = RECIPES[args.model].replace(num_timesteps=args.num_timesteps)
         save_checkpoint(Path(tmp) / "checkpoint", build_state(config, torch.device("cpu")), config)
         ray.init(log_to_driver=False)
         port = free_port()

@@ -27,7 +27,7 @@ import torch
 from core import machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import read_checkpoint, save_checkpoint
-from diffusion.config import PRESETS, SamplerSettings, SamplerSpeed
+from diffusion.config import RECIPES, SamplerSettings, SamplerSpeed
 from diffusion.sampling import Sampler
 from diffusion.training import build_state, train_step
 
@@ -49,15 +49,16 @@ def host_syncs(fn) -> int:
 
 
 def check_train(config, device, compile: bool) -> dict:
-    state = build_state(config, device)
+    cuda = device.type == "cuda"  # bf16 autocast and channels_last, as training on a GPU
+    state = build_state(config, device, channels_last=cuda)
     net = torch.compile(state.model) if compile else state.model
     unet = state.model.config
     x0 = torch.rand(config.batch_size, unet.in_channels, unet.image_size, unet.image_size, device=device) * 2 - 1
-    x0 = x0.to(memory_format=torch.channels_last) if config.channels_last else x0
+    x0 = x0.to(memory_format=torch.channels_last) if cuda else x0
     syncs, seconds = [], []
     for _ in range(3):
         start = time.perf_counter()
-        syncs.append(host_syncs(lambda: train_step(state, net, x0, config)))
+        syncs.append(host_syncs(lambda: train_step(state, net, x0, config, bf16=cuda)))
         seconds.append(time.perf_counter() - start)
     fused = all(group.get("fused") for group in state.optimizer.param_groups)
     ok = all(s == 0 for s in syncs[1:])
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     compile = device.type == "cuda"
     name, batch = ("tiny", 4) if args.smoke else ("cifar10", args.batch_size)
-    config = PRESETS[name].replace(batch_size=batch, bf16=device.type == "cuda", channels_last=device.type == "cuda")
+    config = RECIPES[name].replace(batch_size=batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(device.type), "torch": torch.__version__, "config": name, "device": device.type}
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         os.replace(partial, out / "preflight.json")
 
     record("train", lambda: check_train(config, device, compile))
-    state = build_state(config.replace(bf16=False), device)
+    state = build_state(config, device, channels_last=device.type == "cuda")
     perturbed(state)
     record("graphs", lambda: check_graphs(state, batch, compile))
     record("round_trip", lambda: check_round_trip(state, config, device))

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 from core import describe, machine  # bench/core.py, beside this script
 
-from diffusion.checkpoint import read_checkpoint, unet_config_of
+from diffusion.checkpoint import recipe_of, unet_config_of
 from diffusion.classifier import CLASSIFIER_SCORE_SPLITS, DigitsClassifier, confident_share
-from diffusion.config import PRESETS, SamplerSettings
+from diffusion.config import SamplerSettings
 from diffusion.fid import FeatureStats, frechet_distance, inception_score
 from diffusion.images import save_grid, to_uint8
+from diffusion.platform.checkpoints import read_checkpoint
+from diffusion.platform.settings import PRESETS
 from diffusion.sampling import Sampler
 from diffusion.unet import build_unet
 
@@ -136,11 +138,11 @@ def train_preset(data: str, storage: str, train_steps: int | None) -> str:
     config = PRESETS["digits"].replace(data=data, storage=storage)
     if train_steps:
         config = config.replace(max_steps=train_steps, name=f"digits-quality-{train_steps}")
-    config = config.replace(name=config.name or "digits-quality")
+    config = config.replace(name=config.settings.name or "digits-quality")
     result = fit(config)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    return f"{storage}/{config.name}"
+    return f"{storage}/{config.settings.name}"
 
 
 def markdown(report: dict) -> str:
@@ -203,7 +205,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--checkpoint", default=None, help="digits checkpoint (run folder, file, runs:/, models:/); default: train"
@@ -231,6 +233,54 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be >= 2 (a covariance needs two samples)")
+    return args
+
+
+def run_cells(sampler: Sampler, scorer: Scorer, plan: list[Cell], args, out: Path, since: float):
+    """Sample and score each cell of `plan` (skipping what would overrun the budget counted from
+    `since`): (results with their samples under "_x", skipped cell names, whether ddim50.npz was written)."""
+    done, skipped, per_call, wrote_npz = [], [], None, False
+    for cell in plan:
+        elapsed = (time.time() - since) / 60
+        if args.budget_minutes and per_call and elapsed + per_call * cell.steps / 60 > args.budget_minutes:
+            skipped.append(cell.name)
+            continue
+        t0 = time.time()
+        x = generate(sampler, cell.settings, args.n, args.batch_size)
+        seconds = time.time() - t0
+        per_call = seconds / cell.steps
+        images = as_images(x)
+        result = {"cell": cell.name, "row": cell.row, "steps": cell.steps, "spacing": cell.spacing}
+        result |= {"sampler": cell.settings.sampler, "eta": cell.settings.eta, "variance": cell.settings.variance}
+        result |= {**scorer(images), "seconds": seconds, "consistency": None, "_x": x}
+        done.append(result)
+        save_grid(x[:64], out / "grids" / f"{cell.name}.png")
+        if cell.name == "ddim-50-0.0-uniform":
+            np.savez_compressed(out / "ddim50.npz", images=images)
+            wrote_npz = True
+        print(
+            f"{cell.name:28s} FD-digits {result['fd']:8.2f}  score {result['score']:.2f}  "
+            f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
+            flush=True,
+        )
+    return done, skipped, wrote_npz
+
+
+def add_consistency(done: list[dict]) -> dict | None:
+    """Each DDIM cell's RMS distance to the consistency anchor, the eta 0 uniform DDIM cell with
+    the most steps (S = 1000 in the full grid); the samples are dropped. Returns the anchor."""
+    deterministic = [r for r in done if r["sampler"] == "ddim" and r["row"] == "0.0" and r["spacing"] == "uniform"]
+    anchor = max(deterministic, key=lambda r: r["steps"], default=None)
+    anchor_x = anchor["_x"] if anchor else None
+    for result in done:
+        x = result.pop("_x")
+        if anchor_x is not None and result["sampler"] == "ddim":
+            result["consistency"] = (x - anchor_x).pow(2).flatten(1).mean(1).sqrt().mean().item()
+    return anchor
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -255,44 +305,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm)
-    done, skipped, per_call, wrote_npz = [], [], None, False
-    for cell in plan:
-        elapsed = (time.time() - trained_at) / 60
-        if args.budget_minutes and per_call and elapsed + per_call * cell.steps / 60 > args.budget_minutes:
-            skipped.append(cell.name)
-            continue
-        t0 = time.time()
-        x = generate(sampler, cell.settings, args.n, args.batch_size)
-        seconds = time.time() - t0
-        per_call = seconds / cell.steps
-        images = as_images(x)
-        result = {"cell": cell.name, "row": cell.row, "steps": cell.steps, "spacing": cell.spacing}
-        result |= {"sampler": cell.settings.sampler, "eta": cell.settings.eta, "variance": cell.settings.variance}
-        result |= {**scorer(images), "seconds": seconds, "consistency": None}
-        result["_x"] = x
-        done.append(result)
-        save_grid(x[:64], out / "grids" / f"{cell.name}.png")
-        if cell.name == "ddim-50-0.0-uniform":
-            np.savez_compressed(out / "ddim50.npz", images=images)
-            wrote_npz = True
-        print(
-            f"{cell.name:28s} FD-digits {result['fd']:8.2f}  score {result['score']:.2f}  "
-            f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
-            flush=True,
-        )
-    # The consistency reference: the eta 0, uniform DDIM cell with the most steps (S = 1000 in the full grid).
-    deterministic = [r for r in done if r["sampler"] == "ddim" and r["row"] == "0.0" and r["spacing"] == "uniform"]
-    anchor = max(deterministic, key=lambda r: r["steps"], default=None)
-    anchor_x = anchor["_x"] if anchor else None
-    for result in done:
-        x = result.pop("_x")
-        if anchor_x is not None and result["sampler"] == "ddim":
-            result["consistency"] = (x - anchor_x).pow(2).flatten(1).mean(1).sqrt().mean().item()
-
+    done, skipped, wrote_npz = run_cells(sampler, scorer, plan, args, out, trained_at)
+    anchor = add_consistency(done)
     report = {
         "checkpoint": str(checkpoint),
         "checkpoint_step": payload["step"],
-        "model": payload["config"]["model"],
+        "model": recipe_of(payload).model,
         "n": args.n,
         "seeds": f"0..{args.n - 1}",
         "reference_n": len(train),

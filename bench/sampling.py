@@ -24,14 +24,14 @@ import torch
 from core import machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import save_checkpoint
-from diffusion.config import PRESETS, SamplerSettings
+from diffusion.config import RECIPES, SamplerSettings
 from diffusion.training import build_state
 
 
 def write_checkpoint(model: str, path: Path) -> str:
     torch.manual_seed(0)
-    state = build_state(PRESETS[model], torch.device("cpu"))
-    save_checkpoint(path, state, PRESETS[model])
+    state = build_state(RECIPES[model], torch.device("cpu"))
+    save_checkpoint(path, state, RECIPES[model])
     return str(path)
 
 

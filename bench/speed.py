@@ -49,7 +49,7 @@ from core import describe, forward_flops, machine, peak_tflops, timed  # bench/c
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps
-from diffusion.config import PRESETS, SamplerSpeed, TrainConfig
+from diffusion.config import RECIPES, Recipe, SamplerSpeed
 from diffusion.convert import diffusers_unet_kwargs
 from diffusion.speed import sampling_model
 from diffusion.training import autocast, build_state, train_step
@@ -74,7 +74,7 @@ def build_hf_unet(config: UNetConfig) -> UNet2DModel:
     return UNet2DModel(**diffusers_unet_kwargs(config))
 
 
-def hf_scheduler(kind: str, config: TrainConfig) -> DDIMScheduler | DDPMScheduler:
+def hf_scheduler(kind: str, config: Recipe) -> DDIMScheduler | DDPMScheduler:
     """diffusers' DDIM or DDPM scheduler on our linear betas, predicting eps, without clipping (as ours)."""
     if config.schedule != "linear":
         raise ValueError("the diffusers comparison uses the linear schedule")
@@ -108,7 +108,7 @@ def hf_sample(unet, scheduler, x_T: torch.Tensor, steps: int, generator=None) ->
     return x
 
 
-def _adam(params, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+def _adam(params, config: Recipe, device: torch.device) -> torch.optim.Adam:
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}  # as build_state
     return torch.optim.Adam(params, lr=config.lr, **extra)
 
@@ -117,10 +117,10 @@ class DiffusersTrainer:
     """A training step as diffusers' examples/unconditional_image_generation/train_unconditional.py
     takes it (without accelerate), with our optimiser settings and EMA decay."""
 
-    def __init__(self, unet_config: UNetConfig, config: TrainConfig, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, unet_config: UNetConfig, config: Recipe, device: torch.device, bf16: bool, channels_last: bool):
+        self.config, self.device, self.bf16 = config, device, bf16
         self.unet = build_hf_unet(unet_config).to(device)
-        if config.channels_last:
+        if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.optimizer = _adam(self.unet.parameters(), config, device)
         self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=config.warmup_steps)
@@ -132,7 +132,7 @@ class DiffusersTrainer:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.config.num_timesteps, (x0.shape[0],), device=x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        with autocast(self.config, self.device):
+        with autocast(self.bf16, self.device):
             eps = net(noisy, t).sample
         loss = F.mse_loss(eps.float(), noise.float())
         loss.backward()
@@ -204,14 +204,12 @@ def check_same_timesteps(scheduler: DDIMScheduler, num_timesteps: int, steps: in
 def bench_config(name: str, args) -> Iterator[dict]:
     """The rows of one config, each yielded as soon as it is measured."""
     device = torch.device(args.device)
-    config = PRESETS.get(name, TrainConfig(model=name)).replace(
-        model=name, bf16=args.bf16, channels_last=args.channels_last, num_timesteps=args.num_timesteps
-    )
+    config = RECIPES.get(name, Recipe(model=name)).replace(model=name, num_timesteps=args.num_timesteps)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch._dynamo.reset()  # fresh compile caches per config
 
-    state = build_state(config, device)  # ours: model, Adam, EMA, schedule
-    hf = DiffusersTrainer(state.model.config, config, device)  # the same UNetConfig, dropout included
+    state = build_state(config, device, channels_last=args.channels_last)  # ours: model, Adam, EMA, schedule
+    hf = DiffusersTrainer(state.model.config, config, device, args.bf16, args.channels_last)  # the same UNetConfig
     models = {"ours": state.model, "diffusers": hf.unet}
     size = state.model.config.image_size
     flops = {side: count_flops(m, size) for side, m in models.items()}
@@ -254,7 +252,7 @@ def bench_config(name: str, args) -> Iterator[dict]:
             batch,
             1,
             {
-                "ours": lambda: train_step(state, nets["ours"], x0, config),
+                "ours": lambda: train_step(state, nets["ours"], x0, config, args.bf16),
                 "diffusers": lambda: hf.step(nets["diffusers"], x0),
             },
         )
@@ -266,7 +264,7 @@ def bench_config(name: str, args) -> Iterator[dict]:
             m.eval()
         # Ours as Serve and the batch job run it (diffusion.speed): the same precision and compile mode.
         nets["ours"] = sampling_model(
-            state.model, SamplerSpeed("bf16" if config.bf16 and device.type == "cuda" else "fp32", args.compile)
+            state.model, SamplerSpeed("bf16" if args.bf16 and device.type == "cuda" else "fp32", args.compile)
         )
         schedulers = {"ddim": hf_scheduler("ddim", config), "ddpm": hf_scheduler("ddpm", config)}
         betas = state.schedule.betas
@@ -278,13 +276,13 @@ def bench_config(name: str, args) -> Iterator[dict]:
                     check_same_timesteps(schedulers["ddim"], config.num_timesteps, calls)
 
                 def ours(kind=kind, calls=calls, x_T=x_T):
-                    with torch.no_grad(), autocast(config, device):
+                    with torch.no_grad(), autocast(args.bf16, device):
                         if kind == "ddim":
                             return ddim_sample(nets["ours"], betas, x_T, steps=calls)
                         return ddpm_sample(nets["ours"], betas, x_T)
 
                 def theirs(kind=kind, calls=calls, x_T=x_T):
-                    with torch.no_grad(), autocast(config, device):
+                    with torch.no_grad(), autocast(args.bf16, device):
                         return hf_sample(nets["diffusers"], schedulers[kind], x_T, calls)
 
                 label = task if kind == "ddim" else f"ddpm{config.num_timesteps}"

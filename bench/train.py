@@ -18,7 +18,7 @@ from pathlib import Path
 from core import machine  # bench/core.py, beside this script
 from data import synthetic_source  # bench/data.py, beside this script
 
-from diffusion.config import PRESETS
+from diffusion.platform.settings import PRESETS
 from diffusion.platform.shards import write_shards
 from diffusion.platform.storage import open_location
 from diffusion.platform.train import fit
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
             rows.append(
                 {
                     "workers": workers,
-                    "global_batch": config.batch_size,
+                    "global_batch": config.recipe.batch_size,
                     "img_per_s": rate,
                     "img_per_s_per_worker": rate / workers,
                 }

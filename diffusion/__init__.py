@@ -2,8 +2,8 @@
 training steps, checkpoints and FID maths. The core: it imports torch and numpy only
 (torchvision to write PNGs), and local checkpoints load without anything else.
 
-`diffusion.platform` is the layer around it (object storage, Ray, MLflow, HTTP); the core
-reaches it only to resolve a remote checkpoint URI (s3://, runs:/, models:/).
+`diffusion.platform` is the layer around it (object storage, Ray, MLflow, HTTP, and the URIs
+s3://, runs:/, models:/); the core never imports it.
 
 The names below are imported on first use, so that `import diffusion.config` (all the command
 lines need to parse their options) does not import torch.
@@ -15,7 +15,7 @@ import importlib
 
 _HOMES = {
     "checkpoint": ("CheckpointError", "load_checkpoint", "read_checkpoint"),
-    "config": ("PRESETS", "SamplerSettings", "SamplerSpeed", "TrainConfig"),
+    "config": ("RECIPES", "Recipe", "SamplerSettings", "SamplerSpeed"),
     "ema": ("EMA",),
     "images": ("from_uint8", "random_flip", "save_grid", "to_model_input", "to_uint8"),
     "interpolate": ("ddim_interpolate", "ddim_interpolate_images", "ddpm_interpolate", "slerp"),

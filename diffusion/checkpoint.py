@@ -5,18 +5,23 @@ plain Python values, so that it loads with torch.load(weights_only=True):
     unet         its UNetConfig as a dict (absent in checkpoints written before it was recorded:
                  their preset, with the symmetric downsampling padding they were trained with)
     betas        the float64 beta schedule (T,), which fixes T and the sampler's coefficients
-    config       the TrainConfig as a dict
+    recipe       the `Recipe` as a dict: what the model is and how it was trained
+    run          optional: the run settings it was trained with, as information (storage,
+                 workers, cadence, ...); nothing that loads a checkpoint needs them
     step, optimizer, mlflow_run_id (no generator state: each training step seeds its own draws,
                  `diffusion.training.seed_step`)
     sampling     optional sampling defaults of imported weights: {"variance", "clip"}
+
+Checkpoints written before the recipe was split from the run settings hold one flat `config`
+instead of `recipe` and `run`: its recipe fields are the recipe, the rest is ignored.
 
 Ray Train writes each folder as <storage>/<run name>/checkpoint-<step>, with a metrics.json
 beside the checkpoint.pt: the report's metrics and its score (held-out L_simple, or FID when
 training measures it), by which Ray Train keeps the best checkpoints. `read_checkpoint` takes a
 checkpoint.pt, its folder or a run folder (its latest checkpoint, or its best) on a local disk
 with torch alone, and published weights in their own layouts (`diffusion.convert`: a diffusers
-folder, a DDPM reference state dict); other URIs (s3://..., runs:/<id>, models:/<name>/<version>)
-are resolved by `diffusion.platform.checkpoints`, imported only for them.
+folder, a DDPM reference state dict). URIs (s3://..., runs:/<id>, models:/<name>/<version>) are
+the platform's: `diffusion.platform.checkpoints.read_checkpoint` takes those and local paths.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import WHICH, TrainConfig
+from .config import RECIPE_FIELDS, WHICH, Recipe
 from .errors import InputError
 from .unet import UNET_CONFIGS, UNet, UNetConfig
 
@@ -42,7 +47,7 @@ SAMPLING_DEFAULTS = {"variance": "posterior", "clip": False}  # the papers' equa
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-REQUIRED_KEYS = ("model", "ema", "betas", "config", "step")
+REQUIRED_KEYS = ("model", "ema", "betas", "step")
 
 
 class CheckpointError(InputError, ValueError):
@@ -53,14 +58,12 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:09d}"  # sorts by step
 
 
-def score_name(config: TrainConfig) -> str:
-    """What ranks a run's checkpoints (lower is better): FID when training measures it."""
-    return "fid" if config.fid_every else "heldout_loss"
-
-
-def save_checkpoint(directory: str | Path, state, config: TrainConfig, metrics: dict | None = None, **extra) -> Path:
+def save_checkpoint(
+    directory: str | Path, state, recipe: Recipe, metrics: dict | None = None, score: str = "heldout_loss", **extra
+) -> Path:
     """Write the full training state (a `diffusion.training.TrainState`): model, EMA, optimizer,
-    step, schedule, config; with `metrics`, also metrics.json (the metrics and the score).
+    step, schedule, recipe, and `extra` entries (`run`: the run settings); with `metrics`, also
+    metrics.json (the metrics, and the one named `score` that ranks checkpoints, lower better).
     The files appear under their names only once complete."""
     payload = {
         "model": state.model.state_dict(),
@@ -69,14 +72,16 @@ def save_checkpoint(directory: str | Path, state, config: TrainConfig, metrics: 
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
         "betas": state.schedule.betas.cpu(),
-        "config": config.to_dict(),
+        "recipe": recipe.to_dict(),
         **extra,
     }
     path = Path(directory) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     if metrics is not None:
-        score = {"name": score_name(config), "value": metrics.get(score_name(config))}
-        (path.parent / METRICS_FILE).write_text(json.dumps({"step": state.step, "metrics": metrics, "score": score}))
+        ranked_by = {"name": score, "value": metrics.get(score)}
+        (path.parent / METRICS_FILE).write_text(
+            json.dumps({"step": state.step, "metrics": metrics, "score": ranked_by})
+        )
     partial = path.with_name(path.name + ".partial")
     torch.save(payload, partial)
     os.replace(partial, path)
@@ -120,10 +125,12 @@ def parse_checkpoint(data: bytes, origin: str) -> dict:
         except ConversionError as e:
             raise CheckpointError(str(e)) from None
     missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if "recipe" not in payload and "config" not in payload:  # `config`: a checkpoint of before the split
+        missing.append("recipe")
     if missing:
         raise CheckpointError(f"{origin} lacks {missing}: it is not a training checkpoint of this project; {fix}")
     try:
-        TrainConfig.from_dict(payload["config"])
+        recipe_of(payload)
         config = unet_config_of(payload)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{origin} has a config this version cannot read ({e}); {fix}") from None
@@ -185,21 +192,19 @@ def local_checkpoint_file(path: Path, which: str = "latest") -> Path:
     return path / choose_checkpoint(complete, metrics_of, which, str(path)) / CHECKPOINT_FILE
 
 
-def is_remote(uri: str) -> bool:
-    return "://" in uri or uri.startswith(("runs:/", "models:/"))
+def is_uri(location: str) -> bool:
+    return "://" in location or location.startswith(("runs:/", "models:/"))
 
 
-def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None, which: str = "latest") -> dict:
-    """The checked payload of a checkpoint file, checkpoint folder, run folder (its latest or
-    best checkpoint, by `which`), s3:// URI or MLflow URI (runs:/<run_id>[/<path>],
-    models:/<name>/<version or @alias>), or published weights (a diffusers folder, a DDPM
-    reference state dict)."""
-    uri = str(path_or_uri)
-    if is_remote(uri):
-        from .platform.checkpoints import read_remote_checkpoint
-
-        return read_remote_checkpoint(uri, endpoint_url, which)
-    path = Path(uri).expanduser()
+def read_checkpoint(path: str | Path, which: str = "latest") -> dict:
+    """The checked payload of a local checkpoint file, checkpoint folder, run folder (its latest
+    or best checkpoint, by `which`), or published weights (a diffusers folder, a DDPM reference
+    state dict)."""
+    if is_uri(str(path)):
+        raise CheckpointError(
+            f"{path} is a URI: the core reads local files; read it with diffusion.platform.checkpoints.read_checkpoint"
+        )
+    path = Path(path).expanduser()
     from .convert import ConversionError, is_diffusers_folder, payload_from_diffusers
 
     if path.is_dir() and not (path / CHECKPOINT_FILE).exists() and is_diffusers_folder(path):
@@ -211,12 +216,20 @@ def read_checkpoint(path_or_uri: str | Path, endpoint_url: str | None = None, wh
     return parse_checkpoint(path.read_bytes(), str(path))
 
 
+def recipe_of(payload: dict) -> Recipe:
+    """The recipe a checkpoint's model was trained with: its `recipe`, or the recipe fields of
+    the flat `config` of a checkpoint written before the split (its run settings are left)."""
+    if "recipe" in payload:
+        return Recipe.from_dict(payload["recipe"])
+    return Recipe.from_dict({k: v for k, v in payload["config"].items() if k in RECIPE_FIELDS})
+
+
 def unet_config_of(payload: dict) -> UNetConfig:
     """The UNetConfig a checkpoint's weights belong to."""
     if "unet" in payload:
         return UNetConfig(**payload["unet"])
-    config = TrainConfig.from_dict(payload["config"])
-    return replace(UNET_CONFIGS[config.model], dropout=config.dropout, downsample_padding=LEGACY_DOWNSAMPLE_PADDING)
+    recipe = recipe_of(payload)
+    return replace(UNET_CONFIGS[recipe.model], dropout=recipe.dropout, downsample_padding=LEGACY_DOWNSAMPLE_PADDING)
 
 
 def sampling_defaults(payload: dict) -> dict:
@@ -236,10 +249,8 @@ def betas_from(payload: dict) -> Tensor:
     return torch.as_tensor(payload["betas"], dtype=torch.float64)
 
 
-def load_checkpoint(
-    path_or_uri: str | Path, endpoint_url: str | None = None, which: str = "latest"
-) -> tuple[UNet, UNet, TrainConfig]:
-    """(model, EMA model, config) from a checkpoint (see `read_checkpoint`), without Ray; both
-    models in eval mode on the CPU."""
-    payload = read_checkpoint(path_or_uri, endpoint_url, which)
-    return model_from(payload, ema=False), model_from(payload, ema=True), TrainConfig.from_dict(payload["config"])
+def load_checkpoint(path: str | Path, which: str = "latest") -> tuple[UNet, UNet, Recipe]:
+    """(model, EMA model, recipe) from a local checkpoint (see `read_checkpoint`); both models
+    in eval mode on the CPU."""
+    payload = read_checkpoint(path, which)
+    return model_from(payload, ema=False), model_from(payload, ema=True), recipe_of(payload)

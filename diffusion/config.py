@@ -1,6 +1,11 @@
-"""The plain-dataclass configs: training (`TrainConfig` and its presets) and sampling
-(`SamplerSettings`, `SamplerSpeed`). This module imports nothing heavy, so the command-line
-entry points parse their options (and answer --help) before torch is imported.
+"""The core's plain-dataclass configs: the training recipe (`Recipe` and its presets, `RECIPES`)
+and the sampler's settings (`SamplerSettings`, `SamplerSpeed`). Each field carries its help and
+its range in its metadata (`option`), from which the platform derives command-line flags and
+HTTP request models: a setting is defined here once. This module imports nothing heavy, so the
+command lines parse their options (and answer --help) before torch is imported.
+
+How and where a recipe is run (data, storage, workers, cadence, tracking, precision) is the
+platform's `diffusion.platform.settings.RunSettings`.
 """
 
 from __future__ import annotations
@@ -16,166 +21,129 @@ SPACINGS = ("uniform", "quadratic")
 VARIANCES = ("posterior", "beta")  # sigma^2: DDPM beta-tilde_t (eq. 7) or beta_t; DDIM sigma(eta) or sigma-hat
 PRECISIONS = ("auto", "fp32", "bf16")
 WHICH = ("latest", "best")  # of a run folder's checkpoints
-SEARCHABLE = ("lr", "schedule", "beta_end", "batch_size", "ema_decay", "warmup_steps", "dropout", "grad_clip")
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")  # of a sweep's search space
-METRICS = ("heldout_loss", "heldout_loss_ema", "fid")  # a sweep ranks trials by one
 
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def option(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with its help and range: `choices`, or bounds ge/gt/le/lt."""
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
-@dataclass
-class TrainConfig:
-    # model and diffusion
-    model: str = _opt("cifar10", "UNet config: cifar10, stl10, tiny or digits")
-    dropout: float = _opt(0.1, "dropout in every ResBlock")
-    schedule: str = _opt("linear", "beta schedule: linear or cosine")
-    num_timesteps: int = _opt(1000, "diffusion steps T")
-    beta_start: float = _opt(1e-4, "linear schedule: first beta")
-    beta_end: float = _opt(0.02, "linear schedule: last beta")
-    # optimisation
-    lr: float = _opt(2e-4, "Adam learning rate after warm-up")
-    warmup_steps: int = _opt(5000, "linear learning-rate warm-up steps")
-    batch_size: int = _opt(128, "global batch size, split evenly over the workers")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
-    ema_decay: float = _opt(0.9999, "EMA decay of the weights used for sampling")
-    flip: bool = _opt(True, "random horizontal flips")
-    max_steps: int = _opt(800_000, "training steps")
-    seed: int = _opt(0, "seed of initialisation, held-out set and sample grids")
-    # data and storage
-    data: str = _opt("data/cifar10", "prepared data set URI (folder or s3://bucket/prefix)")
-    heldout_split: str = _opt("test", "split used for the held-out loss and not trained on")
-    heldout_size: int = _opt(1000, "images in the fixed held-out (image, t, noise) set")
-    storage: str = _opt("runs", "where runs and checkpoints go (folder or s3://bucket/prefix)")
-    endpoint_url: str = _opt("", "S3 endpoint (default: AWS_ENDPOINT_URL)")
-    name: str = _opt("", "run name; the same name resumes (default: derived from model and schedule)")
-    # cadence
-    log_every: int = _opt(100, "steps between progress lines and metrics")
-    eval_every: int = _opt(5000, "steps between held-out L_simple evaluations")
-    checkpoint_every: int = _opt(5000, "steps between checkpoints")
-    keep_checkpoints: int = _opt(
-        3, "checkpoints kept: the K best by held-out L_simple (FID with --fid-every), and always the latest"
-    )
-    sample_every: int = _opt(20000, "steps between EMA sample grids logged to MLflow")
-    sample_n: int = _opt(64, "images in a sample grid")
-    sample_steps: int = _opt(50, "DDIM steps for sample grids")
-    fid_every: int = _opt(0, "steps between FIDs of fid_n EMA DDIM samples (sample_steps) in training (0: off)")
-    fid_n: int = _opt(5000, "samples per in-training FID, spread over the workers")
-    fid_splits: str = _opt("train", "reference splits of the in-training FID, e.g. train or test+train")
-    inception_weights: str = _opt("", "FID Inception weights (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)")
-    # resources and speed
-    num_workers: int = _opt(0, "Ray Train workers (0: one per GPU, or 1 without GPUs)")
-    gpus_per_worker: float = _opt(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)")
-    cpus_per_worker: float = _opt(
-        0.0, "CPUs per worker, and its torch threads (0: 1 with GPUs, else the free CPUs but one, shared)"
-    )
-    bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
-    channels_last: bool = _opt(True, "channels_last memory format")
-    compile: bool = _opt(False, "torch.compile the UNet")
-    data_on_device: str = _opt(
-        "auto", "keep each worker's training images in device memory: auto (on a GPU, when they fit), on, off"
-    )
-    max_failures: int = _opt(3, "worker failures Ray Train recovers from")
-    experiment: str = _opt("ray-diffusion", "MLflow experiment")
-    register_model: str = _opt("", "register the final and best weights in the MLflow Model Registry under this name")
-    system_metrics: bool = _opt(False, "log CPU, memory, disk, network (and GPU) metrics of rank 0's machine to MLflow")
+_RELATIONS = {
+    "ge": (">=", float.__ge__),
+    "gt": (">", float.__gt__),
+    "le": ("<=", float.__le__),
+    "lt": ("<", float.__lt__),
+}
 
-    def replace(self, **changes) -> TrainConfig:
+
+def range_text(f: dataclasses.Field) -> str:
+    """A field's range in words: 'one of linear, cosine', 'in [0, 1]', '>= 1'."""
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    if "ge" in m and "le" in m:
+        return f"in [{m['ge']:g}, {m['le']:g}]"
+    if "ge" in m and "lt" in m:
+        return f"in [{m['ge']:g}, {m['lt']:g})"
+    return " and ".join(f"{_RELATIONS[k][0]} {m[k]:g}" for k in _RELATIONS if k in m)
+
+
+def out_of_range(obj) -> list[str]:
+    """A problem line for every field of dataclass `obj` outside its declared range (None is
+    always allowed where it is the default)."""
+    problems = []
+    for f in fields(obj):
+        value, m = getattr(obj, f.name), f.metadata
+        if value is None and f.default is None:
+            continue
+        bounds = [k for k in _RELATIONS if k in m]
+        if bounds and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"{f.name} must be a number, got {value!r}")
+            continue
+        if m.get("choices"):
+            ok = value in m["choices"]
+        else:
+            ok = all(_RELATIONS[k][1](float(value), float(m[k])) for k in bounds)  # NaN fails
+        if not ok:
+            problems.append(f"{f.name} must be {range_text(f)}, got {value!r}")
+    return problems
+
+
+def check(obj, *extra: str):
+    """`obj`, or an OptionError naming every field out of range and every `extra` problem."""
+    problems = out_of_range(obj) + [p for p in extra if p]
+    if problems:
+        raise OptionError("; ".join(problems))
+    return obj
+
+
+class Options:
+    """replace/to_dict/from_dict of an options dataclass, unknown names refused by name."""
+
+    def replace(self, **changes):
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
-            raise OptionError(f"unknown training option(s) {sorted(unknown)}")
+            raise OptionError(f"unknown {self._kind} option(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """A config saved by another version: fields it lacks take their defaults; fields this
+    def from_dict(cls, values: dict):
+        """Options saved by another version: fields it lacks take their defaults; fields this
         version does not know are an error naming them."""
         return cls().replace(**values)
 
-    def validate(self) -> TrainConfig:
+
+@dataclass
+class Recipe(Options):
+    """What a trained model is and the maths of its training: the network, the forward process,
+    L_simple's optimisation. A checkpoint stores it; where and on what a run trained it (the
+    platform's run settings) is not part of it."""
+
+    _kind = "recipe"
+    # model and diffusion
+    model: str = option("cifar10", "UNet config: cifar10, stl10, tiny or digits")
+    dropout: float = option(0.1, "dropout in every ResBlock", ge=0, lt=1)
+    schedule: str = option("linear", "beta schedule", choices=SCHEDULES)
+    num_timesteps: int = option(1000, "diffusion steps T", ge=1)
+    beta_start: float = option(1e-4, "linear schedule: first beta", gt=0, lt=1)
+    beta_end: float = option(0.02, "linear schedule: last beta", gt=0, lt=1)
+    # optimisation of L_simple (DDPM eq. 14) with Adam
+    lr: float = option(2e-4, "Adam learning rate after warm-up", gt=0)
+    warmup_steps: int = option(5000, "linear learning-rate warm-up steps", ge=0)
+    batch_size: int = option(128, "global batch size, split evenly over the workers", ge=1)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", ge=0)
+    ema_decay: float = option(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
+    flip: bool = option(True, "random horizontal flips")
+    max_steps: int = option(800_000, "training steps", ge=1)
+    seed: int = option(0, "seed of initialisation, held-out set and sample grids", ge=0)
+
+    def validate(self) -> Recipe:
         from .unet import UNET_CONFIGS  # torch: after option parsing, never for --help
 
-        problems = []
-        if self.model not in UNET_CONFIGS:
-            problems.append(f"model must be one of {', '.join(UNET_CONFIGS)}, got {self.model!r}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be linear or cosine, got {self.schedule!r}")
-        for name in (
-            "batch_size",
-            "max_steps",
-            "log_every",
-            "eval_every",
-            "checkpoint_every",
-            "sample_every",
-            "keep_checkpoints",
-            "sample_n",
-            "sample_steps",
-            "num_timesteps",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.data_on_device not in ("auto", "on", "off"):
-            problems.append(f"data_on_device must be auto, on or off, got {self.data_on_device!r}")
-        if self.fid_every < 0 or (self.fid_every and self.fid_n < 2):
-            problems.append(f"fid_every must be >= 0 and fid_n >= 2, got {self.fid_every} and {self.fid_n}")
-        if problems:
-            raise OptionError("; ".join(problems))
-        return self
+        known = self.model in UNET_CONFIGS
+        return check(self, "" if known else f"model must be one of {', '.join(UNET_CONFIGS)}, got {self.model!r}")
 
 
-PRESETS: dict[str, TrainConfig] = {
+RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
+
+RECIPES: dict[str, Recipe] = {
     # The DDPM CIFAR-10 recipe (Ho et al. 2020, section 4 and appendix B).
-    "cifar10": TrainConfig(),
+    "cifar10": Recipe(),
     # STL-10 at 96x96, not in the papers: the same recipe on the stl10 UNet with batch 64,
     # as each image costs 9x the compute and activation memory of a CIFAR-10 image.
-    "stl10": TrainConfig(model="stl10", data="data/stl10", batch_size=64, max_steps=500_000, heldout_split="test"),
-    # The 8x8 digits (prepare_data.py --dataset digits) on 2 CPU cores in about 10 minutes, for
-    # measured sample quality (bench/quality.py): no flips (digits are not mirror-symmetric), the
-    # whole test split held out, a short EMA (0.995: the weights of the last ~200 steps), the
-    # images read once into the worker's memory.
-    "digits": TrainConfig(
-        model="digits",
-        lr=2e-3,
-        warmup_steps=200,
-        batch_size=128,
-        ema_decay=0.995,
-        flip=False,
-        max_steps=4000,
-        data="data/digits",
-        data_on_device="on",  # 115 KB: read once, not streamed per 11-step epoch
-        heldout_size=360,
-        log_every=100,
-        eval_every=500,
-        checkpoint_every=1000,
-        sample_every=1000,
-        sample_steps=50,
+    "stl10": Recipe(model="stl10", batch_size=64, max_steps=500_000),
+    # The 8x8 digits on 2 CPU cores in about 10 minutes, for measured sample quality
+    # (bench/quality.py): no flips (digits are not mirror-symmetric), a short EMA (0.995: the
+    # weights of the last ~200 steps).
+    "digits": Recipe(
+        model="digits", lr=2e-3, warmup_steps=200, batch_size=128, ema_decay=0.995, flip=False, max_steps=4000
     ),
-    # CPU tests and demos: the tiny UNet, a short run, frequent logs and checkpoints.
-    "tiny": TrainConfig(
-        model="tiny",
-        dropout=0.0,
-        lr=1e-3,
-        warmup_steps=10,
-        batch_size=16,
-        ema_decay=0.99,
-        max_steps=200,
-        heldout_size=64,
-        log_every=10,
-        eval_every=50,
-        checkpoint_every=50,
-        sample_every=100,
-        sample_n=16,
-        sample_steps=10,
-        data="data/cifar10",
-    ),
+    # CPU tests and demos: the tiny UNet, a short run.
+    "tiny": Recipe(model="tiny", dropout=0.0, lr=1e-3, warmup_steps=10, batch_size=16, ema_decay=0.99, max_steps=200),
 }
 
 
@@ -183,16 +151,32 @@ PRESETS: dict[str, TrainConfig] = {
 class SamplerSettings:
     """Everything but the seeds that decides a sample; requests with equal settings can share a batch.
 
-    `variance` and `clip` left None take the checkpoint's sampling defaults for DDPM (imported
-    weights bring their scheduler's: DDPM's own CIFAR-10 release sampled with beta_t and clipping)
-    and the DDIM paper's for DDIM (posterior, no clipping): `resolve` fills them in."""
+    The one definition of each sampler setting: its range is checked when settings are made (an
+    OptionError naming it), and the CLI flags and the HTTP request model are derived from these
+    fields. `variance` and `clip` left None take the checkpoint's sampling defaults for DDPM
+    (imported weights bring their scheduler's: DDPM's own CIFAR-10 release sampled with beta_t
+    and clipping) and the DDIM paper's for DDIM (posterior, no clipping): `resolve` fills them in."""
 
-    sampler: str = "ddim"  # "ddim" or "ddpm"
-    steps: int = 50  # DDIM steps: the length of tau (DDPM always runs all T)
-    eta: float = 0.0  # DDIM eta, eq. (16)
-    spacing: str = "uniform"  # DDIM tau spacing
-    variance: str | None = None  # posterior: DDPM beta-tilde, DDIM sigma(eta); beta: DDPM beta_t, DDIM sigma-hat
-    clip: bool | None = None  # clip the predicted x_0 to [-1, 1]
+    sampler: str = option("ddim", "DDIM (steps, eta) or DDPM (all T steps)", choices=SAMPLERS)
+    steps: int = option(50, "DDIM steps: the length of the sub-sequence tau, at most the model's T", ge=1)
+    eta: float = option(0.0, "DDIM eta of eq. (16): 0 deterministic, 1 DDPM-like", ge=0, le=1)
+    spacing: str = option("uniform", "DDIM tau spacing", choices=SPACINGS)
+    variance: str | None = option(
+        None,
+        "sigma^2: posterior (DDPM beta-tilde, DDIM sigma(eta)) or beta (DDPM beta_t, DDIM sigma-hat with eta 1); "
+        "default: the checkpoint's for DDPM (posterior unless imported weights say otherwise), posterior for DDIM",
+        choices=VARIANCES,
+    )
+    clip: bool | None = option(
+        None, "clip the predicted x_0 to [-1, 1]; default: the checkpoint's for DDPM, off for DDIM"
+    )
+
+    def __post_init__(self):
+        sigma_hat = self.sampler == "ddim" and self.variance == "beta" and self.eta != 1
+        check(
+            self,
+            sigma_hat and f"variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta {self.eta}",
+        )
 
     def resolve(self, defaults: dict) -> SamplerSettings:
         """These settings with None filled from a checkpoint's `defaults` ({"variance", "clip"})."""
@@ -204,24 +188,9 @@ class SamplerSettings:
         )
 
     def validate(self, num_timesteps: int) -> SamplerSettings:
-        """Raise ValueError naming every setting out of range for a model of `num_timesteps` T."""
-        problems = []
-        if self.sampler not in SAMPLERS:
-            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.sampler == "ddim" and not 1 <= self.steps <= num_timesteps:
-            problems.append(f"steps must be in [1, {num_timesteps}] (the model's T), got {self.steps}")
-        if not self.eta >= 0:  # also refuses NaN
-            problems.append(f"eta must be >= 0, got {self.eta}")
-        if self.spacing not in SPACINGS:
-            problems.append(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
-        if self.variance not in (None, *VARIANCES):
-            problems.append(f"variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
-        if self.sampler == "ddim" and self.variance == "beta" and self.eta != 1:
-            problems.append(
-                f"variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta {self.eta}"
-            )
-        if problems:
-            raise OptionError("; ".join(problems))
+        """These settings, or an OptionError when they need more steps than a model of T steps has."""
+        if self.sampler == "ddim" and self.steps > num_timesteps:
+            raise OptionError(f"steps must be in [1, {num_timesteps}] (the model's T), got {self.steps}")
         return self
 
     def label(self, num_timesteps: int) -> str:
@@ -240,56 +209,8 @@ class SamplerSpeed:
     """How a sampler evaluates the UNet. It changes the arithmetic, not the method: bf16 images
     differ slightly from fp32 ones, and each is reproducible per seed at one batch shape."""
 
-    precision: str = "auto"  # auto (bf16 on CUDA), fp32 or bf16
-    compile: bool = False  # torch.compile; CUDA graphs on CUDA
+    precision: str = option("auto", "UNet precision (auto: bf16 on GPUs)", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the UNet (CUDA graphs on GPUs)")
 
-
-@dataclass
-class SweepConfig:
-    """A Ray Tune sweep over TrainConfigs (`diffusion.platform.sweep`)."""
-
-    name: str = _opt("sweep", "the sweep's name: its Tune folder under --storage, MLflow parent run and trial names")
-    num_samples: int = _opt(8, "trials drawn from the space (times every grid's size)")
-    metric: str = _opt(
-        "heldout_loss",
-        "what ASHA and the best trial minimise: held-out L_simple of the raw or EMA weights, or the FID of "
-        "--fid-n EMA samples against --fid-splits (computed at every report: costly)",
-        choices=METRICS,
-    )
-    grace_steps: int = _opt(0, "steps every trial runs before ASHA may stop it (0: max_steps // 8)")
-    reduction_factor: int = _opt(2, "ASHA keeps the best 1/reduction_factor at each rung")
-    max_concurrent: int = _opt(0, "trials at once (0: as many as GPUs allow, 1 on clusters without GPUs)")
-    search_seed: int = _opt(0, "seed of the random search over the space")
-    resume: bool = _opt(False, "continue the interrupted sweep of this name and storage")
-
-    def validate(self) -> SweepConfig:
-        if self.num_samples < 1 or self.reduction_factor < 2:
-            raise OptionError("num_samples must be >= 1 and reduction_factor >= 2")
-        if self.metric not in METRICS:
-            raise OptionError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        return self
-
-
-def validate_space(space: dict) -> dict:
-    """Check a search space {param: {distribution: args} | value} and return it.
-
-    distributions: loguniform [low, high], uniform [low, high], choice [values], grid [values]."""
-    if not space:
-        raise OptionError("the search space is empty: give at least one of " + ", ".join(SEARCHABLE))
-    for name, spec in space.items():
-        if name not in SEARCHABLE:
-            raise OptionError(f"cannot search over {name!r}: choose from {', '.join(SEARCHABLE)}")
-        if not isinstance(spec, dict):
-            continue  # a fixed value
-        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise OptionError(f"{name}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{'loguniform': [1e-5, 1e-3]}}")
-        kind, args = next(iter(spec.items()))
-        if not isinstance(args, list) or not args:
-            raise OptionError(f"{name}: {kind} needs a non-empty list, got {args!r}")
-        if kind in ("loguniform", "uniform"):
-            low_ok = len(args) == 2 and all(isinstance(v, (int, float)) for v in args) and args[0] < args[1]
-            if not low_ok or (kind == "loguniform" and args[0] <= 0):
-                raise OptionError(
-                    f"{name}: {kind} needs [low, high] with 0 {'<' if kind == 'loguniform' else '<='} low < high, got {args}"
-                )
-    return space
+    def __post_init__(self):
+        check(self)

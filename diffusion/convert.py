@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import Recipe
 from .errors import InputError
 from .schedule import make_betas
 from .unet import UNET_CONFIGS, UNet, UNetConfig
@@ -368,12 +368,12 @@ def payload_from_diffusers(folder: Path) -> dict:
 def _payload(state: dict, config: UNetConfig, betas: Tensor, sampling: dict, source: dict) -> dict:
     """A checkpoint payload for imported weights (EMA and raw alike: releases publish one set)."""
     preset = next((name for name, c in UNET_CONFIGS.items() if replace(c, dropout=config.dropout) == config), "custom")
-    train = TrainConfig(model=preset, dropout=config.dropout, num_timesteps=len(betas))
+    recipe = Recipe(model=preset, dropout=config.dropout, num_timesteps=len(betas))
     return {
         "model": state,
         "ema": state,
         "betas": betas,
-        "config": train.to_dict(),
+        "recipe": recipe.to_dict(),
         "unet": asdict(config),
         "step": 0,
         "sampling": sampling,

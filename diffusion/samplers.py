@@ -170,8 +170,8 @@ def ddim_sample(
     Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` lists
     timesteps of tau to keep (for diffusion-sequence figures).
     """
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # beyond 1, sigma^2 of eq. (16) can exceed 1 - abar_{tau_{i-1}} of eq. (12)
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     if variance not in ("posterior", "beta") or (variance == "beta" and eta != 1):
         raise ValueError(
             f"variance must be 'posterior', or 'beta' (sigma-hat) with eta = 1; got {variance!r}, eta {eta}"

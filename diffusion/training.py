@@ -1,6 +1,7 @@
 """The training recipe in plain PyTorch: model/optimizer/EMA, the L_simple step (DDPM
 Algorithm 1), the held-out loss, EMA sample grids, and a training set held on the device.
-The config and presets are `diffusion.config.TrainConfig` and `PRESETS`.
+The recipe and its presets are `diffusion.config.Recipe` and `RECIPES`; precision (bf16
+autocast, channels_last) is an argument, as it changes the arithmetic, not the recipe.
 
 Ray Train drives these from `diffusion.platform.train`; benchmarks and notebooks call them
 directly on one device.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import Recipe
 from .ema import EMA
 from .images import random_flip
 from .samplers import ddim_sample, make_generators, randn
 from .schedule import NoiseSchedule, l_simple, make_betas
 from .speed import fast_cuda_kernels
-from .unet import UNet, build_unet
+from .unet import UNet, UNetConfig, build_unet
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
+def lr_at(recipe: Recipe, step: int) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then constant (the DDPM reference)."""
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    return recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup_steps))
 
 
 @dataclass
@@ -42,26 +42,27 @@ class TrainState:
     rank: int = 0  # this worker's rank: its own stream of training draws (`seed_step`)
 
 
-def build_state(config: TrainConfig, device: torch.device, rank: int = 0) -> TrainState:
-    """Model, Adam, EMA and noise schedule on `device`, initialised from `config.seed` (the same
-    weights on every rank)."""
+def build_state(
+    recipe: Recipe, device: torch.device, rank: int = 0, channels_last: bool = True, unet: UNetConfig | None = None
+) -> TrainState:
+    """Model, Adam, EMA and noise schedule on `device`, initialised from `recipe.seed` (the same
+    weights on every rank). The UNet is the recipe's named one, or `unet` (a checkpoint's own,
+    `diffusion.checkpoint.unet_config_of`, to resume or fine-tune it)."""
     if device.type == "cuda":
         fast_cuda_kernels()
-    elif config.bf16 and rank == 0:
-        warnings.warn(f"bf16 autocast runs on CUDA only: this {device.type} run trains in fp32", stacklevel=2)
-    torch.manual_seed(config.seed)
-    model = build_unet(config.model, dropout=config.dropout).to(device)
-    if config.channels_last:
+    torch.manual_seed(recipe.seed)
+    model = build_unet(unet or recipe.model, dropout=recipe.dropout).to(device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(config, 0), **extra)
-    betas = make_betas(config.schedule, config.num_timesteps, config.beta_start, config.beta_end)
-    return TrainState(model, EMA(model, config.ema_decay), optimizer, NoiseSchedule(betas).to(device), rank=rank)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(recipe, 0), **extra)
+    betas = make_betas(recipe.schedule, recipe.num_timesteps, recipe.beta_start, recipe.beta_end)
+    return TrainState(model, EMA(model, recipe.ema_decay), optimizer, NoiseSchedule(betas).to(device), rank=rank)
 
 
-def autocast(config: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA with `config.bf16`; elsewhere nothing (fp32)."""
-    if config.bf16 and device.type == "cuda":
+def autocast(bf16: bool, device: torch.device):
+    """bf16 autocast on CUDA with `bf16`; elsewhere nothing (fp32)."""
+    if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -73,22 +74,24 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
-def train_step(state: TrainState, net: nn.Module, x0: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor]:
+def train_step(
+    state: TrainState, net: nn.Module, x0: Tensor, recipe: Recipe, bf16: bool = False
+) -> tuple[Tensor, Tensor]:
     """One step of Algorithm 1 on a batch x0 in [-1, 1]: flips, L_simple, backward, clip, Adam,
     EMA, its draws seeded by `seed_step`. `net` is the module to call (DDP- or compile-wrapped
     `state.model`). Returns the loss and the pre-clip gradient norm as device tensors (no host
     sync: the schedule is on x0's device)."""
     device = x0.device
-    seed_step(config.seed, state.rank, state.step)
-    if config.flip:
+    seed_step(recipe.seed, state.rank, state.step)
+    if recipe.flip:
         x0 = random_flip(x0)
     for group in state.optimizer.param_groups:
-        group["lr"] = lr_at(config, state.step)
-    with autocast(config, device):
+        group["lr"] = lr_at(recipe, state.step)
+    with autocast(bf16, device):
         loss = l_simple(net, state.schedule, x0)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    max_norm = recipe.grad_clip if recipe.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
     state.optimizer.step()
     state.ema.update(state.model)
@@ -107,7 +110,7 @@ class HeldoutSet:
         self.noise = torch.randn(images.shape, generator=g)
 
     @torch.no_grad()
-    def loss(self, model: nn.Module, schedule: NoiseSchedule, config: TrainConfig, batch_size: int = 256) -> float:
+    def loss(self, model: nn.Module, schedule: NoiseSchedule, bf16: bool = False, batch_size: int = 256) -> float:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -115,25 +118,21 @@ class HeldoutSet:
         for start in range(0, len(self.x0), batch_size):
             sl = slice(start, start + batch_size)
             x0, t, noise = (v[sl].to(device) for v in (self.x0, self.t, self.noise))
-            with autocast(config, device):
+            with autocast(bf16, device):
                 total += l_simple(model, schedule, x0, t, noise).item() * len(x0)
         model.train(was_training)
         return total / len(self.x0)
 
 
 @torch.no_grad()
-def ddim_samples(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig, seeds) -> Tensor:
-    """DDIM (eta=0, sample_steps) samples of `model` from the per-seed x_T of `seeds`, in [-1, 1]."""
+def ddim_samples(model: nn.Module, schedule: NoiseSchedule, seeds, steps: int, bf16: bool = False) -> Tensor:
+    """DDIM (eta=0) samples of `model` in `steps` steps (at most T) from the per-seed x_T of
+    `seeds`, in [-1, 1]: sample grids from fixed seeds show a run's progress at the same x_T."""
     device = next(model.parameters()).device
     size, channels = model.config.image_size, model.config.in_channels
     x_T = randn((len(seeds), channels, size, size), make_generators(seeds, "cpu")).to(device)
-    with autocast(config, device):
-        return ddim_sample(model, schedule.betas, x_T, min(config.sample_steps, config.num_timesteps)).float()
-
-
-def sample_grid(model: nn.Module, schedule: NoiseSchedule, config: TrainConfig) -> Tensor:
-    """Samples from fixed seeds 0..sample_n-1: the same x_T at every step of a run."""
-    return ddim_samples(model, schedule, config, list(range(config.sample_n)))
+    with autocast(bf16, device):
+        return ddim_sample(model, schedule.betas, x_T, min(steps, len(schedule.betas))).float()
 
 
 def fits_on_device(dataset_bytes: int, device: torch.device, fraction: float = 0.1) -> bool:

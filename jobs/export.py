@@ -21,8 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="a new (or empty) folder for the DDPMPipeline")
     args = p.parse_args(argv)
 
-    from diffusion.checkpoint import betas_from, model_from, read_checkpoint, sampling_defaults
+    from diffusion.checkpoint import betas_from, model_from, sampling_defaults
     from diffusion.convert import export_diffusers
+    from diffusion.platform.checkpoints import read_checkpoint
 
     payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
     model = model_from(payload, ema=not args.raw)

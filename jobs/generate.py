@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="prepared data set: two of its images for the DDPM interpolation")
     p.add_argument("--images", nargs=2, default=None, metavar="PNG", help="or two image files for it")
     args = p.parse_args(argv)
-    settings = sampler_settings(args, p)
+    settings = sampler_settings(args)
     if args.n < 1 or args.batch_size < 1:
         p.error("--n and --batch-size must be >= 1")
     if args.figure_seeds < 2 or args.figure_seeds % 2:
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from diffusion.checkpoint import read_checkpoint
     from diffusion.images import save_grid
+    from diffusion.platform.checkpoints import read_checkpoint
     from diffusion.platform.progress import progress
     from diffusion.sampling import Sampler
 

@@ -12,7 +12,8 @@ The schema is at /docs and /openapi.json.
 
 from __future__ import annotations
 
-from diffusion.platform.cli import add_checkpoint_options, add_speed_options, fail, parser, run
+from diffusion.platform.cli import add_checkpoint_options, add_options, fail, given, parser, run
+from diffusion.platform.settings import SERVE_CHECKPOINT_FIELDS, ServeArgs
 
 
 def main(argv=None) -> int:
@@ -20,49 +21,29 @@ def main(argv=None) -> int:
     add_checkpoint_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model batch (the fixed batch shape)")
-    p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits for more requests")
-    p.add_argument("--replicas", type=int, default=1, help="model replicas (the minimum when autoscaling)")
-    p.add_argument("--max-replicas", type=int, default=0, help="autoscale up to this many replicas (0: fixed)")
-    p.add_argument("--target-ongoing", type=float, default=32, help="autoscaling: requests in flight per replica")
-    p.add_argument("--gpus", type=float, default=-1, help="GPUs per replica (-1: 1 if the cluster has GPUs)")
-    g = p.add_argument_group("bounds (in UNet calls at the batch shape: ceil(images / batch size) x sampler steps)")
-    g.add_argument("--long-request-calls", type=int, default=200, help="above this, a request takes the long lane")
-    g.add_argument("--max-request-calls", type=int, default=1000, help="above this, a request gets a 422")
-    g.add_argument("--max-queued-calls", type=int, default=4000, help="above this in a lane, a request gets a 503")
-    add_speed_options(p)
+    add_options(
+        p.add_argument_group(
+            "serving", "Bounds are in UNet calls at the batch shape: ceil(images / batch size) x sampler steps."
+        ),
+        ServeArgs,
+        skip=SERVE_CHECKPOINT_FIELDS,
+    )
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
+    app_args = ServeArgs(**given(args, ServeArgs), ema=not args.raw)  # out of range: named here, before Ray
 
     import signal
     import threading
 
     from ray import serve
 
-    from diffusion.checkpoint import read_checkpoint
-    from diffusion.platform.resources import Workers, connect
-    from diffusion.platform.serve import ServeArgs, build_app, deployment_failure
+    from diffusion.platform.checkpoints import read_checkpoint
+    from diffusion.platform.resources import connect
+    from diffusion.platform.serve import build_app, deployment_failure
 
     read_checkpoint(args.checkpoint, args.endpoint_url, args.which)  # a bad checkpoint is named here, before Ray
     connect()
     serve.start(http_options={"host": args.host, "port": args.port})
-    app_args = ServeArgs(
-        checkpoint=args.checkpoint,
-        which=args.which,
-        endpoint_url=args.endpoint_url,
-        batch_size=args.batch_size,
-        batch_wait_s=args.batch_wait_s,
-        ema=not args.raw,
-        replicas=args.replicas,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing,
-        gpus=Workers(gpus=args.gpus).resolve().gpus,
-        precision=args.precision,
-        compile=args.compile,
-        long_request_calls=args.long_request_calls,
-        max_request_calls=args.max_request_calls,
-        max_queued_calls=args.max_queued_calls,
-    )
     try:
         serve.run(build_app(app_args), blocking=False)
     except RuntimeError:  # the application failed to deploy: say why its replicas did

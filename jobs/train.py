@@ -13,26 +13,26 @@ from __future__ import annotations
 
 import posixpath
 
-from diffusion.config import TrainConfig
-from diffusion.platform.cli import add_train_options, fail, parser, run, train_config
+from diffusion.platform.cli import add_train_options, fail, parser, run, train_job
+from diffusion.platform.settings import TrainJob
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> TrainJob:
     p = parser(__doc__)
     add_train_options(p)
-    return train_config(p.parse_args(argv), p)
+    return train_job(p.parse_args(argv), p)
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    job = parse_args(argv)
     from diffusion.platform.train import fit
 
-    result = fit(config)
+    result = fit(job)
     if result.error:
         return fail(f"training failed: {result.error}")
     if result.checkpoint:  # as a URI the other jobs take (Ray's path drops the s3:// scheme)
         run_and_checkpoint = result.checkpoint.path.rstrip("/").split("/")[-2:]
-        print(f"latest checkpoint: {posixpath.join(config.storage, *run_and_checkpoint)}")
+        print(f"latest checkpoint: {posixpath.join(job.settings.storage, *run_and_checkpoint)}")
     return 0
 
 

@@ -240,11 +240,11 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
     import torch
 
     from diffusion.checkpoint import save_checkpoint
-    from diffusion.config import PRESETS
+    from diffusion.config import RECIPES
     from diffusion.training import build_state
 
     torch.manual_seed(0)
-    config = PRESETS[preset].replace(num_timesteps=num_timesteps)
+    config = RECIPES[preset].replace(num_timesteps=num_timesteps)
     state = build_state(config, torch.device("cpu"))
     with torch.no_grad():
         for p in state.ema.ema_model.parameters():
@@ -271,19 +271,19 @@ def train_digits(shards_uri: str, folder: Path, seed: int = 0) -> TrainedDigits:
     import torch
 
     from diffusion.checkpoint import checkpoint_dir_name, save_checkpoint
-    from diffusion.config import PRESETS
+    from diffusion.config import RECIPES
     from diffusion.images import from_uint8, to_model_input
     from diffusion.platform.shards import ShardSet
     from diffusion.training import DeviceData, HeldoutSet, build_state, train_step
 
-    config = PRESETS["digits"].replace(**DIGITS_CI, seed=seed)
+    config = RECIPES["digits"].replace(**DIGITS_CI, seed=seed)
     shards = ShardSet.open(shards_uri)
     train, test = (
         torch.from_numpy(next(shards.iter_batches(len(shards), splits=[s]))["image"]) for s in ("train", "test")
     )
     state = build_state(config, torch.device("cpu"))
     heldout = HeldoutSet(from_uint8(test.permute(0, 3, 1, 2)), config.num_timesteps, config.seed)
-    initial = heldout.loss(state.model, state.schedule, config)
+    initial = heldout.loss(state.model, state.schedule)
     data = DeviceData(train)
     while state.step < config.max_steps:
         for images in data.epoch(config.batch_size):
@@ -292,8 +292,8 @@ def train_digits(shards_uri: str, folder: Path, seed: int = 0) -> TrainedDigits:
                 break
     losses = {
         "initial": initial,
-        "final": heldout.loss(state.model, state.schedule, config),
-        "final_ema": heldout.loss(state.ema.ema_model, state.schedule, config),
+        "final": heldout.loss(state.model, state.schedule),
+        "final_ema": heldout.loss(state.ema.ema_model, state.schedule),
     }
     save_checkpoint(folder / checkpoint_dir_name(state.step), state, config)
     return TrainedDigits(str(folder), losses)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion import UNET_CONFIGS, build_unet, ddim_sample, ddpm_sample, make_betas, timesteps
-from diffusion.config import TrainConfig
+from diffusion.config import Recipe
 from diffusion.schedule import NoiseSchedule
 from helpers import ROOT, assert_machine_recorded, run_main
 
@@ -88,7 +88,7 @@ class AsUNet:
 
 
 def test_diffusers_samplers_do_our_arithmetic(oracle):
-    config = TrainConfig()
+    config = Recipe()
     betas = make_betas("linear", config.num_timesteps, config.beta_start, config.beta_end)
     ddim, ddpm = speed.hf_scheduler("ddim", config), speed.hf_scheduler("ddpm", config)
     torch.testing.assert_close(ddim.betas.double(), betas, rtol=1e-6, atol=0)  # diffusers keeps float32
@@ -111,7 +111,7 @@ def test_diffusers_samplers_do_our_arithmetic(oracle):
 
 
 def test_diffusers_training_noise_is_our_forward_process():
-    config = TrainConfig()
+    config = Recipe()
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, torch.randn(6, 3, 8, 8, generator=g)
     t = torch.tensor([0, 1, 250, 500, 998, 999])

@@ -27,9 +27,10 @@ def bad_files(tmp_path, payload) -> dict:
         "empty": (b"", "is empty"),
         "truncated": (None, "not a readable PyTorch checkpoint, truncated or damaged"),
         "no-ema": ({k: v for k, v in payload.items() if k != "ema"}, "lacks ['ema']"),
-        "unknown-config": (
-            {**payload, "config": {**payload["config"], "bogus": 1}},
-            "unknown training option(s) ['bogus']",
+        "no-recipe": ({k: v for k, v in payload.items() if k != "recipe"}, "lacks ['recipe']"),
+        "unknown-recipe": (
+            {**payload, "recipe": {**payload["recipe"], "bogus": 1}},
+            "unknown recipe option(s) ['bogus']",
         ),
         "mismatched": ({**payload, "ema": dict(list(payload["ema"].items())[:-1])}, "'ema' weights do not fit"),
         "malicious": ({"model": Malicious()}, "holds Python objects other than tensors"),

@@ -340,7 +340,8 @@ def test_rayjob_runs_training_on_a_cluster_it_creates_and_deletes(monkeypatch, c
     assert job["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
     (command,) = commands_in(job["entrypoint"])
     assert command[0] == "jobs/train.py"
-    config = parse_command(command, monkeypatch, capsys)
+    parsed = parse_command(command, monkeypatch, capsys)
+    config, recipe = parsed.settings, parsed.recipe
     assert config.data.startswith("s3://") and config.storage.startswith("s3://") and "--name" in command[1]
     # Explicit, as the cluster's GPUs may not have joined when the job starts; and they must fit.
     assert {"--num-workers", "--gpus-per-worker"} <= set(command[1]), command
@@ -348,13 +349,13 @@ def test_rayjob_runs_training_on_a_cluster_it_creates_and_deletes(monkeypatch, c
         g["replicas"] * gpus(g["template"]["spec"]["containers"][0]) for g in job["rayClusterSpec"]["workerGroupSpecs"]
     )
     assert config.num_workers * config.gpus_per_worker <= cluster_gpus
-    assert config.batch_size % config.num_workers == 0
+    assert recipe.batch_size % config.num_workers == 0
 
 
 def test_rayservice_serves_build_app_with_the_serve_config_arguments():
     from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
-    from diffusion.platform.serve import ServeArgs
+    from diffusion.platform.serve import serve_args
 
     service = one("rayservice.yaml", "RayService")["spec"]
     serve_config = yaml.safe_load(service["serveConfigV2"])
@@ -365,7 +366,7 @@ def test_rayservice_serves_build_app_with_the_serve_config_arguments():
     assert set(app) <= set(ServeApplicationSchema.model_fields)
     assert app["import_path"] == "diffusion.platform.serve:build_app"
     args = app["args"]
-    ServeArgs.model_validate(args)  # a missing or unknown argument raises a ValidationError
+    serve_args(args)  # a missing, unknown or out-of-range argument raises
     (local_app,) = load(ROOT / "jobs" / "serve_config.yaml")["applications"]
     assert set(args) == set(local_app["args"]) and local_app["import_path"] == app["import_path"]
     assert args["checkpoint"].startswith("s3://") and args["gpus"] >= 1
@@ -443,7 +444,7 @@ def parse_command(command, monkeypatch, capsys):
 
     try:
         if script == "jobs/train.py":
-            return module.parse_args(list(argv))
+            return module.parse_args(list(argv)).validate()  # the job, checked as `fit` checks it
         monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
         module.main(list(argv))
     except _Parsed as parsed:

@@ -193,14 +193,14 @@ def test_export_gives_diffusers_our_network_and_sampler_and_reads_back(source, t
         checkpoint = tiny_checkpoint(tmp_path / "ckpt")  # perturbed EMA weights
     else:  # the cifar10 UNet with every weight drawn (our init zeroes output layers)
         from diffusion.checkpoint import save_checkpoint
-        from diffusion.config import PRESETS
+        from diffusion.config import RECIPES
         from diffusion.training import build_state
 
-        state = build_state(PRESETS["cifar10"], torch.device("cpu"))
+        state = build_state(RECIPES["cifar10"], torch.device("cpu"))
         with torch.no_grad():
             for p in state.ema.ema_model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        checkpoint = str(save_checkpoint(tmp_path / "ckpt", state, PRESETS["cifar10"]).parent)
+        checkpoint = str(save_checkpoint(tmp_path / "ckpt", state, RECIPES["cifar10"]).parent)
     out = tmp_path / "exported"
     proc = cli("jobs/export.py", "--checkpoint", checkpoint, "--out", out)
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr

@@ -125,7 +125,7 @@ def test_serve_answers_and_reads_grey_images(fmt):
     from PIL import Image
 
     from diffusion.images import to_uint8
-    from diffusion.platform.serve import decode_png, encode
+    from diffusion.platform.http import decode_png, encode
 
     images = np.arange(2 * 64, dtype=np.uint8).reshape(2, 8, 8, 1) * 2
     body = encode(images, fmt, {}).body

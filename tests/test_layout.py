@@ -1,16 +1,18 @@
-"""The two layers: the core (`diffusion/`) runs with torch and numpy alone, reaches the
-platform layer (`diffusion/platform/`) at exactly one place, and the package has no import
-cycle; MLflow is imported by one module only."""
+"""The two layers: the core (`diffusion/`) runs with torch and numpy alone and never imports the
+platform layer (`diffusion/platform/`), the package has no import cycle, MLflow is imported by
+one module only, and no function is longer than 100 lines."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "diffusion"
 BLOCKED = ("ray", "mlflow", "fastapi", "pyarrow", "boto3", "pydantic", "diffusers")
-# The core's one door into the platform: a checkpoint URI that is not a local path.
-CORE_TO_PLATFORM = {("diffusion.checkpoint", "diffusion.platform.checkpoints")}
+SOURCES = [PACKAGE.parent / d for d in ("diffusion", "jobs", "tune", "bench", "cluster", "tests")]
+MAX_FUNCTION_LINES = 100
 
 
 def module_name(path: Path) -> str:
@@ -58,10 +60,10 @@ sys.meta_path.insert(0, Block())
 for name in {core!r}:
     importlib.import_module(name)
 import torch
-from diffusion import PRESETS, Sampler, SamplerSettings, load_checkpoint, read_checkpoint, save_grid
+from diffusion import RECIPES, Sampler, SamplerSettings, load_checkpoint, read_checkpoint, save_grid
 from diffusion.checkpoint import save_checkpoint
 from diffusion.training import build_state
-config = PRESETS["tiny"]
+config = RECIPES["tiny"]
 state = build_state(config, torch.device("cpu"))
 save_checkpoint(r"{tmp_path}/run/checkpoint-000000007", state, config)
 model, ema_model, loaded = load_checkpoint(r"{tmp_path}/run")
@@ -76,18 +78,29 @@ print(loaded.model, tuple(x.shape), sorted(m for m in sys.modules if m.split("."
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_the_core_reaches_the_platform_only_through_the_checkpoint_uri_dispatch():
+def is_platform(module: str) -> bool:
+    return module == "diffusion.platform" or module.startswith("diffusion.platform.")
+
+
+def test_the_core_never_imports_the_platform():
+    """Imports anywhere in a module count (a function's import is a dependency too)."""
     edges = {(a, b) for a, targets in graph().items() for b in targets}
-    core_to_platform = {
-        (a, b) for a, b in edges if not a.startswith("diffusion.platform") and b.startswith("diffusion.platform")
-    }
-    assert core_to_platform == CORE_TO_PLATFORM
+    core_to_platform = sorted((a, b) for a, b in edges if not is_platform(a) and is_platform(b))
+    assert core_to_platform == [], "the core imports the platform: " + ", ".join(
+        f"{a} -> {b}" for a, b in core_to_platform
+    )
+
+
+def test_the_core_check_finds_a_planted_edge(monkeypatch):
+    planted = {**graph(), "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoints"}}
+    monkeypatch.setattr(sys.modules[__name__], "graph", lambda: planted)
+    with pytest.raises(AssertionError, match="diffusion.checkpoint -> diffusion.platform.checkpoints"):
+        test_the_core_never_imports_the_platform()
 
 
 def test_the_package_has_no_import_cycle():
-    """Imports anywhere in a module count (a function's import is a dependency too), but for
-    the core's one lazy door into the platform."""
-    deps = {a: targets - {b for a2, b in CORE_TO_PLATFORM if a2 == a} for a, targets in graph().items()}
+    """Imports anywhere in a module count (a function's import is a dependency too)."""
+    deps = graph()
     state: dict[str, str] = {}
 
     def visit(module: str, path: list[str]) -> None:
@@ -107,12 +120,32 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_check_finds_a_cycle(monkeypatch):
     fake = {"diffusion.a": {"diffusion.b"}, "diffusion.b": {"diffusion.c"}, "diffusion.c": {"diffusion.a"}}
     monkeypatch.setattr(sys.modules[__name__], "graph", lambda: fake)
-    try:
+    with pytest.raises(AssertionError, match="diffusion.a -> diffusion.b -> diffusion.c -> diffusion.a"):
         test_the_package_has_no_import_cycle()
-    except AssertionError as e:
-        assert "diffusion.a -> diffusion.b -> diffusion.c -> diffusion.a" in str(e)
-    else:
-        raise AssertionError("the cycle was not found")
+
+
+def test_the_cycle_check_finds_the_cycle_a_core_to_platform_edge_would_close(monkeypatch):
+    """The edge that was allowed until the split: checkpoint -> platform.checkpoints -> ... -> checkpoint."""
+    planted = {**graph(), "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoints"}}
+    monkeypatch.setattr(sys.modules[__name__], "graph", lambda: planted)
+    with pytest.raises(AssertionError, match="import cycle: .*diffusion.checkpoint -> diffusion.platform.checkpoints"):
+        test_the_package_has_no_import_cycle()
+
+
+def long_functions() -> list[str]:
+    found = []
+    for root in SOURCES:
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_100_lines():
+    assert long_functions() == []
 
 
 def test_only_the_tracking_module_imports_mlflow():

@@ -248,8 +248,9 @@ def test_bad_sampler_arguments_are_named(oracle):
     betas = make_betas("linear")
     model = oracle(betas, MU, S)
     x_T = draws(4)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
-        ddim_sample(model, betas, x_T, 10, eta=-0.1)
+    for eta in (-0.1, 1.5):  # eq. (16) spans eta in [0, 1]; beyond 1 the step's square root goes negative
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            ddim_sample(model, betas, x_T, 10, eta=eta)
     with pytest.raises(ValueError, match="'beta' \\(sigma-hat\\) with eta = 1"):
         ddim_sample(model, betas, x_T, 10, eta=0.5, variance="beta")
     with pytest.raises(ValueError, match="unknown variance 'fixed'"):

@@ -102,6 +102,7 @@ def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(servic
         ({"steps": "many"}, 422, "steps"),
         ({"steps": 1001}, 422, "steps"),
         ({"eta": -0.1}, 422, "eta"),
+        ({"eta": 1.5}, 422, "eta: Input should be less than or equal to 1"),
         ({"sampler": "euler"}, 422, "sampler"),
         ({"format": "gif"}, 422, "format"),
         ({"seeds": [1, 2], "n": 3}, 422, "n"),
@@ -241,18 +242,22 @@ def test_sequences(service):
 
 def test_serve_config_file_is_a_valid_serve_application(tmp_path):
     import inspect
+    import typing
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from diffusion.platform.serve import ServeArgs, build_app, deployment_options
+    from diffusion.platform.serve import build_app, deployment_options, serve_args
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)
-    # `serve run` calls a builder that takes one parameter, validating its `args:` into the
-    # pydantic model the parameter is annotated with.
+    # `serve run` calls a builder of one parameter with the `args:` dict as it is (the parameter's
+    # annotation is not a pydantic model); the builder checks it (`serve_args`).
     (param,) = inspect.signature(build_app).parameters.values()
-    assert param.annotation is ServeArgs
-    args = ServeArgs.model_validate({**config["applications"][0]["args"], "max_replicas": 4, "gpus": 1})
+    assert dict in typing.get_args(param.annotation)
+    args = serve_args({**config["applications"][0]["args"], "max_replicas": 4, "gpus": 1})
+    assert serve_args({"checkpoint": "runs/x", "gpus": "1", "ema": "false"}).gpus == 1.0  # `serve run k=v` strings
+    with pytest.raises(ValueError, match="batch_size"):
+        serve_args({"checkpoint": "runs/x", "batch_size": 0})
     options = deployment_options(args)
     assert options["ray_actor_options"]["num_gpus"] == 1 and options["autoscaling_config"]["max_replicas"] == 4

@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from diffusion import load_checkpoint
-from diffusion.checkpoint import read_checkpoint
-from diffusion.config import PRESETS
+from diffusion.checkpoint import recipe_of
+from diffusion.platform.checkpoints import read_checkpoint
+from diffusion.platform.settings import PRESETS
 from diffusion.platform.tracking import RUN_NAME_TAG
 from diffusion.platform.train import fit
 from helpers import mlflow_images
@@ -62,7 +63,8 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     run_dir = tmp_path / "runs" / "resume"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000000010", "checkpoint-000000020"]
     payload = torch.load(run_dir / "checkpoint-000000020" / "checkpoint.pt", weights_only=True)
-    assert payload["step"] == 20 and {"model", "ema", "optimizer", "betas", "config", "unet"} <= set(payload)
+    assert payload["step"] == 20 and {"model", "ema", "optimizer", "betas", "recipe", "run", "unet"} <= set(payload)
+    assert payload["recipe"] == config.recipe.to_dict() and payload["run"]["storage"] == str(tmp_path / "runs")
 
     client, run = the_run(mlflow_uri, "resume")
     assert run.info.status == "FINISHED"
@@ -171,8 +173,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
     resumed = steps_of(client, run.info.run_id, "resumed_from_step")
     assert len(resumed) == 1 and resumed[0] >= 10  # restarted from a checkpoint, not from step 0
     assert run.data.metrics["replicas_identical"] == 1.0 and run.info.status == "FINISHED"
-    _, _, loaded = load_checkpoint(f"s3://{s3}/runs/failure")
-    assert loaded.max_steps == 20 and loaded.storage == f"s3://{s3}/runs"
+    payload = read_checkpoint(f"s3://{s3}/runs/failure")
+    assert recipe_of(payload).max_steps == 20 and payload["run"]["storage"] == f"s3://{s3}/runs"  # information
     logged = str(run.data.params) + str(run.data.tags)
     assert "do-not-log-this-secret" not in logged and "test-key" not in logged
     assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from diffusion.config import PRESETS, TrainConfig
+from diffusion.config import Recipe
+from diffusion.platform.settings import PRESETS, RunSettings, TrainJob
 from diffusion.training import lr_at
 from helpers import ROOT, run_main
 
@@ -15,7 +16,7 @@ spec.loader.exec_module(train_cli)
 
 
 def test_presets_follow_the_ddpm_recipe():
-    c = PRESETS["cifar10"]
+    c = PRESETS["cifar10"].recipe
     assert (c.model, c.lr, c.warmup_steps, c.batch_size, c.grad_clip, c.ema_decay, c.dropout, c.flip, c.max_steps) == (
         "cifar10",
         2e-4,
@@ -28,13 +29,13 @@ def test_presets_follow_the_ddpm_recipe():
         800_000,
     )
     assert (c.schedule, c.num_timesteps, c.beta_start, c.beta_end) == ("linear", 1000, 1e-4, 0.02)
-    assert PRESETS["stl10"].model == "stl10" and PRESETS["tiny"].model == "tiny"
+    assert PRESETS["stl10"].recipe.model == "stl10" and PRESETS["tiny"].recipe.model == "tiny"
     digits = PRESETS["digits"].validate()  # the recipe bench/quality.py measured (README: 12m40s on 2 cores)
-    assert (digits.model, digits.flip, digits.data, digits.num_timesteps) == ("digits", False, "data/digits", 1000)
+    assert (digits.recipe.model, digits.recipe.flip, digits.settings.data) == ("digits", False, "data/digits")
 
 
 def test_learning_rate_warms_up_linearly_then_stays():
-    c = PRESETS["cifar10"]
+    c = PRESETS["cifar10"].recipe
     assert lr_at(c, 0) == pytest.approx(2e-4 / 5000)
     assert lr_at(c, 2499) == pytest.approx(1e-4)
     assert lr_at(c, 4999) == lr_at(c, 700_000) == 2e-4
@@ -55,8 +56,16 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
             "2",
         ]
     )
-    assert isinstance(config, TrainConfig)
-    assert (config.model, config.lr, config.schedule, config.max_steps, config.flip, config.num_workers) == (
+    assert isinstance(config, TrainJob)
+    config = config.to_dict()
+    assert (
+        config["model"],
+        config["lr"],
+        config["schedule"],
+        config["max_steps"],
+        config["flip"],
+        config["num_workers"],
+    ) == (
         "tiny",
         5e-4,
         "cosine",
@@ -65,31 +74,40 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
         2,
     )
     (tmp_path / "c.json").write_text(json.dumps({"batch_size": 32, "ema_decay": 0.999}))
-    config = train_cli.parse_args(["--config", str(tmp_path / "c.json")])
+    config = train_cli.parse_args(["--config", str(tmp_path / "c.json")]).recipe
     assert (config.model, config.batch_size, config.ema_decay) == ("cifar10", 32, 0.999)
 
 
 def test_every_config_field_is_a_flag_with_help_and_default():
     out = run_main("jobs/train.py", "--help").stdout
-    for name in TrainConfig.__dataclass_fields__:
+    for name in [*Recipe.__dataclass_fields__, *RunSettings.__dataclass_fields__]:
         assert "--" + name.replace("_", "-") in out
-    assert "(default: 0.0002)" in out and "(default: 'linear')" in out
+    out = " ".join(out.split())  # argparse wraps lines where it likes
+    assert "(> 0) (default: 0.0002)" in out and "(default: 'linear')" in out
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, code, message",
     [
-        (["--schedule", "sigmoid"], "schedule must be linear or cosine, got 'sigmoid'"),
-        (["--lr", "-1"], "lr must be > 0"),
-        (["--max-steps", "0"], "max_steps must be >= 1"),
-        (["--data-on-device", "gpu"], "data_on_device must be auto, on or off, got 'gpu'"),
-        (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
-        (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml does not exist"),
+        (["--schedule", "sigmoid"], 2, "argument --schedule: invalid choice: 'sigmoid'"),
+        (["--data-on-device", "gpu"], 2, "argument --data-on-device: invalid choice: 'gpu'"),
+        (["--preset", "imagenet"], 2, "invalid choice: 'imagenet'"),
+        (["--config", "/nonexistent.yaml"], 2, "--config /nonexistent.yaml does not exist"),
+        # values in range of their type but not of the option: the job's one check, before anything starts
+        (["--lr", "-1"], 1, "error: lr must be > 0, got -1.0"),
+        (
+            ["--max-steps", "0", "--ema-decay", "1"],
+            1,
+            "error: ema_decay must be in [0, 1), got 1.0; max_steps must be >= 1, got 0",
+        ),
+        (["--fid-every", "10", "--fid-n", "1"], 1, "error: fid_n must be >= 2, got 1"),
     ],
 )
-def test_bad_options_are_named(args, message):
+def test_bad_options_are_named(args, code, message):
     proc = run_main("jobs/train.py", *args)
-    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    if code == 1:
+        assert proc.stderr.count("\n") == 1  # one line, no traceback
 
 
 def test_unknown_keys_in_a_config_file_are_named(tmp_path):

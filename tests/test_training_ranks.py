@@ -15,14 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from diffusion.checkpoint import checkpoint_dir_name, read_checkpoint, restore_state, save_checkpoint
-from diffusion.config import PRESETS
+from diffusion.config import RECIPES
 from diffusion.schedule import NoiseSchedule
 from diffusion.speed import fast_cuda_kernels
 from diffusion.training import build_state, train_step
 from helpers import free_port
 
 # The digits UNet (8x8 grey) with dropout and flips on: every kind of training draw.
-CONFIG = PRESETS["digits"].replace(batch_size=4, dropout=0.1, flip=True, warmup_steps=1, bf16=False)
+CONFIG = RECIPES["digits"].replace(batch_size=4, dropout=0.1, flip=True, warmup_steps=1)
 STEPS, CHECKPOINT_AT = 4, 2
 
 
@@ -105,12 +105,14 @@ def test_the_training_step_reads_nothing_from_the_host():
 
 
 def test_bf16_on_a_cpu_says_once_that_it_trains_in_fp32():
+    from diffusion.platform.train import warn_fp32
+
     with pytest.warns(UserWarning, match="bf16 autocast runs on CUDA only: this cpu run trains in fp32"):
-        build_state(CONFIG.replace(bf16=True), torch.device("cpu"))
+        warn_fp32(True, torch.device("cpu"), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_state(CONFIG.replace(bf16=True), torch.device("cpu"), rank=1)  # rank 0 alone says it
-        build_state(CONFIG, torch.device("cpu"))
+        warn_fp32(True, torch.device("cpu"), 1)  # rank 0 alone says it
+        warn_fp32(False, torch.device("cpu"), 0)
 
 
 def test_fast_cuda_kernels_turns_on_autotuning_and_tf32():

@@ -15,21 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion.config import SEARCHABLE, SweepConfig, validate_space
-from diffusion.platform.cli import (
-    add_dataclass_options,
-    add_train_options,
-    given,
-    parser,
-    read_options_file,
-    run,
-    train_config,
-)
+from diffusion.platform.cli import add_options, add_train_options, given, parser, read_options_file, run, train_job
+from diffusion.platform.settings import SEARCHABLE, SweepConfig, validate_space
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    add_dataclass_options(p.add_argument_group("sweep"), SweepConfig)
+    add_options(p.add_argument_group("sweep"), SweepConfig, given_only=True)
     s = p.add_argument_group("search space")
     s.add_argument(
         "--lr-range",
@@ -46,7 +38,7 @@ def main(argv=None) -> int:
     s.add_argument("--space", default=None, help="YAML/JSON search space (replaces the flags above)")
     add_train_options(p, skip=("name",))
     args = p.parse_args(argv)
-    base = train_config(args, p)
+    base = train_job(args, p)
 
     if args.space:
         space = read_options_file(Path(args.space), p, "--space", known=set(SEARCHABLE))
@@ -59,11 +51,8 @@ def main(argv=None) -> int:
         ):
             if values:
                 space[key] = {"choice": values}
-    try:
-        validate_space(space)
-        sweep = SweepConfig(**given(args, SweepConfig)).validate()
-    except ValueError as e:
-        p.error(str(e))
+    validate_space(space)
+    sweep = SweepConfig(**given(args, SweepConfig))
 
     from diffusion.platform.sweep import run_sweep
 

@@ -14,15 +14,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
-from ..checkpoint import read_checkpoint, sampling_defaults
+from ..checkpoint import sampling_defaults
 from ..config import SamplerSettings, SamplerSpeed
 from ..figures import batch_size as figures_batch_size
 from ..figures import figures
 from ..images import from_uint8, grid
 from ..sampling import Sampler, as_uint8_hwc
 from . import tracking
+from .checkpoints import read_checkpoint
 from .progress import progress
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
@@ -96,8 +98,6 @@ def resolved(job: SamplingJob, payload: dict) -> SamplingJob:
 def sample_dataset(job: SamplingJob, out: str | None = None, fmt: str = "npz"):
     """A ray.data.Dataset of {"seed", "image": uint8 (B, H, W, C)} for the job's seeds, sampled
     by an actor pool (each actor writes its images to `out` unless it is None)."""
-    import ray
-
     seed = job.seed
     ds = ray.data.range(job.n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
     return map_with_actors(ds, SampleWriter, (job, out, fmt), job.batch_size, job.workers.resolve())

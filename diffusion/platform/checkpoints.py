@@ -1,4 +1,6 @@
-"""Checkpoints behind URIs. The format is `diffusion.checkpoint`; this module only finds the bytes:
+"""Checkpoints wherever they are: `read_checkpoint` takes what the core's does (a local file or
+folder, published weights) and URIs. The format is `diffusion.checkpoint`; for a URI this module
+only finds the bytes:
 
 s3://bucket/prefix              a checkpoint.pt, its folder or a run folder, as on a local disk
 runs:/<run_id>                  the latest checkpoint a training run recorded (best: its run folder's best)
@@ -12,36 +14,36 @@ import posixpath
 import tempfile
 from pathlib import Path
 
-from ..checkpoint import (
-    CHECKPOINT_FILE,
-    METRICS_FILE,
-    CheckpointError,
-    choose_checkpoint,
-    parse_checkpoint,
-    read_checkpoint,
-)
+from .. import checkpoint as local
+from ..checkpoint import CHECKPOINT_FILE, METRICS_FILE, CheckpointError, choose_checkpoint, is_uri, parse_checkpoint
 from .storage import open_location
 
 MODEL_CHECKPOINT = Path("artifacts") / CHECKPOINT_FILE  # inside an MLflow Model folder of this project
 
 
-def read_remote_checkpoint(uri: str, endpoint_url: str | None = None, which: str = "latest") -> dict:
-    """The checked payload of the checkpoint a remote URI names."""
-    from . import tracking
+def read_checkpoint(location: str | Path, endpoint_url: str | None = None, which: str = "latest") -> dict:
+    """The checked payload of a checkpoint file, checkpoint folder, run folder (its latest or
+    best checkpoint, by `which`), s3:// URI or MLflow URI (runs:/<run_id>[/<path>],
+    models:/<name>/<version or @alias>), or published weights (a diffusers folder, a DDPM
+    reference state dict)."""
+    uri = str(location)
+    if not is_uri(uri):
+        return local.read_checkpoint(uri, which)
+    from . import tracking  # MLflow: only for a URI
 
     if uri.startswith("runs:/") and "/" not in uri[len("runs:/") :].strip("/"):
         checkpoint = tracking.checkpoint_of_run(uri[len("runs:/") :].strip("/"))
         return read_checkpoint(checkpoint if which == "latest" else posixpath.dirname(checkpoint), endpoint_url, which)
     if uri.startswith(("runs:/", "models:/")):
         with tempfile.TemporaryDirectory() as d:
-            local = tracking.download(uri, d)
-            if (local / "MLmodel").is_file():  # an MLflow Model of this project: its checkpoint artifact
-                local = local / MODEL_CHECKPOINT
-            return read_checkpoint(local, which=which)
-    location = open_location(uri, endpoint_url, check=False)
-    path = _checkpoint_file(location, uri, which)
-    with location.fs.open_input_stream(path) as f:
-        return parse_checkpoint(f.read(), uri if path == location.path else f"{uri}{path[len(location.path) :]}")
+            downloaded = tracking.download(uri, d)
+            if (downloaded / "MLmodel").is_file():  # an MLflow Model of this project: its checkpoint artifact
+                downloaded = downloaded / MODEL_CHECKPOINT
+            return local.read_checkpoint(downloaded, which)
+    store = open_location(uri, endpoint_url, check=False)
+    path = _checkpoint_file(store, uri, which)
+    with store.fs.open_input_stream(path) as f:
+        return parse_checkpoint(f.read(), uri if path == store.path else f"{uri}{path[len(store.path) :]}")
 
 
 def _checkpoint_file(location, uri: str, which: str) -> str:

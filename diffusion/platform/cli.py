@@ -1,9 +1,10 @@
-"""What the command lines (jobs/, tune/) share: a parser that shows every default, TrainConfig's
-options (a preset, then an optional YAML/JSON file, then one flag per field, each overriding
-the last), the sampler's options, and one-line errors.
+"""What the command lines (jobs/, tune/) share: a parser that shows every default, a flag per
+field of the option dataclasses (`add_options`: the training job's, a preset, then an optional
+YAML/JSON file, then the flags, each overriding the last; the sampler's; Serve's), and one-line
+errors.
 
-Only the standard library and `diffusion.config` are imported here, so every --help answers
-before torch, Ray or MLflow is imported.
+Only the standard library, `diffusion.config` and `diffusion.platform.settings` are imported
+here, so every --help answers before torch, Ray or MLflow is imported.
 """
 
 from __future__ import annotations
@@ -12,21 +13,13 @@ import argparse
 import json
 import signal
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import (
-    PRECISIONS,
-    PRESETS,
-    SAMPLERS,
-    SPACINGS,
-    VARIANCES,
-    WHICH,
-    SamplerSettings,
-    SamplerSpeed,
-    TrainConfig,
-)
+from ..config import WHICH, Recipe, SamplerSettings, SamplerSpeed, range_text
+from .settings import PRESETS, RECIPE_FIELDS, RUN_FIELDS, RunSettings, TrainJob, job_from
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -75,51 +68,55 @@ def exit_code(main: Callable[[], int]) -> int:
         return 130
 
 
-def add_dataclass_options(parser: argparse._ActionsContainer, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of dataclass `cls`, with the field's metadata help and default. A flag
-    not given leaves no attribute (argparse.SUPPRESS), so that only the flags given override
-    what comes before them (a preset, a file)."""
+def add_options(parser: argparse._ActionsContainer, cls, skip=(), defaults: dict | None = None, given_only=False):
+    """One flag per field of dataclass `cls` (but those in `skip`), typed, with the help, range
+    and default of the field's metadata (`diffusion.config.option`), or of `defaults`. With
+    `given_only`, a flag not given leaves no attribute (argparse.SUPPRESS), so that only the
+    flags given override what comes before them (a preset, a file)."""
+    types = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default!r})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        default = (defaults or {}).get(f.name, f.default)
+        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        bounds = "" if f.metadata.get("choices") else range_text(f)  # argparse shows choices itself
+        help = f.metadata["help"] + (f" ({bounds})" if bounds else "")
+        if given_only and "(default:" not in help:
+            help += f" (default: {default!r})"
+        extra = {"default": argparse.SUPPRESS if given_only else default, "help": help}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         else:
-            choices = f.metadata.get("choices")
-            parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **extra)
 
 
 def given(args: argparse.Namespace, cls) -> dict:
-    """The fields of dataclass `cls` that were given as flags."""
+    """The fields of dataclass `cls` that are attributes of `args` (given as flags, or defaults)."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """--preset, --config FILE and a flag per TrainConfig field (but those in `skip`); the
-    bracketed defaults are the cifar10 preset's."""
+    """--preset, --config FILE and a flag per option of a TrainJob (but those in `skip`), the
+    recipe's and the run settings'; the bracketed defaults are the cifar10 preset's."""
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS), help="recipe to start from")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (between preset and flags)")
-    group = parser.add_argument_group(
-        "training options", "The defaults shown are the cifar10 preset's; --preset and --config change them."
+    note = "The defaults shown are the cifar10 preset's; --preset and --config change them."
+    add_options(parser.add_argument_group("recipe", f"What is trained. {note}"), Recipe, skip, given_only=True)
+    add_options(
+        parser.add_argument_group("run settings", "How and where it is trained."), RunSettings, skip, given_only=True
     )
-    add_dataclass_options(group, TrainConfig, skip)
 
 
-def train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
-    """The validated TrainConfig the options describe (a parser error names a bad option)."""
-    config = PRESETS[args.preset]
-    if args.config:
-        config = config.replace(**read_options_file(Path(args.config), parser, "--config"))
-    try:
-        return config.replace(**given(args, TrainConfig)).validate()
-    except ValueError as e:
-        parser.error(str(e))
+def train_job(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainJob:
+    """The TrainJob the options describe: the preset, then the --config file, then the flags
+    given. `fit` checks it, once."""
+    file_options = read_options_file(Path(args.config), parser, "--config") if args.config else {}
+    return job_from(args.preset, file_options, {**given(args, Recipe), **given(args, RunSettings)})
 
 
 def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, known: set[str] | None = None) -> dict:
-    """A YAML or JSON mapping whose keys are all `known` (TrainConfig fields by default)."""
+    """A YAML or JSON mapping whose keys are all `known` (a TrainJob's options by default)."""
     if not path.is_file():
         parser.error(f"{flag} {path} does not exist")
     text, is_yaml = path.read_text(), path.suffix in (".yaml", ".yml")
@@ -134,7 +131,7 @@ def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, kn
         parser.error(f"{flag} {path} is not valid {'YAML' if is_yaml else 'JSON'}: {e}")
     if not isinstance(values, dict):
         parser.error(f"{flag} {path}: expected a mapping of option names to values")
-    allowed = known if known is not None else {f.name for f in fields(TrainConfig)}
+    allowed = known if known is not None else RECIPE_FIELDS | RUN_FIELDS
     unknown = sorted(set(values) - allowed)
     if unknown:
         hint = f"; choose from {sorted(known)}" if known is not None else " (see --help)"
@@ -142,37 +139,22 @@ def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, kn
     return values
 
 
-def add_sampler_options(parser: argparse.ArgumentParser, steps: int = 50, spacing: str = "uniform") -> None:
-    """--sampler, --steps, --eta, --spacing, --variance (a SamplerSettings), --precision, --compile."""
-    g = parser.add_argument_group("sampler")
-    g.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="DDIM (steps, eta) or DDPM (all T steps)")
-    g.add_argument("--steps", type=int, default=steps, help="DDIM steps: the length of the sub-sequence tau")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    g.add_argument("--spacing", default=spacing, choices=SPACINGS, help="DDIM tau spacing")
-    g.add_argument(
-        "--variance",
-        default=None,
-        choices=VARIANCES,
-        help="sigma^2: posterior (DDPM beta-tilde, DDIM sigma(eta)) or beta (DDPM beta_t, DDIM sigma-hat with "
-        "--eta 1); default: the checkpoint's for DDPM (posterior unless imported weights say otherwise), posterior for DDIM",
-    )
-    g.add_argument(
-        "--clip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="clip the predicted x_0 to [-1, 1]; default: the checkpoint's for DDPM, off for DDIM",
-    )
-    add_speed_options(g)
+def add_sampler_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """A flag per SamplerSettings field (--sampler, --steps, --eta, ...; `defaults` override
+    theirs) and per SamplerSpeed field (--precision, --compile)."""
+    group = parser.add_argument_group("sampler")
+    add_options(group, SamplerSettings, defaults=defaults)
+    add_options(group, SamplerSpeed)
 
 
-def add_speed_options(parser: argparse._ActionsContainer) -> None:
-    """--precision, --compile: a SamplerSpeed."""
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="UNet precision (auto: bf16 on GPUs)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA graphs on GPUs)")
+def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
+    """The settings the flags give, checked as far as they can be before the model's T is known
+    (an OptionError naming each setting out of range)."""
+    return SamplerSettings(**given(args, SamplerSettings))
 
 
 def sampler_speed(args: argparse.Namespace) -> SamplerSpeed:
-    return SamplerSpeed(args.precision, args.compile)
+    return SamplerSpeed(**given(args, SamplerSpeed))
 
 
 def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +183,7 @@ def add_sampling_job_options(parser: argparse.ArgumentParser, n: int, batch_size
 
 def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The SamplingJob the options describe (a parser error names a bad option)."""
-    settings = sampler_settings(args, parser)
+    settings = sampler_settings(args)
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch-size must be >= 1")
     from .batch_sample import SamplingJob
@@ -219,10 +201,3 @@ def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
         workers=Workers(count=args.workers),
         endpoint_url=args.endpoint_url,
     )
-
-
-def sampler_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerSettings:
-    """The settings, checked as far as they can be before the model's T is known."""
-    if args.steps < 1 or not args.eta >= 0:
-        parser.error(f"--steps must be >= 1 and --eta >= 0, got {args.steps} and {args.eta}")
-    return SamplerSettings(args.sampler, args.steps, args.eta, args.spacing, args.variance, args.clip)

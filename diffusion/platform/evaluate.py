@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from .. import classifier, fid
-from ..checkpoint import read_checkpoint
 from ..digest import file_digest
 from ..fid import FeatureStats, frechet_distance, inception_score
 from ..speed import default_device
 from . import tracking
 from .batch_sample import SamplingJob, resolved, sample_dataset
+from .checkpoints import read_checkpoint
 from .progress import progress
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet

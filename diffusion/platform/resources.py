@@ -17,7 +17,12 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 
+import ray
+import ray._private.utils as ray_utils  # for set_sigterm_handler: see connect
+import torch
+
 from ..errors import InputError
+from ..speed import fast_cuda_kernels
 
 
 class RayStartError(InputError):
@@ -32,9 +37,6 @@ def connect() -> None:
     processes Ray starts share its fate). ray.init() installs a Python SIGTERM handler of its
     own first, which would leave SIGTERM unanswered for as long as a start-up hangs: it is kept
     from doing so for the duration. A start-up that fails is a RayStartError naming the address."""
-    import ray
-    import ray._private.utils as ray_utils  # for set_sigterm_handler: see above
-
     if ray.is_initialized():
         return
     main = threading.current_thread() is threading.main_thread()
@@ -60,8 +62,6 @@ def connect() -> None:
 
 
 def cluster_gpus() -> int:
-    import ray
-
     return int(ray.cluster_resources().get("GPU", 0))
 
 
@@ -69,8 +69,6 @@ def cpu_share(count: int) -> float:
     """CPUs for each of `count` CPU workers: the cluster's free CPUs less one CPU for Ray Data,
     and no more than the largest node less one, in steps of half a CPU; at least half a CPU.
     2 CPUs: one worker 1, two workers 0.5 each; an 8-core machine: one worker 7."""
-    import ray
-
     free = ray.available_resources().get("CPU", 0.0)
     largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
     share = min(largest - 1, (free - 1) / count)
@@ -86,11 +84,6 @@ def use_assigned_resources() -> int:
     own OMP_NUM_THREADS rounds down, to one thread for 1.5 CPUs), and a GPU Ray gave it checked:
     torch must see it (else a GpuNotVisibleError naming the node, rather than a run on the CPU
     without a word), with cuDNN autotuning and TF32 turned on. Returns the thread count."""
-    import ray
-    import torch
-
-    from ..speed import fast_cuda_kernels
-
     context = ray.get_runtime_context()
     threads = max(1, math.ceil(context.get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
@@ -129,8 +122,6 @@ class Workers:
 def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Workers):
     """`ds.map_batches` through a pool of `workers.count` actors of `actor_class(*args)`, each
     holding `workers.gpus` GPUs and `workers.cpus` CPUs (numpy batches of `batch_size` rows)."""
-    import ray
-
     return ds.map_batches(
         actor_class,
         fn_constructor_args=args,

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over the training of `diffusion.platform.train`, compared in MLflow.
 
-    run_sweep(base, space, SweepConfig(...))  ->  Tuner(trial)  ->  per trial: train.fit(config) on Ray Train
+    run_sweep(base, space, SweepConfig(...))  ->  Tuner(trial)  ->  per trial: train.Training(job).fit() on Ray Train
 
 Ray Train V2 (the default in Ray 2.60) no longer runs a Trainer as a Tune trainable
 (`Tuner(trainer)` raises). Its documented pattern is the one used here: each trial is a
@@ -18,21 +18,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import fields
 
+from ray import tune
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from ..config import SweepConfig, TrainConfig, validate_space
 from ..errors import OptionError
 from . import tracking
+from .resources import cluster_gpus, connect
+from .settings import SweepConfig, TrainJob, validate_space
+from .shards import ShardSet
+from .storage import open_location
 from .tracking import RUN_NAME_TAG, SWEEP_TAG
+from .train import Training, resolve
 
 TRIAL_TAG = "ray_diffusion.trial_id"
 
 
 def _tune_space(space: dict) -> dict:
-    from ray import tune
-
     make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "choice": tune.choice, "grid": tune.grid_search}
     out = {}
     for name, spec in space.items():
@@ -54,23 +61,16 @@ def trial_name(sweep_name: str, trial_id: str) -> str:
 
 
 def _run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str, tracking_uri: str) -> None:
-    """One trial: the sampled params over the base config, trained by `fit` with its reports
-    forwarded to Tune. The run name is the trial's, so a restored trial resumes its checkpoint.
+    """One trial: the sampled params over the base job, trained with its reports forwarded to
+    Tune; its MLflow run is closed by CloseTrialRuns. The run name is the trial's, so a restored trial resumes its checkpoint.
     It runs in a Ray worker, which need not share the driver's environment: the driver's MLflow
     store comes as an argument."""
-    import os
-
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .train import fit
-
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # this trial's own process
 
     trial_id = tune.get_context().get_trial_id()
-    config = TrainConfig.from_dict(base).replace(**params, name=trial_name(sweep_name, trial_id))
+    job = TrainJob.from_dict(base).replace(**params, name=trial_name(sweep_name, trial_id))
     tags = {"mlflow.parentRunId": parent_run_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id}
-    fit(config, callbacks=[TuneReportCallback()], mlflow_tags=tags, close_run=False)  # CloseTrialRuns closes it
+    Training(job, mlflow_tags=tags).fit(callbacks=[TuneReportCallback()])
 
 
 class CloseTrialRuns(Callback):
@@ -104,59 +104,51 @@ class CloseTrialRuns(Callback):
         print(f"trial {trial.trial_id} failed: see {trial.path}", flush=True)
 
 
-def _parent_run(sweep: SweepConfig, base: TrainConfig, space: dict) -> tracking.Run:
+def _parent_run(sweep: SweepConfig, base: TrainJob, space: dict) -> tracking.Run:
     """The sweep's MLflow run: the existing one on --resume, else a new one."""
-    found = tracking.Run.find(base.experiment, f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.kind = 'sweep'")
+    experiment = base.settings.experiment
+    found = tracking.Run.find(experiment, f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.kind = 'sweep'")
     if found:
         if not sweep.resume:
             raise OptionError(
-                f"a sweep named {sweep.name!r} already exists in MLflow experiment {base.experiment!r}: "
+                f"a sweep named {sweep.name!r} already exists in MLflow experiment {experiment!r}: "
                 "pass --resume to continue it, or choose another --name"
             )
         found.reopen()
         return found
     params = {f.name: getattr(sweep, f.name) for f in fields(sweep) if f.name != "resume"}
     params["space"] = json.dumps(space)
+    flat = base.to_dict()
     for key in ("model", "max_steps", "data", "num_workers", "batch_size", "schedule", "lr"):
-        params[f"base.{key}"] = getattr(base, key)
-    return tracking.Run.create(base.experiment, sweep.name, {SWEEP_TAG: sweep.name, "kind": "sweep"}, params)
+        params[f"base.{key}"] = flat[key]
+    return tracking.Run.create(experiment, sweep.name, {SWEEP_TAG: sweep.name, "kind": "sweep"}, params)
 
 
-def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
+def run_sweep(base: TrainJob, space: dict, sweep: SweepConfig):
     """Run (or, with sweep.resume, continue) a sweep; returns (best Result, its checkpoint URI),
     or (None, None) when it was interrupted."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from .resources import cluster_gpus, connect
-    from .shards import ShardSet
-    from .storage import open_location
-    from .train import resolve_paths
-
     validate_space(space)
-    sweep.validate()
     # ASHA compares the held-out loss at every report: evaluate at each one, checkpoint at some.
-    every = base.log_every
-    base = resolve_paths(
+    every = base.settings.log_every
+    fixed = {name: value for name, value in space.items() if not isinstance(value, dict)}
+    base = resolve(  # fixed values of the space must make a valid job too
         base.replace(
+            **fixed,
             name=sweep.name,
             eval_every=every,
-            checkpoint_every=max(every, base.checkpoint_every // every * every),
-            fid_every=every if sweep.metric == "fid" else base.fid_every,
+            checkpoint_every=max(every, base.settings.checkpoint_every // every * every),
+            fid_every=every if sweep.metric == "fid" else base.settings.fid_every,
         )
     )
-    for name, value in space.items():  # fixed values must make a valid config too
-        if not isinstance(value, dict):
-            base.replace(**{name: value}).validate()
-    storage = open_location(base.storage, base.endpoint_url or None)
+    s, max_steps = base.settings, base.recipe.max_steps
+    storage = open_location(s.storage, s.endpoint_url or None)
     experiment_path = f"{storage.path}/{sweep.name}"
     restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage.fs)
     if sweep.resume and not restorable:
-        raise OptionError(f"--resume: no sweep named {sweep.name!r} under {base.storage}; drop --resume to start it")
+        raise OptionError(f"--resume: no sweep named {sweep.name!r} under {s.storage}; drop --resume to start it")
     if restorable and not sweep.resume:
-        raise OptionError(f"a sweep named {sweep.name!r} exists under {base.storage}: pass --resume or another --name")
-    ShardSet.open(base.data, base.endpoint_url or None, verify="size")  # a bad data URI fails here, not per trial
+        raise OptionError(f"a sweep named {sweep.name!r} exists under {s.storage}: pass --resume or another --name")
+    ShardSet.open(s.data, s.endpoint_url or None, verify="size")  # a bad data URI fails here, not per trial
     connect()
     # CPU-only: concurrent trials starve each other's Ray Data reads of CPUs (a hang).
     max_concurrent = sweep.max_concurrent or (0 if cluster_gpus() else 1)
@@ -167,11 +159,11 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     )
     # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    grace = sweep.grace_steps or max(1, base.max_steps // 8)
+    grace = sweep.grace_steps or max(1, max_steps // 8)
     scheduler = ASHAScheduler(
-        time_attr="step", max_t=base.max_steps, grace_period=grace, reduction_factor=sweep.reduction_factor
+        time_attr="step", max_t=max_steps, grace_period=grace, reduction_factor=sweep.reduction_factor
     )
-    callbacks = [CloseTrialRuns(base.experiment, sweep.name, base.max_steps, sweep.metric)]
+    callbacks = [CloseTrialRuns(s.experiment, sweep.name, max_steps, sweep.metric)]
     if sweep.resume:
         tuner = tune.Tuner.restore(
             experiment_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
@@ -193,7 +185,7 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
         )
     results = tuner.fit()
     # Tune returns normally on Ctrl-C too; the trials CloseTrialRuns closed are the finished ones.
-    trials = tracking.runs_of(base.experiment, f"tags.`mlflow.parentRunId` = '{parent.id}'")
+    trials = tracking.runs_of(s.experiment, f"tags.`mlflow.parentRunId` = '{parent.id}'")
     done = sum(t.status in ("FINISHED", "KILLED", "FAILED") for t in trials)
     if done < expected_trials(space, sweep.num_samples):
         parent.finish("KILLED")
@@ -202,7 +194,7 @@ def run_sweep(base: TrainConfig, space: dict, sweep: SweepConfig):
     best = results.get_best_result(sweep.metric, "min", scope="last")
     best_name = trial_name(sweep.name, best.metrics["trial_id"])
     best_run = tracking.Run.find(
-        base.experiment, f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.`{RUN_NAME_TAG}` = '{best_name}'"
+        s.experiment, f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.`{RUN_NAME_TAG}` = '{best_name}'"
     )
     checkpoint_uri = best_run.tags.get(tracking.CHECKPOINT_TAG, "") if best_run else ""
     parent.set_tags(

@@ -16,6 +16,7 @@ that samples images), which the Model Registry can hold.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import subprocess
@@ -23,12 +24,27 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.utils import mlflow_tags
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..config import SamplerSettings
+from ..errors import OptionError
+from ..sampling import Sampler, as_uint8_hwc
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
 SWEEP_TAG = "ray_diffusion.sweep"
@@ -48,8 +64,6 @@ def tracking_uri() -> str:
 
 
 def client(uri: str | None = None):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(uri or tracking_uri())
 
 
@@ -68,8 +82,6 @@ def experiment_id(name: str, uri: str | None = None) -> str:
 
 def source_tags() -> dict:
     """MLflow's standard tags for where a run comes from (the fluent API sets them; clients don't)."""
-    from mlflow.utils import mlflow_tags
-
     return {
         mlflow_tags.MLFLOW_GIT_COMMIT: git_commit(),
         mlflow_tags.MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
@@ -125,16 +137,12 @@ class Run:
 
     def log_params(self, params: dict) -> None:
         """Params not yet on the run, as strings, in batches of 100 (MLflow's limit)."""
-        from mlflow.entities import Param
-
         existing = self.client.get_run(self.id).data.params
         missing = [Param(k, str(v)) for k, v in params.items() if k not in existing]
         for start in range(0, len(missing), 100):
             self._call(self.client.log_batch, self.id, params=missing[start : start + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._call(self.client.log_batch, self.id, metrics=values)
@@ -172,14 +180,15 @@ class Run:
         return self.client.get_run(self.id).info.status
 
 
-def training_run(config, tags: dict | None = None) -> Run:
-    """The MLflow run of a training run (a TrainConfig): the one tagged with its name (a
-    resume), or a new one with `tags`. Params are the full config; a resume that changes some
-    (say max_steps) records them in a tag, as MLflow params cannot change."""
-    import ray
+def training_run(job, tags: dict | None = None) -> Run:
+    """The MLflow run of a training run (a TrainJob): the one tagged with its name (a resume),
+    or a new one with `tags`. Params are every option, recipe and run settings; a resume that
+    changes some (say max_steps) records them in a tag, as MLflow params cannot change."""
+    import ray  # here, not above: a logged model loads with MLflow alone
 
-    params = {k: str(v) for k, v in config.to_dict().items()}
-    run = Run.find(config.experiment, f"tags.`{RUN_NAME_TAG}` = '{config.name}'")
+    params = {k: str(v) for k, v in job.to_dict().items()}
+    experiment, name = job.settings.experiment, job.settings.name
+    run = Run.find(experiment, f"tags.`{RUN_NAME_TAG}` = '{name}'")
     if run is not None:
         logged = run.params
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
@@ -188,22 +197,18 @@ def training_run(config, tags: dict | None = None) -> Run:
         run.reopen()
     else:
         tags = {
-            RUN_NAME_TAG: config.name,
+            RUN_NAME_TAG: name,
             "kind": "training",
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             **(tags or {}),
         }
-        run = Run.create(config.experiment, config.name, tags)
+        run = Run.create(experiment, name, tags)
     run.log_params(params)
     return run
 
 
 def checkpoint_of_run(run_id: str) -> str:
     """The latest checkpoint URI a training run recorded (what `runs:/<run_id>` stands for)."""
-    from mlflow.exceptions import MlflowException
-
-    from ..checkpoint import CheckpointError
-
     try:
         tag = client().get_run(run_id).data.tags.get(CHECKPOINT_TAG)
     except MlflowException as e:
@@ -224,11 +229,6 @@ def runs_of(experiment: str, where: str) -> list[Run]:
 def log_dataset(run: Run, name: str, uri: str, manifest_sha256: str, count: int, splits: list[str]) -> None:
     """The training data as the run's input: its URI, the manifest's checksum (MLflow keeps 36
     characters of a digest: the whole is a tag) and its image count."""
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
     source_type = "s3" if uri.startswith("s3://") else "local"
     dataset = Dataset(
         name, manifest_sha256[:36], source_type, json.dumps({"uri": uri}), profile=json.dumps({"num_rows": count})
@@ -241,8 +241,6 @@ def log_dataset(run: Run, name: str, uri: str, manifest_sha256: str, count: int,
 def system_metrics(run: Run, node: str):
     """A started monitor logging this machine's CPU, memory, disk, network (and GPU, with
     nvidia-ml-py) to the run as system/... metrics every 10 s; `.finish()` stops it."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     monitor = SystemMetricsMonitor(run.id, node_id=node, tracking_uri=run.uri, resume_logging=True)
     monitor.start()
     return monitor
@@ -260,15 +258,9 @@ class SamplerModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from diffusion.checkpoint import read_checkpoint
-        from diffusion.sampling import Sampler
-
         self.sampler = Sampler.from_checkpoint(read_checkpoint(context.artifacts["checkpoint"]), batch_size=16)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from diffusion.config import SamplerSettings
-        from diffusion.sampling import as_uint8_hwc
-
         params = {**PARAM_DEFAULTS, **(params or {})}
         clip = {"": None, "true": True, "false": False}[str(params["clip"]).lower()]
         settings = SamplerSettings(
@@ -283,8 +275,8 @@ class SamplerModel(mlflow.pyfunc.PythonModel):
         return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy()
 
 
-# The sampler params of SamplerModel.predict ("" for variance and clip: the checkpoint's defaults).
-PARAM_DEFAULTS = {"sampler": "ddim", "steps": 50, "eta": 0.0, "spacing": "uniform", "variance": "", "clip": ""}
+# The sampler params of SamplerModel.predict: SamplerSettings' ("" for None: the checkpoint's defaults).
+PARAM_DEFAULTS = {f.name: "" if f.default is None else f.default for f in fields(SamplerSettings)}
 # A logged model is code, not a pickle (MLflow's "models from code"): this file builds it on load.
 MODEL_CODE = (
     "import mlflow\nfrom diffusion.platform.tracking import SamplerModel\n\nmlflow.models.set_model(SamplerModel())\n"
@@ -295,10 +287,6 @@ def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int
     """Log the checkpoint file `checkpoint` (a payload without optimizer state) as the MLflow
     Model `name` of `run`, with its signature and requirements and this package's code, so
     that mlflow.pyfunc.load_model() works wherever MLflow, torch and numpy are installed."""
-    import torch
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
     types = {str: "string", int: "integer", float: "double"}
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "seed")]),
@@ -349,10 +337,6 @@ def _env(**values: str):
 
 def check_registry(uri: str | None = None) -> None:
     """An OptionError naming the fix unless the tracking store has a Model Registry."""
-    from mlflow.exceptions import MlflowException
-
-    from ..errors import OptionError
-
     uri = uri or tracking_uri()
     try:
         client(uri).search_registered_models(max_results=1)
@@ -377,10 +361,6 @@ def register(name: str, alias: str, model_uri: str, version: int | None = None) 
 def download(uri: str, dst: str) -> Path:
     """The artifacts behind a runs:/ or models:/ URI, downloaded into `dst`; a CheckpointError
     naming the URI and what to check when there are none."""
-    from mlflow.exceptions import MlflowException
-
-    from ..checkpoint import CheckpointError
-
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri()))
     except MlflowException as e:

@@ -1,11 +1,12 @@
 """Distributed training on Ray Train: DDP across workers fed by Ray Data, checkpoints in the
 run's storage that survive worker failures and resubmission, and MLflow tracking.
 
-    fit(config)  ->  TorchTrainer(train_loop_per_worker)  ->  ray.train.Result
+    fit(job)  ->  Training(job).fit()  ->  TorchTrainer(train_loop_per_worker)  ->  ray.train.Result
 
-The driver (`fit`) resolves paths and resources, reads the held-out set, creates or reuses the
-MLflow run and starts the trainer. Each worker runs `train_loop_per_worker`: a flat loop of
-training steps (`diffusion.training.train_step`) with one maintenance point per step, where
+The driver (`fit`, through `Training`) checks the job, resolves paths and resources, reads the
+held-out set, creates or reuses the MLflow run and starts the trainer. Each worker runs
+`train_loop_per_worker`: a flat loop of training steps (`diffusion.training.train_step`, on the
+job's recipe) with one maintenance point per step, where
 `Due.at(step)` decides together what this step also does: log, evaluate, FID, sample grid,
 checkpoint, and the report to Ray Train that carries them. Rank 0 alone writes to MLflow.
 """
@@ -18,24 +19,22 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from ..checkpoint import (
-    CHECKPOINT_FILE,
-    checkpoint_dir_name,
-    parse_checkpoint,
-    read_checkpoint,
-    restore_state,
-    save_checkpoint,
-    score_name,
-)
-from ..config import TrainConfig
+from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
 from ..errors import OptionError
+from ..fid import FeatureStats, InceptionFeatures, frechet_distance, inception_weights
 from ..images import from_uint8, grid, to_model_input
 from ..sampling import as_uint8_hwc
 from ..training import (
@@ -46,11 +45,13 @@ from ..training import (
     ddim_samples,
     fits_on_device,
     lr_at,
-    sample_grid,
     train_step,
 )
 from . import tracking
+from .checkpoints import read_checkpoint
+from .evaluate import inception_judge, reference_stats
 from .resources import Workers, connect, use_assigned_resources
+from .settings import RunSettings, TrainJob
 from .shards import ShardSet
 from .storage import open_location
 
@@ -60,152 +61,165 @@ log = logging.getLogger("ray_diffusion")
 # ---------------------------------------------------------------------------- driver
 
 
-def resolve_paths(config: TrainConfig) -> TrainConfig:
-    """Validate, name the run, and make local paths absolute (Ray workers run elsewhere)."""
-    config.validate()
-    changes = {} if config.name else {"name": f"{config.model}-{config.schedule}"}
+def resolve(job: TrainJob) -> TrainJob:
+    """The job checked (the one validation of its options), named, and with absolute local
+    paths (Ray workers run elsewhere)."""
+    settings = job.validate().settings
+    changes = {} if settings.name else {"name": f"{job.recipe.model}-{job.recipe.schedule}"}
     for key in ("data", "storage"):
-        value = getattr(config, key)
+        value = getattr(settings, key)
         if "://" not in value:
             changes[key] = str(Path(value).expanduser().resolve())
-    return config.replace(**changes)
+    return job.replace(**changes)
 
 
-def resolve_workers(config: TrainConfig) -> TrainConfig:
+def resolve_workers(job: TrainJob) -> TrainJob:
     """Fill the automatic worker count, GPUs and CPUs from the connected Ray cluster."""
-    workers = Workers(config.num_workers, config.gpus_per_worker, config.cpus_per_worker).resolve(share=True)
-    config = config.replace(num_workers=workers.count, gpus_per_worker=workers.gpus, cpus_per_worker=workers.cpus)
-    if config.batch_size % config.num_workers:
-        raise OptionError(f"batch_size {config.batch_size} must divide evenly over {config.num_workers} workers")
-    return config
+    s = job.settings
+    workers = Workers(s.num_workers, s.gpus_per_worker, s.cpus_per_worker).resolve(share=True)
+    if job.recipe.batch_size % workers.count:
+        raise OptionError(f"batch_size {job.recipe.batch_size} must divide evenly over {workers.count} workers")
+    return job.replace(num_workers=workers.count, gpus_per_worker=workers.gpus, cpus_per_worker=workers.cpus)
 
 
-def heldout_images(shards: ShardSet, config: TrainConfig) -> tuple[np.ndarray, list[str] | None, str]:
+def heldout_images(shards: ShardSet, settings: RunSettings) -> tuple[np.ndarray, list[str] | None, str]:
     """The held-out images and the splits to train on: the heldout split when the data set has
     one (and other splits remain), else the first training images (not held out: said so)."""
-    splits = shards.manifest["splits"]
-    if config.heldout_split in splits and len(splits) > 1:
-        train_splits, source = [s for s in splits if s != config.heldout_split], f"split {config.heldout_split}"
-        wanted = [config.heldout_split]
+    splits, size = shards.manifest["splits"], settings.heldout_size
+    if settings.heldout_split in splits and len(splits) > 1:
+        train_splits, source = [s for s in splits if s != settings.heldout_split], f"split {settings.heldout_split}"
+        wanted = [settings.heldout_split]
     else:
-        train_splits, source, wanted = None, f"first {config.heldout_size} training images (no separate split)", None
+        train_splits, source, wanted = None, f"first {size} training images (no separate split)", None
     images = []
-    for batch in shards.iter_batches(min(config.heldout_size, 1024), splits=wanted):
+    for batch in shards.iter_batches(min(size, 1024), splits=wanted):
         images.append(batch["image"])
-        if sum(len(i) for i in images) >= config.heldout_size:
+        if sum(len(i) for i in images) >= size:
             break
-    return np.concatenate(images)[: config.heldout_size], train_splits, source
+    return np.concatenate(images)[:size], train_splits, source
 
 
-def fid_reference(config: TrainConfig, shards: ShardSet, run: tracking.Run):
+def fid_reference(settings: RunSettings, shards: ShardSet, run: tracking.Run):
     """For in-training FID: the data set's reference statistics (cached beside its shards) and
     the Inception weights, in the object store for the workers; the settings go to MLflow."""
-    import ray
-
-    from ..fid import inception_weights
-    from .evaluate import inception_judge, reference_stats
-
-    weights = inception_weights(config.inception_weights or None)
-    reference = reference_stats(shards, config.fid_splits.split("+"), inception_judge(str(weights)))
+    weights = inception_weights(settings.inception_weights or None)
+    reference = reference_stats(shards, settings.fid_splits.split("+"), inception_judge(str(weights)))
     run.set_tags({f"fid_reference_{key}": reference[key] for key in ("n", "manifest_sha256", "weights_sha256")})
     return ray.put({"mu": reference["mu"], "sigma": reference["sigma"], "weights": weights.read_bytes()})
 
 
-def fit(config: TrainConfig, callbacks: list | None = None, mlflow_tags: dict | None = None, close_run: bool = True):
+def fit(job: TrainJob) -> ray.train.Result:
     """Train with Ray Train on the current Ray cluster (a local one is started if none is
-    connected). The same name and storage resume the latest checkpoint. `callbacks` are Ray
-    Train callbacks; `mlflow_tags` go on a new MLflow run (a sweep's parent, say); with
-    close_run=False the caller sets the run's final status (a sweep, whose scheduler may stop it)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    config = resolve_paths(config)
-    shards = ShardSet.open(config.data, config.endpoint_url or None, verify="size")  # before starting Ray
-    if config.fid_every and shards.manifest["dataset"] == "digits":
-        raise OptionError(
-            "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
-            "measure FD-digits after training (python jobs/evaluate.py or bench/quality.py)"
-        )
-    if config.register_model:
-        tracking.check_registry()
-    connect()
-    config = resolve_workers(config)
-    heldout, train_splits, heldout_source = heldout_images(shards, config)
-    storage = open_location(config.storage, config.endpoint_url or None)
-    run = tracking.training_run(config, mlflow_tags)
-    run.set_tags({"heldout_source": heldout_source})
-    name = f"{shards.manifest['dataset']}:{config.data.rstrip('/').rsplit('/', 1)[-1]}"
-    tracking.log_dataset(run, name, config.data, shards.digest, len(shards), train_splits or shards.manifest["splits"])
-    print(
-        f"run {config.name}: {len(shards)} images from {config.data}, {config.num_workers} worker(s) with "
-        f"{config.gpus_per_worker:g} GPU and {config.cpus_per_worker:g} CPU each, checkpoints in {config.storage}/{config.name}, MLflow run {run.id}",
-        flush=True,
-    )
-    image_bytes = math.prod(shards.manifest[k] for k in ("height", "width", "channels"))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "tracking_uri": run.uri,
-            "run_id": run.id,
-            "heldout": ray.put(heldout),
-            "dataset_bytes": len(shards) * image_bytes,
-            "fid_reference": fid_reference(config, shards, run) if config.fid_every else None,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": config.cpus_per_worker,
-                **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {}),
-            },
-        ),
-        datasets={"train": shards.ray_dataset(splits=train_splits, columns=["image"]).randomize_block_order()},
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=storage.path,
-            storage_filesystem=storage.fs,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute=score_name(config),  # every checkpoint's report carries it
-                checkpoint_score_order="min",
-            ),
-            callbacks=callbacks,
-        ),
-    )
+    connected); the same name and storage resume the latest checkpoint. The MLflow run ends
+    FINISHED, or FAILED when training raised."""
+    training = Training(job)
     try:
-        result = trainer.fit()
-        if result.error is None and result.checkpoint:
-            log_models(config, run, (shards.manifest["height"], shards.manifest["width"], shards.manifest["channels"]))
+        result = training.fit()
     except BaseException:
-        if close_run:
-            run.finish("FAILED")
+        training.run.finish("FAILED")
         raise
-    if close_run:
-        run.finish()
+    training.run.finish()
     return result
 
 
-def log_models(config: TrainConfig, run: tracking.Run, image_shape: tuple[int, int, int]) -> None:
+class Training:
+    """One training run, made ready on the driver: the checked job, its data and held-out set,
+    its MLflow run (new, with `mlflow_tags`, or the one of its name), and the TorchTrainer.
+    `fit` runs it; who made it sets the MLflow run's final status (`fit`, or a sweep's callback)."""
+
+    def __init__(self, job: TrainJob, mlflow_tags: dict | None = None):
+        job = resolve(job)
+        s = job.settings
+        self.shards = ShardSet.open(s.data, s.endpoint_url or None, verify="size")  # before starting Ray
+        if s.fid_every and self.shards.manifest["dataset"] == "digits":
+            raise OptionError(
+                "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
+                "measure FD-digits after training (python jobs/evaluate.py or bench/quality.py)"
+            )
+        if s.register_model:
+            tracking.check_registry()
+        connect()
+        self.job = job = resolve_workers(job)
+        s = job.settings
+        self.heldout, self.train_splits, heldout_source = heldout_images(self.shards, s)
+        self.run = tracking.training_run(job, mlflow_tags)
+        self.run.set_tags({"heldout_source": heldout_source})
+        name = f"{self.shards.manifest['dataset']}:{s.data.rstrip('/').rsplit('/', 1)[-1]}"
+        splits = self.train_splits or self.shards.manifest["splits"]
+        tracking.log_dataset(self.run, name, s.data, self.shards.digest, len(self.shards), splits)
+        print(
+            f"run {s.name}: {len(self.shards)} images from {s.data}, {s.num_workers} worker(s) with "
+            f"{s.gpus_per_worker:g} GPU and {s.cpus_per_worker:g} CPU each, checkpoints in {s.storage}/{s.name}, "
+            f"MLflow run {self.run.id}",
+            flush=True,
+        )
+
+    def trainer(self, callbacks: list | None = None) -> TorchTrainer:
+        job, s, manifest = self.job, self.job.settings, self.shards.manifest
+        storage = open_location(s.storage, s.endpoint_url or None)
+        image_bytes = math.prod(manifest[k] for k in ("height", "width", "channels"))
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "job": job.to_dict(),
+                "tracking_uri": self.run.uri,
+                "run_id": self.run.id,
+                "heldout": ray.put(self.heldout),
+                "dataset_bytes": len(self.shards) * image_bytes,
+                "fid_reference": fid_reference(s, self.shards, self.run) if s.fid_every else None,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=s.num_workers,
+                use_gpu=s.gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": s.cpus_per_worker,
+                    **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}),
+                },
+            ),
+            datasets={
+                "train": self.shards.ray_dataset(splits=self.train_splits, columns=["image"]).randomize_block_order()
+            },
+            run_config=RunConfig(
+                name=s.name,
+                storage_path=storage.path,
+                storage_filesystem=storage.fs,
+                failure_config=FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=s.keep_checkpoints,
+                    checkpoint_score_attribute=s.score,  # every checkpoint's report carries it
+                    checkpoint_score_order="min",
+                ),
+                callbacks=callbacks,
+            ),
+        )
+
+    def fit(self, callbacks: list | None = None) -> ray.train.Result:
+        """Train (`callbacks`: Ray Train callbacks), then log the final and best weights as MLflow Models."""
+        result = self.trainer(callbacks).fit()
+        if result.error is None and result.checkpoint:
+            manifest = self.shards.manifest
+            log_models(self.job.settings, self.run, (manifest["height"], manifest["width"], manifest["channels"]))
+        return result
+
+
+def log_models(settings: RunSettings, run: tracking.Run, image_shape: tuple[int, int, int]) -> None:
     """The run's final and best weights as MLflow Models `model` and `best` (registered under
     --register-model with the aliases `final` and `best`)."""
-    run_folder = f"{config.storage}/{config.name}"
+    run_folder = f"{settings.storage}/{settings.name}"
     versions = {}  # step -> registered version: the best may be the final checkpoint
     with tempfile.TemporaryDirectory() as d:
         for which, alias in (("latest", "final"), ("best", "best")):
             name = tracking.MODEL_NAMES[alias]
-            payload = read_checkpoint(run_folder, config.endpoint_url or None, which)
+            payload = read_checkpoint(run_folder, settings.endpoint_url or None, which)
             path = Path(d) / name / CHECKPOINT_FILE
             path.parent.mkdir()
             torch.save({k: v for k, v in payload.items() if k != "optimizer"}, path)  # for sampling
             model_uri = tracking.log_model(run, path, name, image_shape)
             step = payload["step"]
             run.set_tags({f"model_step_{name}": step})
-            if config.register_model:
-                versions[step] = tracking.register(config.register_model, alias, model_uri, versions.get(step))
-                print(f"{alias} weights (step {step}): models:/{config.register_model}/{versions[step]}", flush=True)
+            if settings.register_model:
+                versions[step] = tracking.register(settings.register_model, alias, model_uri, versions.get(step))
+                print(f"{alias} weights (step {step}): models:/{settings.register_model}/{versions[step]}", flush=True)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -222,18 +236,18 @@ class Due:
     checkpoint: bool
 
     @classmethod
-    def at(cls, step: int, config: TrainConfig) -> Due:
-        last = step == config.max_steps
+    def at(cls, step: int, job: TrainJob) -> Due:
+        s, last = job.settings, step == job.recipe.max_steps
 
         def every(n: int) -> bool:
             return last or (n > 0 and step % n == 0)
 
-        checkpoint = every(config.checkpoint_every)  # its report carries the score Ray Train keeps the best by
+        checkpoint = every(s.checkpoint_every)  # its report carries the score Ray Train keeps the best by
         return cls(
-            log=every(config.log_every),
-            evaluate=every(config.eval_every) or checkpoint,
-            fid=config.fid_every > 0 and (every(config.fid_every) or checkpoint),
-            samples=every(config.sample_every),
+            log=every(s.log_every),
+            evaluate=every(s.eval_every) or checkpoint,
+            fid=s.fid_every > 0 and (every(s.fid_every) or checkpoint),
+            samples=every(s.sample_every),
             checkpoint=checkpoint,
         )
 
@@ -270,32 +284,33 @@ class Window:
 class Chief:
     """Rank 0's part: the MLflow run, the fixed held-out set, sample grids and progress lines."""
 
-    def __init__(self, loop_config: dict, config: TrainConfig, start_step: int):
-        import ray
-
-        self.config = config
+    def __init__(self, loop_config: dict, job: TrainJob, start_step: int):
+        self.job = job
         self.run = tracking.Run(loop_config["run_id"], loop_config["tracking_uri"], safe=True)
         images = torch.from_numpy(np.array(ray.get(loop_config["heldout"])))  # a writable copy
-        self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), config.num_timesteps, config.seed)
+        self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), job.recipe.num_timesteps, job.recipe.seed)
         self.start_step, self.start_time = start_step, time.time()
-        self.monitor = tracking.system_metrics(self.run, "rank0") if config.system_metrics else None
+        self.monitor = tracking.system_metrics(self.run, "rank0") if job.settings.system_metrics else None
 
     def evaluate(self, state: TrainState) -> dict:
+        bf16 = self.job.settings.bf16
         return {
-            "heldout_loss": self.heldout.loss(state.model, state.schedule, self.config),
-            "heldout_loss_ema": self.heldout.loss(state.ema.ema_model, state.schedule, self.config),
+            "heldout_loss": self.heldout.loss(state.model, state.schedule, bf16),
+            "heldout_loss_ema": self.heldout.loss(state.ema.ema_model, state.schedule, bf16),
         }
 
     def log_sample_grid(self, state: TrainState) -> None:
-        """EMA samples from fixed seeds as an MLflow image at this step (the UI steps through them)."""
-        images = grid(sample_grid(state.ema.ema_model, state.schedule, self.config)).numpy()
-        self.run.log_image(images, "samples", state.step)
+        """EMA samples from seeds 0..sample_n-1 as an MLflow image at this step: the same x_T at
+        every step, so that the UI steps through the run's progress."""
+        s = self.job.settings
+        x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, s.bf16)
+        self.run.log_image(grid(x).numpy(), "samples", state.step)
 
     def progress(self, step: int, metrics: dict) -> str:
-        config = self.config
-        seconds_left = (config.max_steps - step) * (time.time() - self.start_time) / max(1, step - self.start_step)
+        max_steps = self.job.recipe.max_steps
+        seconds_left = (max_steps - step) * (time.time() - self.start_time) / max(1, step - self.start_step)
         parts = [
-            f"step {step}/{config.max_steps}",
+            f"step {step}/{max_steps}",
             f"loss {metrics['loss']:.4f}",
             f"lr {metrics['lr']:.2e}",
             f"grad {metrics['grad_norm']:.3f}",
@@ -313,23 +328,18 @@ class FidProbe:
     are summed across ranks, rank 0 compares them with the data set's reference."""
 
     def __init__(self, reference_ref, device: torch.device):
-        import ray
-
-        from ..fid import InceptionFeatures
-
         self.reference = ray.get(reference_ref)
         self.net = InceptionFeatures(io.BytesIO(self.reference["weights"])).to(device)
         self.device = device
 
-    def measure(self, state: TrainState, config: TrainConfig, rank: int, world: int) -> dict:
-        import torch.distributed as dist
-
-        from ..fid import FeatureStats, frechet_distance
-
-        stats, seeds = FeatureStats(), list(range(rank, config.fid_n, world))
-        per_worker = config.batch_size // world
+    def measure(self, state: TrainState, job: TrainJob, rank: int, world: int) -> dict:
+        s = job.settings
+        stats, seeds = FeatureStats(), list(range(rank, s.fid_n, world))
+        per_worker = job.recipe.batch_size // world
         for start in range(0, len(seeds), per_worker):
-            x = ddim_samples(state.ema.ema_model, state.schedule, config, seeds[start : start + per_worker])
+            x = ddim_samples(
+                state.ema.ema_model, state.schedule, seeds[start : start + per_worker], s.sample_steps, s.bf16
+            )
             stats.add(self.net(as_uint8_hwc(x))[0].cpu().numpy())
         if world > 1:
             sums = torch.from_numpy(np.concatenate([[stats.n], stats.sum, stats.outer.ravel()])).to(self.device)
@@ -343,8 +353,6 @@ class FidProbe:
 def restore_from_ray_checkpoint(state: TrainState) -> bool:
     """Load Ray Train's latest checkpoint of this run into `state` (a resume or a restart after
     a failure); False when the run starts fresh."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return False
@@ -354,12 +362,10 @@ def restore_from_ray_checkpoint(state: TrainState) -> bool:
     return True
 
 
-def epochs(config: TrainConfig, device: torch.device, world: int, dataset_bytes: int, chief: Chief | None):
+def epochs(job: TrainJob, device: torch.device, world: int, dataset_bytes: int, chief: Chief | None):
     """A function returning one epoch of this worker's uint8 (B, H, W, C) batches on `device`:
     streamed by Ray Data, or (data_on_device) read once onto the device and reshuffled there."""
-    import ray.train
-
-    per_worker = config.batch_size // world
+    per_worker = job.recipe.batch_size // world
     shard = ray.train.get_dataset_shard("train")
 
     def ray_data(batch_size: int = per_worker, drop_last: bool = True):
@@ -372,9 +378,8 @@ def epochs(config: TrainConfig, device: torch.device, world: int, dataset_bytes:
         ):
             yield batch["image"]
 
-    on_device = config.data_on_device == "on" or (
-        config.data_on_device == "auto" and fits_on_device(dataset_bytes // world, device)
-    )
+    placement = job.settings.data_on_device
+    on_device = placement == "on" or (placement == "auto" and fits_on_device(dataset_bytes // world, device))
     if not on_device:
         return ray_data
     chunks = list(ray_data(4096, drop_last=False)) or [torch.empty(0, 0, 0, 0, dtype=torch.uint8)]
@@ -385,17 +390,17 @@ def epochs(config: TrainConfig, device: torch.device, world: int, dataset_bytes:
     return lambda: cached.epoch(per_worker)
 
 
-def report(metrics: dict, state: TrainState, config: TrainConfig, rank: int, run_id: str, with_checkpoint: bool):
-    """Report to Ray Train (a barrier on every rank), with a checkpoint saved by rank 0 when due."""
-    import ray.train
-    from ray.train import Checkpoint
-
+def report(metrics: dict, state: TrainState, job: TrainJob, rank: int, run_id: str, with_checkpoint: bool):
+    """Report to Ray Train (a barrier on every rank), with a checkpoint saved by rank 0 when due:
+    the recipe, and the run settings as information."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_checkpoint(d, state, config, metrics, mlflow_run_id=run_id)
+            save_checkpoint(
+                d, state, job.recipe, metrics, job.settings.score, run=job.settings.to_dict(), mlflow_run_id=run_id
+            )
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(d) if rank == 0 else None,
@@ -412,24 +417,28 @@ def fingerprint(state: TrainState) -> str:
     return digest.hexdigest()
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import torch.distributed as dist
-    from ray.train.torch import get_device, prepare_model
+def warn_fp32(bf16: bool, device: torch.device, rank: int) -> None:
+    """--bf16 (on by default) off CUDA: rank 0 says that this run trains in fp32."""
+    if bf16 and device.type != "cuda" and rank == 0:
+        warnings.warn(f"bf16 autocast runs on CUDA only: this {device.type} run trains in fp32", stacklevel=2)
 
-    config = TrainConfig.from_dict(loop_config["config"])
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    job = TrainJob.from_dict(loop_config["job"])
+    recipe, s = job.recipe, job.settings
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
     threads = use_assigned_resources()
-    state = build_state(config, device, rank)
+    warn_fp32(s.bf16, device, rank)
+    state = build_state(recipe, device, rank, s.channels_last)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
-    if config.compile:
+    if s.compile:
         net = torch.compile(net)
-    chief = Chief(loop_config, config, state.step) if rank == 0 else None
-    fid = FidProbe(loop_config["fid_reference"], device) if config.fid_every else None
-    epoch = epochs(config, device, world, loop_config["dataset_bytes"], chief)
+    chief = Chief(loop_config, job, state.step) if rank == 0 else None
+    fid = FidProbe(loop_config["fid_reference"], device) if s.fid_every else None
+    epoch = epochs(job, device, world, loop_config["dataset_bytes"], chief)
     if chief:
         chief.run.set_tags({"torch_threads_per_worker": threads})
         log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each")
@@ -440,16 +449,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         chief.run.log_metrics(chief.evaluate(state), 0)
 
     window = Window(device)
-    while state.step < config.max_steps:
+    while state.step < recipe.max_steps:
         for images in epoch():
-            loss, grad_norm = train_step(state, net, to_model_input(images), config)
+            loss, grad_norm = train_step(state, net, to_model_input(images), recipe, s.bf16)
             window.add(loss, grad_norm)
-            due = Due.at(state.step, config)
+            due = Due.at(state.step, job)
             if due.any:
                 # Every rank takes part in FID and the report; rank 0 alone evaluates and logs.
-                metrics = {**window.close(config.batch_size), "lr": lr_at(config, state.step - 1)}
+                metrics = {**window.close(recipe.batch_size), "lr": lr_at(recipe, state.step - 1)}
                 if due.fid:
-                    metrics.update(fid.measure(state, config, rank, world))
+                    metrics.update(fid.measure(state, job, rank, world))
                 if chief:
                     if due.evaluate:
                         metrics.update(chief.evaluate(state))
@@ -457,11 +466,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     log.info(chief.progress(state.step, metrics))
                     if due.samples:
                         chief.log_sample_grid(state)
-                report({**metrics, "step": state.step}, state, config, rank, loop_config["run_id"], due.checkpoint)
+                report({**metrics, "step": state.step}, state, job, rank, loop_config["run_id"], due.checkpoint)
                 if chief and due.checkpoint:  # `runs:/<run_id>` stands for the latest checkpoint
-                    uri = f"{config.storage}/{config.name}/{checkpoint_dir_name(state.step)}"
+                    uri = f"{s.storage}/{s.name}/{checkpoint_dir_name(state.step)}"
                     chief.run.set_tags({tracking.CHECKPOINT_TAG: uri})
-            if state.step >= config.max_steps:
+            if state.step >= recipe.max_steps:
                 break
 
     fingerprints = [fingerprint(state)] * world
