@@ -1,17 +1,27 @@
-"""A local stack on 127.0.0.1: a Ray head, an S3-compatible endpoint and an MLflow tracking
-server that keeps its artifacts in that S3 bucket -- the shape of a real cluster on one machine.
+"""A cluster's shape on one machine: Ray nodes, an S3-compatible endpoint and an MLflow tracking
+server that keeps its artifacts in that S3 bucket, every service authenticated.
 
-    python cluster/stack.py up                  # start all three; prints the addresses
-    source .stack/env                           # or: eval "$(python cluster/stack.py env)"
+    python cluster/stack.py up                  # one host: everything on 127.0.0.1
+    python cluster/stack.py up --hosts 3        # three hosts, each its own address (needs root)
+    source .stack/env                           # addresses and credentials (a 0600 file)
     ray job submit --working-dir . -- python jobs/train.py --preset tiny --data s3://ray-diffusion/data/cifar10 ...
-    python cluster/stack.py status
-    python cluster/stack.py down                # stops exactly what `up` started
+    python cluster/stack.py status              # the services, and each host's Ray node
+    python cluster/stack.py kill-host h1        # lose a worker host (every process of it, SIGKILL) ...
+    python cluster/stack.py restore-host h1     # ... and bring it back, as an autoscaler replaces a node
+    python cluster/stack.py down                # stops and removes exactly what `up` made
 
-The S3 endpoint is moto's server (`pip install -e ".[stack]"`), in memory: its objects are
-gone after `down`. `--s3-endpoint URL` uses a store of your own (MinIO, ...) instead, with
-credentials from your environment. Ray jobs inherit the head's environment, so jobs reach
-S3 and MLflow without a runtime_env. State, logs and MLflow's sqlite file live in
-`--state-dir` (default .stack).
+With --hosts N each host is a Linux network namespace on a private bridge (cluster/hosts.py),
+with its own loopback, address, working directory and Ray temp dir; the head host (h0) also runs
+the S3 endpoint and MLflow, bound to its address, which the machine's own shell reaches over the
+bridge. Authentication: Ray's token (a 0600 file, RAY_AUTH_MODE=token) for the GCS, the
+dashboard and the Jobs API; MLflow's basic-auth app; S3 signed with the stack's key pair; and an
+API key for the Serve endpoint (RAY_DIFFUSION_API_KEY). Every secret is drawn per stack and
+written only to the 0600 files of the state dir: never on a command line, in a log or in MLflow.
+
+Every Ray node starts with the stack's environment (S3 endpoint and keys, MLflow URI and
+credentials), so jobs reach S3 and MLflow without a runtime_env. The S3 endpoint is moto
+(`pip install -e ".[stack]"`), in memory: its objects are gone after `down`; `--s3-endpoint URL`
+uses a store of your own instead, with credentials from your environment.
 """
 
 from __future__ import annotations
@@ -24,13 +34,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+
+import hosts
 
 from diffusion.platform.cli import HelpFormatter
 from diffusion.platform.net import free_port, port_in_use, wait_for_http
 
 REGION = "us-east-1"
 STATE_FILE = "stack.json"
+HERE = Path(__file__).resolve().parent
+SECRET_FILES = ("env", "ray-token", "mlflow-auth.ini", "mlflow-auth.db")
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -38,13 +54,25 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
     try:
         wait_for_http(url, timeout, proc)
     except (TimeoutError, ChildProcessError) as e:
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise RuntimeError(f"{e}; the end of {log}:\n{tail}") from None
+        raise RuntimeError(f"{e}; the end of {log}:\n{log_tail(log)}") from None
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
+def private_file(path: Path, text: str) -> None:
+    """`text` in a file only its owner reads (created 0600, never wider for a moment)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 class Stack:
-    """The services of one stack, recorded in <state_dir>/stack.json as each one starts, so that
-    `down` stops them even after an `up` that failed half-way."""
+    """The services of one stack, recorded in <state_dir>/stack.json as each one starts (and the
+    network before it is made), so that `down` removes them even after an `up` that failed
+    half-way."""
 
     def __init__(self, state_dir: Path):
         self.dir = state_dir.resolve()
@@ -53,17 +81,40 @@ class Stack:
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # it holds the credentials
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         tmp.replace(self.state_path)
 
-    def start(self, name: str, cmd: list[str], env: dict, **record) -> subprocess.Popen:
+    @property
+    def network(self) -> hosts.Network | None:
+        return hosts.Network(**self.state["network"]) if "network" in self.state else None
+
+    @property
+    def hosts(self) -> int:
+        return self.state.get("hosts", 1)
+
+    def address(self, host: int) -> str:
+        return self.network.address(host) if self.network else "127.0.0.1"
+
+    def start(self, name: str, cmd: list[str], env: dict, host: int = 0, **record) -> subprocess.Popen:
+        """Start `cmd` on `host` (inside its namespace, in its working directory) and record it."""
         log = self.dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        cwd = self.dir / "hosts" / f"h{host}"
+        cwd.mkdir(parents=True, exist_ok=True)
+        if self.network:
+            cmd = hosts.in_namespace(self.network.namespace(host), cmd)
         with open(log, "ab") as out:
             # Its own session: a Ctrl-C in this shell does not reach it.
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.state["services"][name] = {"pid": proc.pid, "started": process_start(proc.pid), "log": str(log), **record}
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.state["services"][name] = {
+            "pid": proc.pid,
+            "started": process_start(proc.pid),
+            "log": str(log),
+            "host": host,
+            **record,
+        }
         self.save()
         return proc
 
@@ -135,27 +186,42 @@ def env_lines(state: dict) -> list[str]:
 
 def cmd_up(args) -> int:
     stack = Stack(Path(args.state_dir))
-    if stack.state["services"]:
+    if stack.state["services"] or "network" in stack.state:
         if any(stack.running().values()):
             print(f"a stack from {stack.dir} is already running: `python cluster/stack.py down` first", file=sys.stderr)
             return 1
         stop_all(stack)  # a stale record from a crashed stack: clean up what is left of it
+        stack = Stack(Path(args.state_dir))
 
-    ports = {"--ray-port": args.ray_port, "--dashboard-port": args.dashboard_port, "--mlflow-port": args.mlflow_port}
-    if not args.s3_endpoint:
-        ports["--s3-port"] = args.s3_port
-    for flag, port in ports.items():
-        if port_in_use(port):
-            print(
-                f"port {port} ({flag}) is in use on 127.0.0.1: stop what holds it or pass another {flag}",
-                file=sys.stderr,
-            )
+    if args.hosts > 1:
+        try:
+            hosts.check_possible()
+        except hosts.NamespaceError as e:
+            print(f"--hosts {args.hosts} cannot run here: {e}; --hosts 1 runs the stack on 127.0.0.1", file=sys.stderr)
             return 1
-    for tool in ("ray", "mlflow", *(() if args.s3_endpoint else ("moto_server",))):
+    else:  # on 127.0.0.1 the ports are this machine's; each host of --hosts N has ports of its own
+        ports = {
+            "--ray-port": args.ray_port,
+            "--dashboard-port": args.dashboard_port,
+            "--mlflow-port": args.mlflow_port,
+        }
+        if not args.s3_endpoint:
+            ports["--s3-port"] = args.s3_port
+        for flag, port in ports.items():
+            if port_in_use(port):
+                print(
+                    f"port {port} ({flag}) is in use on 127.0.0.1: stop what holds it or pass another {flag}",
+                    file=sys.stderr,
+                )
+                return 1
+    for tool in ("ray", "mlflow"):
         if not shutil.which(tool, path=bin_path()):
-            extra = '".[stack]"' if tool == "moto_server" else "."
-            print(f"`{tool}` is not installed: pip install -e {extra} (or pass --s3-endpoint)", file=sys.stderr)
+            print(f"`{tool}` is not installed: pip install -e .", file=sys.stderr)
             return 1
+    missing = [m for m in ("moto", "flask_wtf") if not module_available(m)]
+    if missing and not (args.s3_endpoint and missing == ["moto"]):
+        print(f"{', '.join(missing)} not installed: pip install -e '.[stack]'", file=sys.stderr)
+        return 1
 
     try:
         start_all(stack, args)
@@ -167,72 +233,186 @@ def cmd_up(args) -> int:
     return 0
 
 
+def module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def bin_path() -> str:
     """The PATH whose first entry holds this interpreter's tools (ray, mlflow): a job's `python` is the head's."""
     return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def start_all(stack: Stack, args) -> None:
+    stack.state["hosts"] = args.hosts
+    if args.hosts > 1:
+        network = hosts.Network.new()
+        stack.state["network"] = network.to_dict()  # recorded first: `down` removes it even half-made
+        stack.save()
+        network.create()
+        for i in range(args.hosts):
+            network.add_host(i)
+    stack.save()
+    head = stack.address(0)
     base = dict(os.environ, PATH=bin_path())
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
+        base.pop(key, None)
+
+    client_env = {**start_s3(stack, args, base, head), **start_mlflow(stack, args, base, head)}
+    token_path = stack.dir / "ray-token"
+    private_file(token_path, secrets.token_hex(32))
+    dashboard = f"http://{head}:{args.dashboard_port}"
+    client_env = {
+        "RAY_ADDRESS": f"{head}:{args.ray_port}",  # ray.init() in this shell joins the stack
+        "RAY_API_SERVER_ADDRESS": dashboard,  # ray job ...
+        "RAY_DASHBOARD_ADDRESS": dashboard,  # serve deploy / status
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        **client_env,
+        "RAY_DIFFUSION_API_KEY": secrets.token_urlsafe(24),  # the Serve endpoint's, off loopback
+    }
+    stack.state["client_env"] = client_env
+    stack.state["bucket"] = args.bucket
+    stack.state["ray"] = {"port": args.ray_port, "dashboard_port": args.dashboard_port, "num_cpus": args.num_cpus}
+    stack.state["ray"]["num_gpus"] = args.num_gpus
+    stack.save()
+    private_file(stack.dir / "env", "\n".join(env_lines(stack.state)) + "\n")
+
+    proc = start_ray_node(stack, 0)
+    wait_http(f"{dashboard}/api/version", proc, stack.dir / "logs" / "ray.log", 180)
+    for i in range(1, args.hosts):
+        start_ray_node(stack, i)
+    wait_for_nodes(stack, range(args.hosts), 180)
+
+
+def start_s3(stack: Stack, args, base: dict, head: str) -> dict:
+    """The S3 endpoint (unless --s3-endpoint) and the bucket; the S3 part of the client environment."""
     if args.s3_endpoint:
         s3_env = {"AWS_ENDPOINT_URL": args.s3_endpoint}  # credentials: the caller's environment
     else:
-        # moto accepts any credentials: fresh ones per stack, kept only in the 0600 env file.
         s3_env = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{args.s3_port}",
-            "AWS_ACCESS_KEY_ID": f"stack{secrets.token_hex(8)}",
-            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+            "AWS_ENDPOINT_URL": f"http://{head}:{args.s3_port}",
+            "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
             "AWS_DEFAULT_REGION": REGION,
         }
-        proc = stack.start("s3", ["moto_server", "-H", "127.0.0.1", "-p", str(args.s3_port)], base, port=args.s3_port)
+        cmd = [sys.executable, str(HERE / "s3_server.py"), "--host", head, "--port", str(args.s3_port)]
+        proc = stack.start("s3", cmd, dict(base, **s3_env), port=args.s3_port)
         wait_http(s3_env["AWS_ENDPOINT_URL"], proc, stack.dir / "logs" / "s3.log", 60)
     base.update(s3_env)
     create_bucket(args.bucket, base)
+    return s3_env
 
-    mlflow_uri = f"http://127.0.0.1:{args.mlflow_port}"
+
+def start_mlflow(stack: Stack, args, base: dict, head: str) -> dict:
+    """MLflow's tracking server with its basic-auth app, artifacts proxied to the bucket; the
+    MLflow part of the client environment."""
+    password = secrets.token_urlsafe(24)
+    auth_db = stack.dir / "mlflow-auth.db"
+    auth_db.unlink(missing_ok=True)  # the admin is made on first start: with this stack's password
+    auth_config = stack.dir / "mlflow-auth.ini"
+    private_file(
+        auth_config,
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{auth_db}\nadmin_username = stack\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    uri = f"http://{head}:{args.mlflow_port}"
     backend = args.backend_store_uri or f"sqlite:///{stack.dir / 'mlflow.db'}"
-    mlflow_cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(args.mlflow_port), "--workers", "1"]
-    mlflow_cmd += ["--backend-store-uri", backend, "--artifacts-destination", f"s3://{args.bucket}/mlflow"]
-    mlflow_env = dict(
-        base, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
-    )
-    proc = stack.start("mlflow", mlflow_cmd, mlflow_env, port=args.mlflow_port)
-    wait_http(f"{mlflow_uri}/health", proc, stack.dir / "logs" / "mlflow.log", 120)
-
-    # Ray's socket paths have a length limit: a short temp dir, removed by `down`.
-    temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
-    ray_cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={args.ray_port}"]
-    ray_cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={args.dashboard_port}", f"--temp-dir={temp_dir}"]
-    ray_cmd += [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
-    ray_cmd += [f"--num-cpus={args.num_cpus}"] if args.num_cpus is not None else []
-    ray_cmd += [f"--num-gpus={args.num_gpus}"] if args.num_gpus is not None else []
-    ray_env = dict(
+    cmd = ["mlflow", "server", "--app-name", "basic-auth", "--host", head, "--port", str(args.mlflow_port)]
+    cmd += ["--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", f"s3://{args.bucket}/mlflow"]
+    env = dict(
         base,
-        MLFLOW_TRACKING_URI=mlflow_uri,  # jobs inherit the head's environment
-        RAY_AUTH_MODE="disabled",  # the dashboard/jobs API listens on 127.0.0.1 only
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        MLFLOW_S3_ENDPOINT_URL=base["AWS_ENDPOINT_URL"],
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
     )
-    ray_env.pop("RAY_ADDRESS", None)
-    dashboard = f"http://127.0.0.1:{args.dashboard_port}"
-    proc = stack.start(
-        "ray", ray_cmd, ray_env, port=args.ray_port, dashboard_port=args.dashboard_port, temp_dir=temp_dir
-    )
-    wait_http(f"{dashboard}/api/version", proc, stack.dir / "logs" / "ray.log", 180)
-
-    stack.state["client_env"] = {
-        "RAY_ADDRESS": f"127.0.0.1:{args.ray_port}",  # ray.init() in this shell joins the stack
-        "RAY_API_SERVER_ADDRESS": dashboard,  # ray job ...
-        "RAY_DASHBOARD_ADDRESS": dashboard,  # serve deploy / status
-        "RAY_AUTH_MODE": "disabled",
-        "MLFLOW_TRACKING_URI": mlflow_uri,
-        **s3_env,
+    proc = stack.start("mlflow", cmd, env, port=args.mlflow_port)
+    wait_http(f"{uri}/health", proc, stack.dir / "logs" / "mlflow.log", 120)
+    return {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_USERNAME": "stack",
+        "MLFLOW_TRACKING_PASSWORD": password,
+        # MLflow clients would fetch S3 artifacts straight from the bucket by presigned URLs, which
+        # the stack's S3 endpoint cannot check (moto verifies signed headers only): through the server.
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
     }
-    stack.state["bucket"] = args.bucket
-    stack.save()
-    env_file = stack.dir / "env"
-    env_file.touch(mode=0o600)
-    env_file.chmod(0o600)
-    env_file.write_text("\n".join(env_lines(stack.state)) + "\n")
+
+
+def service_name(host: int) -> str:
+    return "ray" if host == 0 else f"ray-h{host}"
+
+
+def start_ray_node(stack: Stack, host: int) -> subprocess.Popen:
+    """Host 0's Ray head, or a worker node of host `host` joining it, with the stack's environment
+    (jobs inherit it) and a temp dir of its own (short: Ray's socket paths have a length limit)."""
+    ray, address = stack.state["ray"], stack.address(host)
+    temp_dir = tempfile.mkdtemp(prefix=f"rds-h{host}-", dir="/tmp")
+    cmd = ["ray", "start", "--block", f"--node-ip-address={address}", f"--temp-dir={temp_dir}"]
+    if host == 0:
+        cmd += ["--head", f"--port={ray['port']}", f"--dashboard-host={address}"]
+        cmd += [f"--dashboard-port={ray['dashboard_port']}", f"--ray-client-server-port={free_port()}"]
+    else:
+        cmd += [f"--address={stack.address(0)}:{ray['port']}"]
+    cmd += [f"--dashboard-agent-listen-port={free_port()}"]
+    cmd += [f"--num-cpus={ray['num_cpus']}"] if ray["num_cpus"] is not None else []
+    cmd += [f"--num-gpus={ray['num_gpus']}"] if ray["num_gpus"] is not None else []
+    env = dict(os.environ, PATH=bin_path(), **stack.state["client_env"], RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    if stack.network:  # the hosts share one hostname: torch.distributed finds its address by interface
+        env.update(GLOO_SOCKET_IFNAME="eth0", NCCL_SOCKET_IFNAME="eth0")
+    port = ray["port"] if host == 0 else None
+    return stack.start(
+        service_name(host), cmd, env, host, temp_dir=temp_dir, port=port, dashboard_port=port and ray["dashboard_port"]
+    )
+
+
+def ray_nodes(stack: Stack) -> dict[str, str]:
+    """Each Ray node's address and state (ALIVE, DEAD) as the head's dashboard reports them."""
+    env = stack.state["client_env"]
+    request = urllib.request.Request(
+        f"{env['RAY_API_SERVER_ADDRESS']}/api/v0/nodes?limit=1000&detail=false",
+        headers={"Authorization": f"Bearer {Path(env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes = json.load(response)["data"]["result"]["result"]
+    states: dict[str, str] = {}
+    for node in sorted(nodes, key=lambda n: n["state"] == "ALIVE"):  # a returned host's live node wins
+        states[node["node_ip"]] = node["state"]
+    return states
+
+
+def node_state(stack: Stack, states: dict[str, str], host: int) -> str:
+    """Host `host`'s Ray node state in `states` (ray_nodes). On one host, Ray reports the machine's
+    own address for the node, whatever --node-ip-address says: its one node is the host's."""
+    if stack.network:
+        return states.get(stack.address(host), "none")
+    return next(iter(sorted(states.values())), "none")  # "ALIVE" sorts first
+
+
+def wait_for_nodes(stack: Stack, host_ids, timeout: float) -> None:
+    """Wait until every host of `host_ids` has an ALIVE Ray node; fail with the node's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = ray_nodes(stack)
+        except OSError:
+            states = {}
+        missing = [i for i in host_ids if node_state(stack, states, i) != "ALIVE"]
+        if not missing:
+            return
+        for i in missing:
+            svc = stack.state["services"][service_name(i)]
+            if same_process(svc) is None or time.monotonic() > deadline:
+                why = "exited" if same_process(svc) is None else f"did not join within {timeout:.0f} s"
+                raise RuntimeError(
+                    f"the Ray node of host h{i} {why}; the end of {svc['log']}:\n{log_tail(Path(svc['log']))}"
+                )
+        time.sleep(1)
 
 
 def create_bucket(bucket: str, env: dict) -> None:
@@ -254,38 +434,53 @@ def create_bucket(bucket: str, env: dict) -> None:
 
 def print_summary(stack: Stack) -> None:
     env, svc = stack.state["client_env"], stack.state["services"]
-    print(f"Ray head      {env['RAY_ADDRESS']}  (dashboard and jobs API {env['RAY_API_SERVER_ADDRESS']})")
+    print(f"Ray head      {env['RAY_ADDRESS']}  (dashboard and jobs API {env['RAY_API_SERVER_ADDRESS']}, token auth)")
     print(
         f"S3 endpoint   {env['AWS_ENDPOINT_URL']}  bucket s3://{stack.state['bucket']}"
         + ("" if "s3" in svc else "  (yours)")
     )
-    print(f"MLflow        {env['MLFLOW_TRACKING_URI']}  (artifacts in s3://{stack.state['bucket']}/mlflow)")
+    print(f"MLflow        {env['MLFLOW_TRACKING_URI']}  (basic auth; artifacts in s3://{stack.state['bucket']}/mlflow)")
+    for i in range(stack.hosts):
+        print(f"host h{i}       {stack.address(i)}  {'head, S3, MLflow' if i == 0 else 'Ray worker node'}")
     print(f"logs          {stack.dir / 'logs'}")
-    print(f"\nExport the environment (it holds the stack's S3 credentials):\n  source {stack.dir / 'env'}")
+    print(f"\nExport the environment (it holds the stack's credentials):\n  source {stack.dir / 'env'}")
 
 
 def stop_all(stack: Stack) -> None:
-    for name in ("ray", "mlflow", "s3"):  # clients before the services they use
-        svc = stack.state["services"].get(name)
+    """Stop every recorded service (Ray nodes first: clients before the services they use), then
+    remove the network and the stack's secrets."""
+    services = stack.state["services"]
+    for name in sorted((n for n in services if n.startswith("ray")), reverse=True) + ["mlflow", "s3"]:
+        svc = services.get(name)
         if svc:
             stop_service(svc, svc.get("temp_dir"))
             if svc.get("temp_dir"):
                 shutil.rmtree(svc["temp_dir"], ignore_errors=True)
+    if stack.network:
+        stack.network.remove(stack.hosts)
     stack.state_path.unlink(missing_ok=True)
-    (stack.dir / "env").unlink(missing_ok=True)
+    for name in SECRET_FILES:
+        (stack.dir / name).unlink(missing_ok=True)
 
 
 def cmd_down(args) -> int:
     stack = Stack(Path(args.state_dir))
-    if not stack.state["services"]:
+    if not stack.state["services"] and "network" not in stack.state:
         print(f"no stack recorded in {stack.dir}")
         return 0
-    ports = [svc[key] for svc in stack.state["services"].values() for key in ("port", "dashboard_port") if key in svc]
+    network, count = stack.network, stack.hosts
+    ports = [svc[key] for svc in stack.state["services"].values() for key in ("port", "dashboard_port") if svc.get(key)]
     stop_all(stack)
-    busy = [port for port in ports if port_in_use(port)]
-    if busy:
-        print(f"stopped the stack, but ports {busy} still answer: something else holds them", file=sys.stderr)
-        return 1
+    if network:
+        left = network.leftovers(count)
+        if left:
+            print(f"stopped the stack, but {left} could not be removed", file=sys.stderr)
+            return 1
+    else:
+        busy = [port for port in ports if port_in_use(port)]
+        if busy:
+            print(f"stopped the stack, but ports {busy} still answer: something else holds them", file=sys.stderr)
+            return 1
     print("stack stopped")
     return 0
 
@@ -297,7 +492,17 @@ def cmd_status(args) -> int:
         return 3
     running = stack.running()
     for name, svc in stack.state["services"].items():
-        print(f"{name:8s} pid {svc['pid']:<8d} port {svc['port']:<6d} {'running' if running[name] else 'STOPPED'}")
+        port = svc.get("port") or "-"
+        state = "running" if running[name] else "STOPPED"
+        print(f"{name:8s} host h{svc.get('host', 0)}  pid {svc['pid']:<8d} port {port!s:<6s} {state}")
+    try:
+        nodes = ray_nodes(stack)
+    except (OSError, KeyError) as e:
+        nodes, why = {}, f" (the head does not answer: {e})"
+    else:
+        why = ""
+    for i in range(stack.hosts):
+        print(f"host h{i}  {stack.address(i):15s} Ray node {node_state(stack, nodes, i)}{why}")
     return 0 if all(running.values()) else 1
 
 
@@ -310,12 +515,54 @@ def cmd_env(args) -> int:
     return 0
 
 
+def host_index(stack: Stack, name: str) -> int:
+    ids = [f"h{i}" for i in range(stack.hosts)]
+    if name not in ids:
+        raise SystemExit(f"no host {name!r} in this stack: its hosts are {', '.join(ids)}")
+    return ids.index(name)
+
+
+def cmd_kill_host(args) -> int:
+    """Every process of the host SIGKILLed at once, as a power loss would; its namespace, address
+    and link stay, as a replaced node would get the same address."""
+    stack = Stack(Path(args.state_dir))
+    if not stack.network:
+        print("kill-host needs a stack of several hosts (up --hosts N)", file=sys.stderr)
+        return 1
+    host = host_index(stack, args.host)
+    hosts.kill_host(stack.network.namespace(host))
+    print(f"host {args.host} ({stack.address(host)}) lost: every process of it killed at {time.time():.3f}")
+    return 0
+
+
+def cmd_restore_host(args) -> int:
+    stack = Stack(Path(args.state_dir))
+    if not stack.network:
+        print("restore-host needs a stack of several hosts (up --hosts N)", file=sys.stderr)
+        return 1
+    host = host_index(stack, args.host)
+    if host == 0:
+        print("the head host cannot rejoin a cluster that died with it: `down`, then `up`", file=sys.stderr)
+        return 1
+    if same_process(stack.state["services"][service_name(host)]) is not None:
+        print(f"host {args.host} is running: nothing to restore", file=sys.stderr)
+        return 1
+    shutil.rmtree(stack.state["services"][service_name(host)].get("temp_dir", ""), ignore_errors=True)
+    start_ray_node(stack, host)
+    wait_for_nodes(stack, [host], 180)
+    print(f"host {args.host} ({stack.address(host)}) back: its Ray node joined at {time.time():.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--state-dir", default=".stack", help="where the stack keeps its state, logs and env file")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser(
-        "up", help="start the Ray head, the S3 endpoint and the MLflow server", formatter_class=HelpFormatter
+        "up", help="start the Ray nodes, the S3 endpoint and the MLflow server", formatter_class=HelpFormatter
+    )
+    up.add_argument(
+        "--hosts", type=int, default=1, help="hosts, each its own network namespace and address (1: 127.0.0.1)"
     )
     up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (RAY_ADDRESS)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and jobs API port")
@@ -324,13 +571,22 @@ def main(argv=None) -> int:
     up.add_argument("--bucket", default="ray-diffusion", help="bucket for data, runs, samples and MLflow artifacts")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
     up.add_argument("--backend-store-uri", help="MLflow backend store (default: sqlite in the state dir)")
-    up.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
-    up.add_argument("--num-gpus", type=int, help="GPUs the Ray head offers (default: all)")
-    sub.add_parser("down", help="stop exactly what `up` started")
-    sub.add_parser("status", help="which services are running (exit 0 when all are)")
+    up.add_argument("--num-cpus", type=int, help="CPUs each Ray node offers (default: all of the machine's)")
+    up.add_argument("--num-gpus", type=int, help="GPUs each Ray node offers (default: all of the machine's)")
+    sub.add_parser("down", help="stop and remove exactly what `up` made")
+    sub.add_parser("status", help="the services and each host's Ray node (exit 0 when all run)")
     sub.add_parser("env", help="print the export lines for this stack")
+    for name, what in (
+        ("kill-host", "kill every process of a host (h1, ...)"),
+        ("restore-host", "start a lost host's Ray node again"),
+    ):
+        sub.add_parser(name, help=what, formatter_class=HelpFormatter).add_argument("host", help="h1, h2, ...")
     args = p.parse_args(argv)
-    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env}[args.command](args)
+    if args.command == "up" and args.hosts < 1:
+        p.error(f"--hosts must be at least 1, got {args.hosts}")
+    commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env}
+    commands |= {"kill-host": cmd_kill_host, "restore-host": cmd_restore_host}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
 """Serve a trained model over HTTP with Ray Serve (sampling, interpolation, sequences).
 
     python jobs/serve.py --checkpoint runs/cifar10-linear                 # latest checkpoint of a run
-    python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 1 --max-replicas 8 --gpus 1 --host 0.0.0.0
+    RAY_DIFFUSION_API_KEY=... python jobs/serve.py --checkpoint s3://bucket/runs/cifar10-linear --replicas 1 --max-replicas 8 --gpus 1 --host 0.0.0.0
     python jobs/serve.py --checkpoint runs:/<mlflow run id>               # a training run tracked in MLflow
     serve run jobs/serve_config.yaml                                      # the same, from a Serve config
     ray job submit --working-dir . -- python jobs/serve.py --checkpoint s3://bucket/runs/NAME --detach   # on a cluster
 
 Then: curl -X POST localhost:8000/v1/samples -H 'content-type: application/json' -d '{"n": 16, "seed": 0}' -o samples.png
-The schema is at /docs and /openapi.json.
+The schema is at /docs and /openapi.json. With RAY_DIFFUSION_API_KEY set (required to bind
+anything but loopback), requests must send `-H "Authorization: Bearer $RAY_DIFFUSION_API_KEY"`;
+the replicas get only the key's SHA-256.
 """
 
 from __future__ import annotations
 
+import os
+
 from diffusion.platform.cli import add_checkpoint_options, add_options, fail, given, parser, run
-from diffusion.platform.settings import SERVE_CHECKPOINT_FIELDS, ServeArgs
+from diffusion.platform.settings import API_KEY_ENV, SERVE_CHECKPOINT_FIELDS, ServeArgs, key_sha256
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def main(argv=None) -> int:
@@ -26,11 +32,21 @@ def main(argv=None) -> int:
             "serving", "Bounds are in UNet calls at the batch shape: ceil(images / batch size) x sampler steps."
         ),
         ServeArgs,
-        skip=SERVE_CHECKPOINT_FIELDS,
+        skip=(*SERVE_CHECKPOINT_FIELDS, "api_key_sha256"),
     )
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
-    app_args = ServeArgs(**given(args, ServeArgs), ema=not args.raw)  # out of range: named here, before Ray
+    key = os.environ.get(API_KEY_ENV, "")
+    if not key and args.host not in LOOPBACK:
+        return fail(
+            f"--host {args.host} serves other machines: set {API_KEY_ENV} to a secret key that requests must send "
+            "(Authorization: Bearer KEY), or bind 127.0.0.1"
+        )
+    app_args = ServeArgs(  # out of range: named here, before Ray
+        **given(args, ServeArgs),
+        ema=not args.raw,
+        api_key_sha256=key_sha256(key),
+    )
 
     import signal
     import threading
@@ -55,7 +71,11 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: stopped.set())
     scaling = f"{args.replicas}..{args.max_replicas} autoscaled" if args.max_replicas > args.replicas else args.replicas
     stop_with = "`serve shutdown` to stop" if args.detach else "Ctrl-C to stop"
-    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling} ({stop_with})", flush=True)
+    auth = f", API key required ({API_KEY_ENV})" if key else ""
+    print(
+        f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling}{auth} ({stop_with})",
+        flush=True,
+    )
     if args.detach:
         return 0
     while not stopped.wait(1):

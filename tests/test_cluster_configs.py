@@ -147,6 +147,46 @@ def test_launcher_dashboard_listens_on_loopback_only(launcher):
     assert "0.0.0.0" not in head_start
 
 
+def test_every_launcher_node_starts_ray_with_token_auth_from_ssm(launcher):
+    """Head and workers fetch the secrets (cluster/node_secrets.py) and start Ray with them."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        commands = launcher[key]
+        fetch = commands.index("python ~/ray-diffusion/cluster/node_secrets.py")
+        (start,) = [c for c in commands if "ray start" in c]
+        assert commands.index(start) > fetch and start.startswith("set -a && . ~/.ray-diffusion.env && set +a && ")
+
+
+def test_node_secrets_writes_0600_files_from_ssm(s3_server, tmp_path, capsys):
+    """Against a real SSM API (moto's server): the token and the env file, owner-only, no value printed."""
+    import os
+    import stat
+
+    import boto3
+
+    spec = importlib.util.spec_from_file_location("node_secrets", CLUSTER / "node_secrets.py")
+    node_secrets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node_secrets)
+    files = ["--token-file", str(tmp_path / "token"), "--env-file", str(tmp_path / "env"), "--prefix", "/rd-test"]
+    with pytest.raises(SystemExit, match="no /rd-test/ray-token in SSM Parameter Store: create it"):
+        node_secrets.main(files)
+    ssm = boto3.client("ssm")
+    values = {"ray-token": "t0k3n" * 8, "MLFLOW_TRACKING_PASSWORD": "pa ss'word", "RAY_DIFFUSION_API_KEY": "k3y"}
+    for name, value in values.items():
+        ssm.put_parameter(Name=f"/rd-test/{name}", Value=value, Type="SecureString")
+    assert node_secrets.main(files) == 0
+    assert not any(v in capsys.readouterr().out for v in values.values())
+    for name in ("token", "env"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    assert (tmp_path / "token").read_text() == values["ray-token"]
+    shell = f". {tmp_path / 'env'} && env"
+    seen = dict(
+        line.split("=", 1)
+        for line in subprocess.run(["sh", "-c", shell], capture_output=True, text=True, env={}).stdout.splitlines()
+    )
+    assert seen["RAY_AUTH_MODE"] == "token" and seen["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
+    assert seen["MLFLOW_TRACKING_PASSWORD"] == "pa ss'word" and seen["RAY_DIFFUSION_API_KEY"] == "k3y"
+
+
 def test_launcher_rsync_keeps_code_and_leaves_local_state(launcher, tmp_path):
     """The rsync options Ray's command runner builds from the config, run for real on a small tree."""
     rsync = shutil.which("rsync")
@@ -288,6 +328,17 @@ def test_kuberay_autoscaler_sees_a_cpu_head_and_gpu_workers(name):
         )
     if spec.get("enableInTreeAutoscaling"):
         assert config["idle_timeout_minutes"] * 60 == spec["autoscalerOptions"]["idleTimeoutSeconds"]
+
+
+@pytest.mark.parametrize("name", sorted(ray_cluster_specs()))
+def test_every_kuberay_cluster_has_token_auth_and_the_service_credentials(name):
+    spec = ray_cluster_specs()[name]
+    assert spec["authOptions"] == {"mode": "token"}
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        refs = {v["name"]: v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"]}
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_DIFFUSION_API_KEY"):
+            assert refs[var] == "ray-diffusion-auth", (name, var)
 
 
 def test_raycluster_grows_gpu_workers_from_zero():

@@ -2,7 +2,9 @@
 folder (and, from the CLI, a run folder of this project), exercised with real HTTP requests."""
 
 import base64
+import hashlib
 import io
+import ipaddress
 import json
 import time
 import urllib.error
@@ -43,6 +45,35 @@ def service(ray_local, tmp_path_factory):
     serve.shutdown()
 
 
+def test_a_keyed_service_answers_only_requests_that_send_its_key(service, tmp_path):
+    """With api_key_sha256 set, every route needs `Authorization: Bearer KEY`: 401 without it or
+    with another key; the replica holds only the key's hash."""
+    from ray import serve
+
+    from diffusion.platform.serve import ServeArgs, build_app
+
+    key = "s3cret-key-of-the-test"
+    args = ServeArgs(
+        checkpoint=tiny_diffusers_folder(tmp_path / "pipeline", num_timesteps=T),
+        api_key_sha256=hashlib.sha256(key.encode()).hexdigest(),
+    )
+    serve.run(build_app(args), name="keyed", route_prefix="/keyed", blocking=False)
+    try:
+        url = f"{service}/keyed"
+        for headers in ({}, {"authorization": "Bearer another-key"}, {"authorization": key}):
+            request = urllib.request.Request(f"{url}/healthz", headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request)
+            assert refused.value.code == 401 and refused.value.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer KEY" in json.loads(refused.value.read())["detail"]
+        assert post(f"{url}/v1/samples", {"n": 1, "seed": 0})[0] == 401
+        request = urllib.request.Request(f"{url}/healthz", headers={"authorization": f"Bearer {key}"})
+        assert json.loads(urllib.request.urlopen(request).read())["status"] == "ok"
+        assert json.loads(urllib.request.urlopen(f"{service}/healthz").read())["status"] == "ok"  # the other app: open
+    finally:
+        serve.delete("keyed")
+
+
 def png_b64(array):
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -52,6 +83,7 @@ def png_b64(array):
 def test_health_and_schema(service):
     health = json.loads(urllib.request.urlopen(f"{service}/healthz").read())
     assert health.pop("queued_unet_calls") == {"short": 0, "long": 0}
+    assert ipaddress.ip_address(health.pop("node"))  # the replica's node: which host answered
     assert health == {
         "status": "ok",
         "model": "tiny",

@@ -1,8 +1,10 @@
 """jobs/serve.py as a user runs it: serving a registered MLflow model over HTTP until SIGTERM; a
 bad checkpoint named before Ray starts; Ctrl-C and SIGTERM while Ray's start-up waits."""
 
+import os
 import signal
 import time
+from unittest.mock import patch
 
 import pytest
 
@@ -41,6 +43,16 @@ def test_the_serve_cli_names_a_bad_checkpoint_before_starting_ray(tmp_path):
     proc = run_main("jobs/serve.py", "--checkpoint", tmp_path / "checkpoint.pt", "--port", free_port())
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "is empty" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Ray" not in proc.stderr  # one line, no traceback
+
+
+def test_the_serve_cli_binds_other_addresses_only_with_an_api_key(tmp_path):
+    """Off loopback, no key is refused before Ray starts, naming the variable and the way out."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DIFFUSION_API_KEY"}
+    with patch.dict(os.environ, env, clear=True):
+        proc = run_main("jobs/serve.py", "--checkpoint", tmp_path / "run", "--host", "0.0.0.0", "--port", free_port())
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--host 0.0.0.0 serves other machines: set RAY_DIFFUSION_API_KEY" in proc.stderr
+    assert "or bind 127.0.0.1" in proc.stderr
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The Serve application's HTTP edge, apart from the model: the guard every request body passes
 before FastAPI reads it, the 422 that names each bad field, and the image encodings.
 
-    harden(app)        BodyGuard (415, 413, 400, 422 before any field is looked at) and the 422 handler
+    harden(app)        ApiKeyGuard (401 without the key, when one is required), BodyGuard (415, 413,
+                       400, 422 before any field is looked at) and the 422 handler
     encode(images)     a PNG grid, an npz of the array, or JSON of base64 PNGs
     decode_png(data)   an uploaded PNG, its size checked before a pixel is decoded
 """
@@ -9,6 +10,7 @@ before FastAPI reads it, the 422 that names each bad field, and the image encodi
 from __future__ import annotations
 
 import base64
+import hmac
 import io
 import json
 
@@ -21,6 +23,7 @@ from PIL import Image
 
 from ..errors import excerpt
 from ..images import from_uint8, save_grid
+from .settings import key_sha256
 
 MAX_UPLOAD_BYTES = 1 << 20  # per uploaded image (base64-decoded)
 MAX_BODY_BYTES = 4 << 20  # two base64 uploads and the rest
@@ -28,8 +31,9 @@ MAX_NESTING = 32  # JSON levels; a request needs 3
 
 
 def harden(app: FastAPI) -> FastAPI:
-    """`app` with the body guard and the field-naming 422 handler."""
+    """`app` with the key guard, the body guard and the field-naming 422 handler."""
     app.add_middleware(BodyGuard)
+    app.add_middleware(ApiKeyGuard)  # added last: the outermost, before a byte of the body is read
     app.add_exception_handler(RequestValidationError, validation_error)
     return app
 
@@ -67,6 +71,30 @@ def body_problem(body: bytes) -> tuple[int, str] | None:
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         level.extend((child, d + 1) for child in children)
     return None
+
+
+class ApiKeyGuard:
+    """ASGI middleware: where this process requires a key (`ApiKeyGuard.sha256`, set by the
+    replica), every request must send it as `Authorization: Bearer KEY`, else 401. Only the key's
+    SHA-256 is held, and compared in constant time."""
+
+    sha256 = ""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ApiKeyGuard.sha256 and not self.authorized(dict(scope["headers"])):
+            detail = "this endpoint needs its API key: send the header `Authorization: Bearer KEY`"
+            response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    def authorized(headers: dict) -> bool:
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        digest = key_sha256(key.strip())
+        return scheme.lower() == "bearer" and bool(digest) and hmac.compare_digest(digest, ApiKeyGuard.sha256)
 
 
 class BodyGuard:

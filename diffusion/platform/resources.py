@@ -121,7 +121,8 @@ class Workers:
 
 def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Workers):
     """`ds.map_batches` through a pool of `workers.count` actors of `actor_class(*args)`, each
-    holding `workers.gpus` GPUs and `workers.cpus` CPUs (numpy batches of `batch_size` rows)."""
+    holding `workers.gpus` GPUs and `workers.cpus` CPUs (numpy batches of `batch_size` rows),
+    spread over the cluster's nodes where their resources allow."""
     return ds.map_batches(
         actor_class,
         fn_constructor_args=args,
@@ -130,4 +131,5 @@ def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Work
         num_gpus=workers.gpus,
         num_cpus=workers.cpus,
         compute=ray.data.ActorPoolStrategy(size=workers.count),
+        scheduling_strategy="SPREAD",
     )

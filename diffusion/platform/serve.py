@@ -3,7 +3,7 @@
     POST /v1/samples        {n | seeds | seed, sampler, steps, eta, spacing, variance, clip, format}
     POST /v1/interpolations {mode: ddim (slerp of two seeds' noise) | ddpm (two uploaded images), lambdas | count, t}
     POST /v1/sequences      {seed, sampler, steps, eta, record: [timesteps], format}
-    GET  /healthz           model, image shape, T, weights, work queued
+    GET  /healthz           model, image shape, T, weights, work queued, the replica's node
     GET  /openapi.json      the schema (FastAPI)
 
 Concurrent /v1/samples requests are batched across callers by @serve.batch; requests with
@@ -19,17 +19,23 @@ never waits behind a DDPM chain. A request above `max_request_calls` is refused 
 names its cost and the limit (the batch job, jobs/sample.py, is for bulk work); a request that
 would put more than `max_queued_calls` in its lane's queue gets a 503 with Retry-After.
 
+With `api_key_sha256` set (jobs/serve.py sets it from RAY_DIFFUSION_API_KEY), or else with
+RAY_DIFFUSION_API_KEY in the replica's environment (a Serve config on KubeRay: the key from a
+Secret), every request must send the key as `Authorization: Bearer KEY` (401 otherwise).
+
 Request bodies are guarded and typed strictly before they reach the replica (`http`, `schemas`);
 errors name the field and echo at most a short excerpt of the input. The options are
 `diffusion.platform.settings.ServeArgs`.
 """
 
 import asyncio
+import os
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import ray
 from fastapi import FastAPI, HTTPException, Response
 from pydantic import ConfigDict
 from ray import serve
@@ -39,10 +45,10 @@ from ..config import SamplerSettings
 from ..samplers import timesteps
 from ..sampling import Sampler, as_uint8_hwc
 from .checkpoints import read_checkpoint
-from .http import decode_png, encode, harden
+from .http import ApiKeyGuard, decode_png, encode, harden
 from .resources import Workers, use_assigned_resources
 from .schemas import InterpolationRequest, SamplesRequest, SequenceRequest, model_of
-from .settings import ServeArgs
+from .settings import API_KEY_ENV, ServeArgs, key_sha256
 
 app = harden(FastAPI(title="ray-diffusion", description=__doc__))
 
@@ -97,6 +103,8 @@ class Lanes:
 class DiffusionService:
     def __init__(self, args: ServeArgs):
         use_assigned_resources()
+        ApiKeyGuard.sha256 = args.api_key_sha256 or key_sha256(os.environ.get(API_KEY_ENV, ""))
+        self.node = ray.util.get_node_ip_address()
         payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
         self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, args.speed)
         self.model_name = recipe_of(payload).model
@@ -130,6 +138,7 @@ class DiffusionService:
             "num_timesteps": self.sampler.num_timesteps,
             "weights": self.weights,
             "queued_unet_calls": dict(self.lanes.queued),
+            "node": self.node,
         }
 
     @app.post("/v1/samples")
@@ -145,6 +154,7 @@ class DiffusionService:
             "x-seeds": ",".join(map(str, seeds)),
             "x-batch-requests": str(batch_requests),
             "x-batch-images": str(batch_images),
+            "x-node": self.node,  # the address of the replica's node
         }
         return encode(images, request.format, headers)
 
@@ -216,7 +226,8 @@ class DiffusionService:
 def deployment_options(args: ServeArgs) -> dict:
     """Replicas and their resources: `replicas` fixed, or autoscaled up to `max_replicas`
     (adding a replica, a GPU each with gpus=1, when replicas average more than
-    `target_ongoing_requests` in flight); gpus -1 is 1 on a cluster with GPUs, else 0."""
+    `target_ongoing_requests` in flight), at most `replicas_per_node` on a node; gpus -1 is 1 on
+    a cluster with GPUs, else 0."""
     gpus = args.gpus if args.gpus >= 0 else Workers(gpus=args.gpus).resolve().gpus
     options = {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": gpus}}
     if args.max_replicas > args.replicas:
@@ -228,6 +239,8 @@ def deployment_options(args: ServeArgs) -> dict:
         }
     else:
         options["num_replicas"] = args.replicas
+    if args.replicas_per_node:
+        options["max_replicas_per_node"] = args.replicas_per_node
     return options
 
 

@@ -14,6 +14,7 @@ before torch, Ray or MLflow is imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, fields
 
 from ..config import RECIPE_FIELDS, RECIPES, WHICH, Options, Recipe, SamplerSpeed, check, option
@@ -22,6 +23,9 @@ from ..errors import OptionError
 SEARCHABLE = ("lr", "schedule", "beta_end", "batch_size", "ema_decay", "warmup_steps", "dropout", "grad_clip")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")  # of a sweep's search space
 METRICS = ("heldout_loss", "heldout_loss_ema", "fid")  # a sweep ranks trials by one
+
+
+PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}  # Ray placement group strategies
 
 
 @dataclass
@@ -58,6 +62,11 @@ class RunSettings(Options):
     gpus_per_worker: float = option(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)", ge=-1)
     cpus_per_worker: float = option(
         0.0, "CPUs per worker, and its torch threads (0: 1 with GPUs, else the free CPUs but one, shared)", ge=0
+    )
+    placement: str = option(
+        "pack",
+        "where Ray puts the workers: pack (as few nodes as fit) or spread (one per node, waiting for enough nodes)",
+        choices=tuple(PLACEMENTS),
     )
     bf16: bool = option(True, "bf16 autocast (on GPU only)")
     channels_last: bool = option(True, "channels_last memory format")
@@ -202,6 +211,12 @@ def validate_space(space: dict) -> dict:
 
 
 SERVE_CHECKPOINT_FIELDS = ("checkpoint", "which", "endpoint_url", "ema")  # jobs/serve.py: the checkpoint flags
+API_KEY_ENV = "RAY_DIFFUSION_API_KEY"  # the Serve endpoint's key: from the environment, never a flag or a file
+
+
+def key_sha256(key: str) -> str:
+    """The hex SHA-256 of an API key ('' for none): all a replica is given of it."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
 @dataclass(frozen=True)
@@ -221,6 +236,10 @@ class ServeArgs(SamplerSpeed, Options):
     max_replicas: int = option(0, "autoscale up to this many replicas (0: fixed)", ge=0)
     target_ongoing_requests: float = option(32.0, "autoscaling: requests in flight per replica", gt=0)
     gpus: float = option(-1.0, "GPUs per replica (-1: 1 if the cluster has GPUs, else 0)", ge=-1)
+    replicas_per_node: int = option(0, "at most this many replicas on one node (0: no limit; 1: one per host)", ge=0)
+    api_key_sha256: str = option(
+        "", "SHA-256 (hex) of the key requests must send as `Authorization: Bearer KEY` (empty: none)"
+    )
     long_request_calls: int = option(200, "UNet calls above which a request takes the long lane", ge=1)
     max_request_calls: int = option(1000, "UNet calls above which a request gets a 422 (a batch of DDPM-1000)", ge=1)
     max_queued_calls: int = option(4000, "UNet calls a lane may hold before a request gets a 503", ge=1)

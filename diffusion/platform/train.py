@@ -51,7 +51,7 @@ from . import tracking
 from .checkpoints import read_checkpoint
 from .evaluate import inception_judge, reference_stats
 from .resources import Workers, connect, use_assigned_resources
-from .settings import RunSettings, TrainJob
+from .settings import PLACEMENTS, RunSettings, TrainJob
 from .shards import ShardSet
 from .storage import open_location
 
@@ -175,6 +175,7 @@ class Training:
                     "CPU": s.cpus_per_worker,
                     **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}),
                 },
+                placement_strategy=PLACEMENTS[s.placement],
             ),
             datasets={
                 "train": self.shards.ray_dataset(splits=self.train_splits, columns=["image"]).randomize_block_order()
