@@ -252,6 +252,26 @@ def namespaces_unavailable() -> str:
     return ""
 
 
+def test_a_multi_host_up_that_fails_half_way_leaves_nothing(tmp_path):
+    """The network is made, then S3 cannot be reached: `up` says so and removes the namespaces,
+    links and bridge it made, with nothing recorded."""
+    why = namespaces_unavailable()
+    if why:
+        pytest.skip(f"multi-host check skipped: {why}")
+    import hosts
+
+    before = {link["ifname"] for link in json.loads(hosts.ip("-j", "link").stdout)}
+    namespaces = set(hosts.ip("netns", "list").stdout.split())
+    cmd = [sys.executable, "cluster/stack.py", "--state-dir", str(tmp_path), "up", "--hosts", "2"]
+    cmd += ["--s3-endpoint", "http://127.0.0.1:1"]  # nothing listens there
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_MAX_ATTEMPTS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "stack up failed, stopping what started" in proc.stderr
+    assert {link["ifname"] for link in json.loads(hosts.ip("-j", "link").stdout)} == before
+    assert set(hosts.ip("netns", "list").stdout.split()) == namespaces
+    assert not (tmp_path / "stack.json").exists() and not (tmp_path / "env").exists()
+
+
 def test_two_hosts_with_one_lost_and_back(tmp_path, monkeypatch):
     """up --hosts 2: a 2-worker training spread over both hosts through `ray job submit`, one host
     killed after the first checkpoint and brought back (the run resumes from S3 and finishes in
