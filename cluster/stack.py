@@ -319,11 +319,12 @@ def start_mlflow(stack: Stack, args, base: dict, head: str) -> dict:
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
     )
     uri = f"http://{head}:{args.mlflow_port}"
-    backend = args.backend_store_uri or f"sqlite:///{stack.dir / 'mlflow.db'}"
+    backend = args.backend_store_uri or base.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{stack.dir / 'mlflow.db'}"
     cmd = ["mlflow", "server", "--app-name", "basic-auth", "--host", head, "--port", str(args.mlflow_port)]
-    cmd += ["--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", f"s3://{args.bucket}/mlflow"]
+    cmd += ["--workers", "1", "--artifacts-destination", f"s3://{args.bucket}/mlflow"]
     env = dict(
         base,
+        MLFLOW_BACKEND_STORE_URI=backend,  # not on the command line: a database URI may hold a password
         MLFLOW_S3_ENDPOINT_URL=base["AWS_ENDPOINT_URL"],
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
@@ -570,7 +571,11 @@ def main(argv=None) -> int:
     up.add_argument("--s3-endpoint", help="use this S3-compatible endpoint instead of starting one")
     up.add_argument("--bucket", default="ray-diffusion", help="bucket for data, runs, samples and MLflow artifacts")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port")
-    up.add_argument("--backend-store-uri", help="MLflow backend store (default: sqlite in the state dir)")
+    up.add_argument(
+        "--backend-store-uri",
+        help="MLflow backend store (default: MLFLOW_BACKEND_STORE_URI, which keeps a password off the command "
+        "line, else sqlite in the state dir)",
+    )
     up.add_argument("--num-cpus", type=int, help="CPUs each Ray node offers (default: all of the machine's)")
     up.add_argument("--num-gpus", type=int, help="GPUs each Ray node offers (default: all of the machine's)")
     sub.add_parser("down", help="stop and remove exactly what `up` made")
