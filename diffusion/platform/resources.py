@@ -121,8 +121,8 @@ class Workers:
 
 def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Workers):
     """`ds.map_batches` through a pool of `workers.count` actors of `actor_class(*args)`, each
-    holding `workers.gpus` GPUs and `workers.cpus` CPUs (numpy batches of `batch_size` rows),
-    spread over the cluster's nodes where their resources allow."""
+    holding `workers.gpus` GPUs and `workers.cpus` CPUs (numpy batches of `batch_size` rows).
+    Ray Data spreads them over the cluster's nodes where their resources allow (its default)."""
     return ds.map_batches(
         actor_class,
         fn_constructor_args=args,
@@ -131,5 +131,4 @@ def map_with_actors(ds, actor_class, args: tuple, batch_size: int, workers: Work
         num_gpus=workers.gpus,
         num_cpus=workers.cpus,
         compute=ray.data.ActorPoolStrategy(size=workers.count),
-        scheduling_strategy="SPREAD",
     )
