@@ -53,6 +53,19 @@ def test_resume_without_a_sweep_says_so(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and "Started a local Ray" not in proc.stderr
 
 
+def remove_leftover_placement_groups() -> None:
+    """Remove the placement groups a finished sweep left in the session's Ray. A trial's workers'
+    group (0.25 CPU) has been seen to outlive the sweep's own process too; the next 2-worker fit in
+    the session then lacked the CPU Ray Data's reads need, and hung. Tests run one at a time, so
+    once the sweep's process has ended, a group still there is a leftover."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, pg in ray.util.placement_group_table().items():
+        if pg["state"] != "REMOVED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 @pytest.fixture(scope="module")
 def swept(cifar_shards, tmp_path_factory, ray_address):
     """The sweep, interrupted after two finished trials and resumed: (tmp_path, tracking URI, outputs)."""
@@ -75,6 +88,7 @@ def swept(cifar_shards, tmp_path_factory, ray_address):
     first_code = proc.wait(timeout=300)
     first = (tmp_path / "first.log").read_text()
     second = cli("tune/sweep.py", *sweep_args(cifar_shards, tmp_path, "--resume"), timeout=900, **env)
+    remove_leftover_placement_groups()
     return tmp_path, env["MLFLOW_TRACKING_URI"], first_code, first, second
 
 
@@ -163,6 +177,7 @@ def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_incepti
         f"--inception-weights {random_inception}"
     )
     proc = cli("tune/sweep.py", *options.split(), timeout=900, MLFLOW_TRACKING_URI=uri, RAY_ADDRESS=ray_address)
+    remove_leftover_placement_groups()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 1
     client = MlflowClient(uri)
