@@ -259,7 +259,7 @@ def start_all(stack: Stack, args) -> None:
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
         base.pop(key, None)
 
-    client_env = {**start_s3(stack, args, base, head), **start_mlflow(stack, args, base, head)}
+    services_env = {**start_s3(stack, args, base, head), **start_mlflow(stack, args, base, head)}
     token_path = stack.dir / "ray-token"
     private_file(token_path, secrets.token_hex(32))
     dashboard = f"http://{head}:{args.dashboard_port}"
@@ -269,13 +269,17 @@ def start_all(stack: Stack, args) -> None:
         "RAY_DASHBOARD_ADDRESS": dashboard,  # serve deploy / status
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
-        **client_env,
+        **services_env,
         "RAY_DIFFUSION_API_KEY": secrets.token_urlsafe(24),  # the Serve endpoint's, off loopback
     }
     stack.state["client_env"] = client_env
     stack.state["bucket"] = args.bucket
-    stack.state["ray"] = {"port": args.ray_port, "dashboard_port": args.dashboard_port, "num_cpus": args.num_cpus}
-    stack.state["ray"]["num_gpus"] = args.num_gpus
+    stack.state["ray"] = {
+        "port": args.ray_port,
+        "dashboard_port": args.dashboard_port,
+        "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus,
+    }
     stack.save()
     private_file(stack.dir / "env", "\n".join(env_lines(stack.state)) + "\n")
 
@@ -372,9 +376,9 @@ def start_ray_node(stack: Stack, host: int) -> subprocess.Popen:
     )
 
 
-def ray_nodes(stack: Stack) -> dict[str, str]:
-    """Each Ray node's address and state (ALIVE, DEAD) as the head's dashboard reports them."""
-    env = stack.state["client_env"]
+def ray_nodes(env: dict) -> dict[str, str]:
+    """Each Ray node's address and state (ALIVE, DEAD) as the head's dashboard reports them, asked
+    with a stack's client environment `env`."""
     request = urllib.request.Request(
         f"{env['RAY_API_SERVER_ADDRESS']}/api/v0/nodes?limit=1000&detail=false",
         headers={"Authorization": f"Bearer {Path(env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"},
@@ -400,7 +404,7 @@ def wait_for_nodes(stack: Stack, host_ids, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            states = ray_nodes(stack)
+            states = ray_nodes(stack.state["client_env"])
         except OSError:
             states = {}
         missing = [i for i in host_ids if node_state(stack, states, i) != "ALIVE"]
@@ -497,7 +501,7 @@ def cmd_status(args) -> int:
         state = "running" if running[name] else "STOPPED"
         print(f"{name:8s} host h{svc.get('host', 0)}  pid {svc['pid']:<8d} port {port!s:<6s} {state}")
     try:
-        nodes = ray_nodes(stack)
+        nodes = ray_nodes(stack.state["client_env"])
     except (OSError, KeyError) as e:
         nodes, why = {}, f" (the head does not answer: {e})"
     else:

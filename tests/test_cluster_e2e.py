@@ -4,6 +4,7 @@
 the batch sampling job, and of the Serve app deployed from the checkpoint, a PNG over HTTP,
 the runs and their images in MLflow (artifacts in S3), and `down` leaving nothing behind."""
 
+import importlib
 import io
 import ipaddress
 import json
@@ -28,6 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "ray-diffusion"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def cluster_module(name: str):
+    """A module of cluster/ (stack, hosts), imported as `python cluster/stack.py` finds it."""
+    if str(ROOT / "cluster") not in sys.path:
+        sys.path.insert(0, str(ROOT / "cluster"))
+    return importlib.import_module(name)
 
 
 def sh(cmd: list, env: dict, timeout: float = 600) -> str:
@@ -96,8 +104,7 @@ def test_up_refuses_while_a_recorded_stack_runs(tmp_path):
 
 def test_up_with_hosts_where_namespaces_cannot_be_made_says_why(tmp_path, monkeypatch, capsys):
     """Without root: one line naming why, and that --hosts 1 works; nothing started or recorded."""
-    sys.path.insert(0, str(ROOT / "cluster"))
-    import stack
+    stack = cluster_module("stack")
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert stack.main(["--state-dir", str(tmp_path), "up", "--hosts", "2"]) == 1
@@ -242,8 +249,7 @@ def post_until_served(url: str, body: dict, key: str, timeout: float = 180, node
 
 def namespaces_unavailable() -> str:
     """Why network namespaces cannot be made here ('' when they can)."""
-    sys.path.insert(0, str(ROOT / "cluster"))
-    import hosts
+    hosts = cluster_module("hosts")
 
     try:
         hosts.check_possible()
@@ -258,7 +264,7 @@ def test_a_multi_host_up_that_fails_half_way_leaves_nothing(tmp_path):
     why = namespaces_unavailable()
     if why:
         pytest.skip(f"multi-host check skipped: {why}")
-    import hosts
+    hosts = cluster_module("hosts")
 
     before = {link["ifname"] for link in json.loads(hosts.ip("-j", "link").stdout)}
     namespaces = set(hosts.ip("netns", "list").stdout.split())
@@ -282,7 +288,7 @@ def test_two_hosts_with_one_lost_and_back(tmp_path, monkeypatch):
         pytest.skip(f"multi-host check skipped: {why}")
     if not SHARED_CIFAR.exists():
         pytest.skip(f"multi-host check skipped: {SHARED_CIFAR} is absent (it exists on developer machines and CI)")
-    import hosts
+    hosts = cluster_module("hosts")
 
     state_dir = tmp_path / "stack"
     stack = [sys.executable, "cluster/stack.py", "--state-dir", state_dir]
@@ -339,7 +345,9 @@ def train_through_a_host_loss(tmp_path: Path, env: dict, stack: list, monkeypatc
     killed = time.time()
     sh(stack + ["kill-host", "h1"], env)
     saved = checkpoints(s3, "runs/spread/")  # all there will be until the run resumes (older ones are pruned later)
-    wait_until(lambda: node_states(env).get(worker) == "DEAD", "the Ray head marking h1 dead", 120)
+    wait_until(
+        lambda: cluster_module("stack").ray_nodes(env).get(worker) == "DEAD", "the Ray head marking h1 dead", 120
+    )
     noticed = time.time()
     sh(stack + ["restore-host", "h1"], env)
     back = time.time()
@@ -438,7 +446,7 @@ def outsiders_refused(network, env: dict, head: str, worker: str) -> None:
     try:
         token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
         clean = {k: v for k, v in env.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
-        import hosts
+        hosts = cluster_module("hosts")
 
         cmd = hosts.in_namespace(network.namespace(outsider), [sys.executable, "-c", OUTSIDER, head, worker, token])
         proc = subprocess.run(
@@ -481,15 +489,6 @@ def checkpoints(s3, prefix: str) -> list[int]:
     """The steps of the checkpoints under `prefix`."""
     objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
     return [int(o["Key"].split("checkpoint-")[1].split("/")[0]) for o in objects if o["Key"].endswith("/checkpoint.pt")]
-
-
-def node_states(env: dict) -> dict[str, str]:
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    url = f"{env['RAY_API_SERVER_ADDRESS']}/api/v0/nodes?limit=100&detail=false"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        nodes = json.load(response)["data"]["result"]["result"]
-    return {n["node_ip"]: n["state"] for n in sorted(nodes, key=lambda n: n["state"] == "ALIVE")}
 
 
 def log_line(env: dict, job: str, text: str) -> str | None:
