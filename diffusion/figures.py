@@ -2,18 +2,22 @@
 
     ddim_consistency       DDIM fig. 5: one x_T per column, DDIM with S steps of tau per row
     ddim_interpolation     DDIM fig. 6: slerp of two x_T by lambda (columns), decoded with DDIM
-    ddpm_interpolation     DDPM fig. 8: two images noised to t (rows), mixed by lambda (columns),
-                           denoised by the reverse process; real images when given
+    ddpm_interpolation     DDPM fig. 8: two images (first and last column; real images when
+                           given) noised to t (rows), mixed by lambda (columns), denoised by
+                           the reverse process
     ddpm_sequence          DDPM figs. 6-7: x_t and the predicted x_0 along one reverse chain,
                            at the timesteps t of the columns
 
-Timesteps in labels are the papers' (1-based: t = T is pure noise); the code's 0-based index
-is t - 1. `jobs/generate.py --figures` and the batch job write the same files.
+A `Plan` chooses the rows and counts their model calls: by default those that cost a few
+hundred calls, with `full` the papers' most expensive ones too. Timesteps in labels are the
+papers' (1-based: t = T is pure noise); the code's 0-based index is t - 1. `jobs/generate.py
+--figures` and the batch job write the same files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,16 +28,76 @@ from torch import Tensor
 
 from .config import SamplerSettings
 from .images import from_uint8, to_uint8
-from .sampling import Sampler
+from .sampling import Sampler, steps_of
 
-CONSISTENCY_STEPS = (10, 20, 50, 100, 1000)  # S of DDIM fig. 5, those <= T
-INTERPOLATION_FRACTIONS = (0.1, 0.25, 0.5)  # DDPM interpolation from t = T/10, T/4, T/2
+CONSISTENCY_STEPS = (10, 20, 50, 100)  # S of DDIM fig. 5 (those <= T); full adds S = 1000
+INTERPOLATION_FRACTIONS = (0.1,)  # DDPM interpolation from t = T/10; full adds T/4 and T/2
+FULL_CONSISTENCY_STEPS = CONSISTENCY_STEPS + (1000,)
+FULL_INTERPOLATION_FRACTIONS = (0.1, 0.25, 0.5)
+DDIM_STEPS = 50  # of the DDIM interpolation, and of the diffusion sequence unless full
 LAMBDAS = 9  # evenly spaced in [0, 1]
 
 
 def batch_size(figure_seeds: int) -> int:
     """The model batch that fits every figure's calls (the seeds, or the lambdas) without padding."""
     return max(figure_seeds, LAMBDAS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rows the figures have and the model calls each figure costs (a call: one sampler
+    step on one batch of `batch_size` images). The default rows cost a few hundred calls; `full`
+    adds the papers' most expensive ones: DDIM S = 1000, DDPM interpolation from T/4 and T/2,
+    and a DDPM chain of all T steps for the diffusion sequence (a DDIM-50 chain with eta 1,
+    the DDPM-like sampler on a sub-sequence, otherwise)."""
+
+    num_timesteps: int
+    seeds: tuple[int, ...]
+    real_pair: bool  # the DDPM interpolation between two given images (else two DDIM samples)
+    full: bool = False
+
+    @property
+    def consistency_steps(self) -> list[int]:
+        return [s for s in (FULL_CONSISTENCY_STEPS if self.full else CONSISTENCY_STEPS) if s <= self.num_timesteps]
+
+    @property
+    def ddim_steps(self) -> int:
+        return min(DDIM_STEPS, self.num_timesteps)
+
+    @property
+    def interpolation_ts(self) -> list[int]:
+        """The papers' 1-based t the DDPM interpolation noises to, one a row."""
+        fractions = FULL_INTERPOLATION_FRACTIONS if self.full else INTERPOLATION_FRACTIONS
+        return sorted({max(1, round(f * self.num_timesteps)) for f in fractions})
+
+    @property
+    def sequence(self) -> SamplerSettings:
+        return SamplerSettings("ddpm") if self.full else SamplerSettings("ddim", self.ddim_steps, eta=1.0)
+
+    def steps(self, settings: SamplerSettings) -> int:
+        return steps_of(settings, self.num_timesteps)
+
+    def calls(self) -> dict[str, int]:
+        """Model calls of each figure, in the order they are made."""
+        ddim = self.steps(SamplerSettings("ddim", self.ddim_steps))
+        return {
+            "ddim_consistency": sum(self.steps(SamplerSettings("ddim", s)) for s in self.consistency_steps),
+            "ddim_interpolation": len(self.seeds) // 2 * ddim,
+            "ddpm_interpolation": (0 if self.real_pair else ddim) + sum(self.interpolation_ts),
+            "ddpm_sequence": self.steps(self.sequence),
+        }
+
+    def describe(self) -> str:
+        """The rows chosen, and what `full` would add, in words."""
+        full = Plan(self.num_timesteps, self.seeds, self.real_pair, True)
+        rows = (
+            f"DDIM S={','.join(map(str, self.consistency_steps))}; DDPM interpolation from "
+            f"t={','.join(map(str, self.interpolation_ts))}; diffusion sequence by {self.sequence.label(self.num_timesteps)}"
+        )
+        if self.full:
+            return rows
+        extra = sum(full.calls().values()) - sum(self.calls().values())
+        return f"{rows} (--full-figures: the papers' S=1000, t up to T/2 and a DDPM chain, {extra} calls more)"
 
 
 @dataclass
@@ -80,67 +144,64 @@ class Figure:
         self.render().save(where, format="PNG")
 
 
-def figures(sampler: Sampler, seeds: list[int], pair: np.ndarray | None = None) -> list[Figure]:
-    """The four figures from `seeds` (an even count, at least 2). `pair`: two real images,
-    uint8 (2, H, W, C), for the DDPM interpolation, else two DDIM samples of the first seeds."""
-    T = sampler.num_timesteps
+def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Iterator[Figure]:
+    """The four figures of `plan` (its seeds an even count, at least 2), each as soon as it is
+    sampled. `pair`: two real images, uint8 (2, H, W, C), for the DDPM interpolation, else two
+    DDIM samples of the first seeds."""
+    seeds = list(plan.seeds)
     lambdas = np.linspace(0, 1, LAMBDAS).tolist()
     lambda_labels = [f"lambda {lam:.2f}" for lam in lambdas]
-    ddim_steps = min(50, T)
-    out = []
+    ddim_steps = plan.ddim_steps
 
-    steps = [s for s in CONSISTENCY_STEPS if s <= T]
-    rows = [sampler.samples(seeds, SamplerSettings("ddim", s)) for s in steps]
-    out.append(
-        Figure(
-            "ddim_consistency",
-            "DDIM consistency (DDIM fig. 5): one x_T a column; DDIM with S steps of tau a row",
-            torch.cat(rows),
-            [f"S={s}" for s in steps],
-            [f"seed {s}" for s in seeds],
-        )
+    steps = plan.consistency_steps
+    yield Figure(
+        "ddim_consistency",
+        "DDIM consistency (DDIM fig. 5): one x_T a column; DDIM with S steps of tau a row",
+        torch.cat([sampler.samples(seeds, SamplerSettings("ddim", s)) for s in steps]),
+        [f"S={s}" for s in steps],
+        [f"seed {s}" for s in seeds],
     )
 
     pairs = list(zip(seeds[0::2], seeds[1::2]))
-    out.append(
-        Figure(
-            "ddim_interpolation",
-            f"DDIM interpolation (DDIM fig. 6): slerp of two x_T by lambda, DDIM-{ddim_steps}",
-            torch.cat([sampler.ddim_interpolation(a, b, lambdas, ddim_steps, "uniform") for a, b in pairs]),
-            [f"seeds {a}, {b}" for a, b in pairs],
-            lambda_labels,
-        )
+    yield Figure(
+        "ddim_interpolation",
+        f"DDIM interpolation (DDIM fig. 6): slerp of two x_T by lambda, DDIM-{ddim_steps}",
+        torch.cat([sampler.ddim_interpolation(a, b, lambdas, ddim_steps, "uniform") for a, b in pairs]),
+        [f"seeds {a}, {b}" for a, b in pairs],
+        lambda_labels,
     )
 
     if pair is None:
         a, b = sampler.samples(seeds[:2], SamplerSettings("ddim", ddim_steps))
-        between = f"two DDIM-{ddim_steps} samples"
+        between, source = f"two DDIM-{ddim_steps} samples", "sample"
     else:
-        (a, b), between = from_uint8(torch.from_numpy(np.asarray(pair)).permute(0, 3, 1, 2)), "two real images"
-    ts = sorted({max(1, round(f * T)) for f in INTERPOLATION_FRACTIONS})
-    out.append(
-        Figure(
-            "ddpm_interpolation",
-            f"DDPM interpolation (DDPM fig. 8): {between} noised to t, mixed by lambda, denoised",
-            torch.cat([sampler.ddpm_interpolation(a, b, t - 1, lambdas, seed=seeds[0]) for t in ts]),
-            [f"t={t}" for t in ts],
-            lambda_labels,
+        (a, b), between, source = (
+            from_uint8(torch.from_numpy(np.asarray(pair)).permute(0, 3, 1, 2)),
+            "two images",
+            "image",
         )
+    ts = plan.interpolation_ts
+    a, b = a.to(sampler.device), b.to(sampler.device)
+    rows = [torch.cat([a[None], sampler.ddpm_interpolation(a, b, t - 1, lambdas, seed=seeds[0]), b[None]]) for t in ts]
+    yield Figure(
+        "ddpm_interpolation",
+        f"DDPM interpolation (DDPM fig. 8): {between} (left, right) noised to t, mixed by lambda, denoised",
+        torch.cat(rows),
+        [f"t={t}" for t in ts],
+        [f"{source} a", *lambda_labels, f"{source} b"],
     )
 
     chain_seeds = seeds[:3]
-    record, x_t, pred_x0 = sampler.sequences(chain_seeds, SamplerSettings("ddpm"), count=10)
+    record, x_t, pred_x0 = sampler.sequences(chain_seeds, plan.sequence, count=10)
     per_seed = len(record)
     interleaved = [
         frames[i * per_seed : (i + 1) * per_seed] for i in range(len(chain_seeds)) for frames in (x_t, pred_x0)
     ]
-    out.append(
-        Figure(
-            "ddpm_sequence",
-            "DDPM diffusion sequence (DDPM figs. 6-7): x_t and the predicted x_0 along one reverse chain",
-            torch.cat(interleaved),
-            [f"{name} seed {s}" for s in chain_seeds for name in ("x_t", "x_0 pred")],
-            [f"t={t + 1}" for t in record],
-        )
+    yield Figure(
+        "ddpm_sequence",
+        f"Diffusion sequence (DDPM figs. 6-7), {plan.sequence.label(sampler.num_timesteps)}: "
+        "x_t and the predicted x_0 along one reverse chain",
+        torch.cat(interleaved),
+        [f"{name} seed {s}" for s in chain_seeds for name in ("x_t", "x_0 pred")],
+        [f"t={t + 1}" for t in record],
     )
-    return out

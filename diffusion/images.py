@@ -40,6 +40,17 @@ def save_grid(x: Tensor, path: str | Path | BinaryIO, nrow: int | None = None) -
     return path
 
 
+def png(image) -> bytes:
+    """One uint8 (H, W, C) image (a numpy array) as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def to_model_input(images: Tensor) -> Tensor:
     """The per-batch conversion, run where the batch lands (worker CPU or GPU): uint8
     (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (a channels_last view)."""

@@ -4,7 +4,10 @@ settings, never on which other seeds share its batch (per-seed generators + `fix
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +22,11 @@ from .speed import default_device, sampling_model
 
 class Sampler:
     """A model ready to sample: eval mode, on its device, evaluated at one batch shape, in
-    the precision and compilation of `speed` (default: bf16 on CUDA, not compiled)."""
+    the precision and compilation of `speed` (default: bf16 on CUDA, not compiled).
+
+    Every sampler step is one model call (`net`) on all of its images; `observed(on_call)`
+    runs a callback after each call made by this thread: a progress bar counts calls with it,
+    and a server stops a cancelled request by raising from it."""
 
     def __init__(
         self,
@@ -33,7 +40,9 @@ class Sampler:
         self.device = next(model.parameters()).device
         self.betas = betas
         self.defaults = defaults  # the checkpoint's DDPM variance and clipping
-        self.net = fixed_batch(sampling_model(model, speed), batch_size)
+        self.batch_size = batch_size
+        self.batched = fixed_batch(sampling_model(model, speed), batch_size)
+        self.observers = threading.local()  # callbacks per thread: two server lanes share a Sampler
         self.shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
 
     @classmethod
@@ -53,6 +62,37 @@ class Sampler:
     def settings(self, settings: SamplerSettings) -> SamplerSettings:
         """`settings` resolved against this checkpoint's defaults and checked against its T."""
         return settings.resolve(self.defaults).validate(self.num_timesteps)
+
+    def net(self, x: Tensor, t: Tensor) -> Tensor:
+        """The model's eps prediction for a sampler step; then this thread's observers, if any."""
+        eps = self.batched(x, t)
+        for on_call in getattr(self.observers, "calls", ()):
+            on_call()
+        return eps
+
+    @contextmanager
+    def observed(self, on_call: Callable[[], None]) -> Iterator[None]:
+        """Within the block, `on_call()` runs after every model call this thread makes (blocks
+        nest: each observer is called); an exception it raises ends the sampling there."""
+        calls = self.observers.__dict__.setdefault("calls", [])
+        calls.append(on_call)
+        try:
+            yield
+        finally:
+            calls.remove(on_call)
+
+    @torch.no_grad()
+    def call_seconds(self, repeats: int = 2) -> float:
+        """Seconds one model call takes at this sampler's batch shape, after a warm-up call."""
+        x, t = torch.zeros((1, *self.shape), device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)
+        self.batched(x, t)
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.batched(x, t)
+        synchronize()
+        return (time.perf_counter() - start) / repeats
 
     @property
     def num_timesteps(self) -> int:
@@ -108,6 +148,13 @@ class Sampler:
     @torch.no_grad()
     def ddpm_interpolation(self, x0_a: Tensor, x0_b: Tensor, t: int, lambdas: Sequence[float], seed: int) -> Tensor:
         return ddpm_interpolate(self.net, self.betas, x0_a.to(self.device), x0_b.to(self.device), t, lambdas, seed=seed)
+
+
+def steps_of(settings: SamplerSettings, num_timesteps: int) -> int:
+    """Model calls of one batch sampled with `settings`: all T for DDPM, the length of tau for DDIM."""
+    if settings.sampler == "ddpm":
+        return num_timesteps
+    return len(timesteps(num_timesteps, settings.steps, settings.spacing))
 
 
 def as_uint8_hwc(x: Tensor) -> Tensor:

@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import json
 
-from diffusion.platform.cli import add_sampler_options, add_sampling_job_options, parser, run, sampling_job
+from diffusion.platform.cli import add_sampling_options, parser, run, sampling_job
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    add_sampling_job_options(p, n=50000, batch_size=100)
-    add_sampler_options(p, steps=100, spacing="quadratic")
+    add_sampling_options(p, n=50000, batch_size=100, workers=True, output=False, steps=100, spacing="quadratic")
     p.add_argument("--data", required=True, help="prepared data set of the reference statistics (folder or s3://)")
     p.add_argument("--splits", nargs="+", default=["train"], help="reference splits (the papers: train)")
     p.add_argument("--out", default=None, help="also keep the samples here as npz shards (folder or s3://)")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file (not for digits)")
     args = p.parse_args(argv)
     job = sampling_job(args, p)
-    if args.n < 2:
-        p.error("--n must be >= 2 (a covariance needs two samples)")
+    if job.n < 2:
+        p.error("--seeds must name at least 2 seeds (a covariance needs two samples)")
 
     from diffusion.platform.evaluate import evaluate
 

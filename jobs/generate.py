@@ -1,84 +1,74 @@
-"""Sample a checkpoint to a PNG grid, in this one process: no Ray, no MLflow run, CPU or GPU.
+"""Sample a checkpoint in this one process (no Ray, no MLflow run; CPU or GPU): one PNG per seed,
+written as its batch finishes, a grid of the first 64 and, with --figures, the papers' figures.
 
-    python jobs/generate.py --checkpoint runs/tiny-linear --n 64 --out grid.png
-    python jobs/generate.py --checkpoint weights/ddpm-cifar10-32 --sampler ddpm --variance beta --n 16 --out ddpm.png
-    python jobs/generate.py --checkpoint runs/tiny-linear --figures figures/ --data data/cifar10   # the papers' figures
+    python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-63 --out samples
+    python jobs/generate.py --checkpoint weights/ddpm-cifar10-32 --sampler ddpm --variance beta --seeds 0-15 --out ddpm
+    python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-7 --figures --data data/cifar10
 
---checkpoint takes what every job takes: a run folder (its latest checkpoint; --which best for
-its best), a checkpoint, s3://..., runs:/<id>[/<artifact path>], models:/<name>/<version or @alias>,
-a diffusers folder or a DDPM reference state dict. --figures writes the papers' figures as
-labelled PNGs; the DDPM interpolation runs between two real images from --data (a prepared
+The flags mean what they mean to jobs/sample.py (the same job on a Ray cluster, tracked in
+MLflow). --checkpoint takes what every job takes: a run folder (its latest checkpoint; --which
+best for its best), a checkpoint, s3://..., runs:/<id>[/<artifact path>], models:/<name>/<version
+or @alias>, a diffusers folder or a DDPM reference state dict. --figures prints what the figures
+cost (model calls, and minutes at the speed measured here) before it starts, and writes each as
+soon as it is done; the DDPM interpolation runs between two real images from --data (a prepared
 data set) or --images (two files), else between two of the model's samples.
 """
 
 from __future__ import annotations
 
-from diffusion.platform.cli import (
-    add_checkpoint_options,
-    add_sampler_options,
-    parser,
-    run,
-    sampler_settings,
-    sampler_speed,
-)
+from diffusion.platform.cli import add_sampling_options, parser, run, sampler_settings, sampler_speed, seeds_of
 
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    add_checkpoint_options(p)
-    p.add_argument("--n", type=int, default=64, help="number of images (seeds seed .. seed + n - 1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model batch (the fixed batch shape)")
-    add_sampler_options(p)
+    add_sampling_options(p, n=64, batch_size=64, workers=False)
+    p.add_argument("--images", nargs=2, default=None, metavar="PNG", help="two image files for the DDPM interpolation")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write")
-    p.add_argument("--figures", default=None, metavar="DIR", help="also write the papers' figures (labelled PNGs) here")
-    p.add_argument("--figure-seeds", type=int, default=8, help="seeds per figure (an even number)")
-    p.add_argument("--data", default=None, help="prepared data set: two of its images for the DDPM interpolation")
-    p.add_argument("--images", nargs=2, default=None, metavar="PNG", help="or two image files for it")
     args = p.parse_args(argv)
-    settings = sampler_settings(args)
-    if args.n < 1 or args.batch_size < 1:
-        p.error("--n and --batch-size must be >= 1")
-    if args.figure_seeds < 2 or args.figure_seeds % 2:
-        p.error("--figure-seeds must be an even number >= 2 (interpolations take seeds in pairs)")
+    seeds, settings = seeds_of(args, p), sampler_settings(args, p)
 
     import time
     from pathlib import Path
 
     import torch
 
-    from diffusion.images import save_grid
+    from diffusion.images import png, save_grid
     from diffusion.platform.checkpoints import read_checkpoint
-    from diffusion.platform.progress import progress
-    from diffusion.sampling import Sampler
+    from diffusion.platform.progress import model_calls, sample_figures
+    from diffusion.sampling import Sampler, as_uint8_hwc, steps_of
 
     payload = read_checkpoint(args.checkpoint, args.endpoint_url, which=args.which)
     sampler = Sampler.from_checkpoint(payload, args.batch_size, not args.raw, sampler_speed(args), args.device)
     settings = sampler.settings(settings)
-    seeds = list(range(args.seed, args.seed + args.n))
-    start, images = time.perf_counter(), []
-    with progress(args.n, f"sampling ({settings.label(sampler.num_timesteps)})", unit="img") as bar:
-        for first in range(0, args.n, args.batch_size):
-            images.append(sampler.samples(seeds[first : first + args.batch_size], settings).cpu())
-            bar.update(len(images[-1]))
-    path = save_grid(torch.cat(images), args.out)
+    label = settings.label(sampler.num_timesteps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [seeds[i : i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+    start, first_64 = time.perf_counter(), []
+    with model_calls(sampler, len(batches) * steps_of(settings, sampler.num_timesteps), f"sampling {label}"):
+        for batch in batches:
+            images = sampler.samples(batch, settings).cpu()
+            for seed, image in zip(batch, as_uint8_hwc(images).numpy()):
+                (out / f"{seed:010d}.png").write_bytes(png(image))  # the file name jobs/sample.py gives it
+            first_64.extend(images[: 64 - len(first_64)])
+    save_grid(torch.stack(first_64), out / "samples.png")
     print(
-        f"wrote {path}: {args.n} images, {settings.label(sampler.num_timesteps)}, in "
+        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, in "
         f"{time.perf_counter() - start:.1f} s on {sampler.device}"
     )
-    if args.figures:
-        from diffusion.figures import batch_size, figures
+    if args.figures or args.full_figures:
+        from diffusion.figures import Plan, batch_size
 
-        pair = real_pair(args, sampler.shape)  # the figures' own batch: no padding to --batch-size
-        sampler = Sampler.from_checkpoint(
+        pair = real_pair(args, sampler.shape)
+        sampler = Sampler.from_checkpoint(  # the figures' own batch: no padding to --batch-size
             payload, batch_size(args.figure_seeds), not args.raw, sampler_speed(args), args.device
         )
-        out = Path(args.figures)
-        out.mkdir(parents=True, exist_ok=True)
-        for figure in figures(sampler, list(range(args.seed, args.seed + args.figure_seeds)), pair):
-            figure.save(out / f"{figure.name}.png")
-            print(f"wrote {out / figure.name}.png: {figure.title}")
+        figure_seeds = tuple(range(seeds[0], seeds[0] + args.figure_seeds))
+        plan = Plan(sampler.num_timesteps, figure_seeds, pair is not None, args.full_figures)
+        (out / "figures").mkdir(exist_ok=True)
+        for figure in sample_figures(sampler, plan, pair):
+            figure.save(out / "figures" / f"{figure.name}.png")
+            print(f"wrote {out / 'figures' / figure.name}.png: {figure.title}", flush=True)
     return 0
 
 

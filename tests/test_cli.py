@@ -62,7 +62,7 @@ COMMANDS = [
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
     """--help with torch, Ray and MLflow unimportable: argparse comes first. Every option shows
-    its default (or has none to show: a required option, a flag)."""
+    its default once (or has none to show: a required option, a flag)."""
     import os
     import re
     import sys
@@ -74,6 +74,10 @@ def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('--help must not import {name}')\n")
     proc = cli(command, "--help", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]), timeout=60)
     assert proc.returncode == 0, proc.stderr
+    from helpers import ROOT
+
+    named = set(re.findall(r"\b(?:jobs|tune|cluster|bench)/[\w./-]+\.(?:py|yaml|yml|json|sh)\b", proc.stdout))
+    assert all((ROOT / path).is_file() for path in named), named  # the examples name files that exist
     options = re.split(r"\n  (?=-)", proc.stdout.split("options:", 1)[1])[1:]
     assert options
     for option in options:
@@ -81,4 +85,36 @@ def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
         if flag in ("-h", "--help") or "{" in flag:
             continue
         text = " ".join(option.split())
-        assert "(default:" in text or "required" in text.lower() or flag.startswith("--no-"), text
+        assert "default" in text or "required" in text.lower() or flag.startswith("--no-"), text
+        assert text.count("default:") <= 1, text  # not twice, as "default: in words (default: None)"
+
+
+@pytest.mark.parametrize("command", ["jobs/train.py", "tune/sweep.py"])
+def test_training_help_shows_the_defaults_of_the_preset_given(command):
+    from helpers import cli
+
+    def shown(*args) -> str:
+        proc = cli(command, *args, "--help", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return " ".join(proc.stdout.split())
+
+    cifar10, tiny = shown(), shown("--preset", "tiny")
+    assert (
+        "The defaults shown are the cifar10 preset's" in cifar10
+        and "--max-steps MAX_STEPS training steps (>= 1) (default: 800000)" in cifar10
+    )
+    assert (
+        "The defaults shown are the tiny preset's" in tiny
+        and "--max-steps MAX_STEPS training steps (>= 1) (default: 200)" in tiny
+    )
+    assert "--log-every LOG_EVERY steps between progress lines and metrics (>= 1) (default: 10)" in tiny
+
+
+def test_the_example_search_space_is_valid():
+    import yaml
+
+    from diffusion.platform.settings import validate_space
+    from helpers import ROOT
+
+    space = validate_space(yaml.safe_load((ROOT / "tune" / "space.yaml").read_text()))
+    assert space == {"lr": {"loguniform": [5e-5, 1e-3]}, "schedule": {"grid": ["linear", "cosine"]}}

@@ -9,33 +9,73 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ROOT, assert_machine_recorded, cli, cli_env, run_main, tiny_checkpoint
+from helpers import ROOT, assert_machine_recorded, cli, cli_env, cli_popen, run_main, tiny_checkpoint
 
 
 @pytest.mark.slow
-def test_generate_samples_a_checkpoint_with_either_sampler(tmp_path):
+def test_generate_writes_a_png_per_seed_with_either_sampler_counting_model_calls(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
-    out = tmp_path / "grid.png"
-    for sampler, n, side in [("ddim", 4, 2 * 32 + 3 * 2), ("ddpm", 1, 32)]:  # DDPM runs all T = 100 steps
-        args = ["--checkpoint", checkpoint, "--sampler", sampler, "--steps", 5, "--n", n, "--batch-size", n]
+    for sampler, seeds, calls in [("ddim", "3-5,9", 2 * 5), ("ddpm", "7", 100)]:  # DDPM runs all T = 100 steps
+        out = tmp_path / sampler
+        steps = ["--steps", 5] if sampler == "ddim" else []
+        args = ["--checkpoint", checkpoint, "--sampler", sampler, *steps, "--seeds", seeds, "--batch-size", 2]
         proc = cli("jobs/generate.py", *args, "--out", out)
         assert proc.returncode == 0, proc.stderr
-        assert f"wrote {out}: {n} images, {sampler}" in proc.stdout and "on cpu" in proc.stdout
-        with Image.open(out) as img:
-            assert img.size == (side, side)
+        assert f"{calls}/{calls}" in proc.stderr  # the progress bar counts model calls (batches x steps)
+        assert f"to {out}: {sampler}" in proc.stdout and "on cpu" in proc.stdout
+        names = sorted(p.name for p in out.glob("0*.png"))
+        assert names == [f"{s:010d}.png" for s in ([3, 4, 5, 9] if sampler == "ddim" else [7])]
+        with Image.open(out / names[0]) as image:
+            assert image.size == (32, 32)
+        with Image.open(out / "samples.png") as grid:
+            assert grid.size == ((2 * 32 + 3 * 2,) * 2 if sampler == "ddim" else (32, 32))  # one image: no border
+
+
+@pytest.mark.slow
+def test_figures_cost_what_they_print_and_each_is_written_when_done(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100, preset="digits")  # 8x8 grey: cheap calls
+    out = tmp_path / "out"
+    args = ["--checkpoint", checkpoint, "--seeds", 0, "--steps", 2, "--out", out, "--figures", "--figure-seeds", 2]
+    proc = cli_popen("jobs/generate.py", *args)
+    lines, written = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"wrote {out / 'figures'}"):
+            name = Path(line.split()[1].rstrip(":")).stem
+            assert (out / "figures" / f"{name}.png").is_file()
+            written.append((name, sorted(p.stem for p in (out / "figures").glob("*.png"))))
+    assert proc.wait(timeout=600) == 0, "".join(lines[-20:])
+    text = "".join(lines)
+    # S = 10, 20, 50, 100 (180 calls); one pair by DDIM-50; DDPM interpolation from t = 10 between
+    # two DDIM-50 samples; the sequence by DDIM-50 with eta 1.
+    estimate = "figures: 340 model calls on batches of 9 (ddim_consistency 180, ddim_interpolation 50, "
+    assert estimate + "ddpm_interpolation 60, ddpm_sequence 50), about" in text
+    assert "340/340" in text and "341/" not in text  # the calls counted, one by one: as estimated
+    assert "--full-figures: the papers' S=1000, t up to T/2 and a DDPM chain, 130 calls more" not in text  # T = 100
+    names = ["ddim_consistency", "ddim_interpolation", "ddpm_interpolation", "ddpm_sequence"]
+    # Each figure was on disk when its line was printed, and the later ones were not yet.
+    assert written == [(name, sorted(names[: i + 1])) for i, name in enumerate(names)]
+    with Image.open(out / "figures" / "ddpm_interpolation.png") as figure:  # the two sources beside 9 lambdas
+        assert figure.size[0] > 11 * 72
 
 
 def test_generate_rejects_bad_arguments(tmp_path):
-    proc = run_main("jobs/generate.py", "--out", tmp_path / "x.png")
+    proc = run_main("jobs/generate.py", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "the following arguments are required: --checkpoint" in proc.stderr
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--n", "0")
-    assert proc.returncode == 2 and "--n and --batch-size must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "--n must be >= 1" in proc.stderr
+    proc = run_main("jobs/generate.py", "--checkpoint", "c", "--seeds", "5-2")
+    assert proc.returncode == 2 and "'5-2' is not a seed or a range FIRST-LAST" in proc.stderr
+    proc = run_main("jobs/generate.py", "--checkpoint", "c", "--seeds", "0-3", "--n", "4")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    proc = run_main("jobs/generate.py", "--checkpoint", "c", "--sampler", "ddpm", "--steps", "20")
+    assert proc.returncode == 2 and "use --sampler ddim --eta 1 --steps 20" in proc.stderr
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--figure-seeds", "3")
     assert proc.returncode == 2 and "--figure-seeds must be an even number" in proc.stderr
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
-    proc = run_main("jobs/generate.py", "--checkpoint", checkpoint, "--steps", "101", "--out", tmp_path / "x.png")
+    proc = run_main("jobs/generate.py", "--checkpoint", checkpoint, "--steps", "101", "--out", tmp_path / "out")
     assert proc.returncode == 1 and "steps must be in [1, 100]" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_smoke_writes_json(tmp_path):

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_address, mlflow_uri):
     # T = 100 keeps the figures' DDPM chains short; their timesteps follow the model's T.
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", mlflow_run_id="training-run-123", num_timesteps=100)
-    args = ["--checkpoint", checkpoint, "--n", 20, "--steps", 5, "--batch-size", 2, "--seed", 100]
+    args = ["--checkpoint", checkpoint, "--seeds", "100-119", "--steps", 5, "--batch-size", 2]
     args += ["--out", f"s3://{s3}/samples/demo", "--figures", "--figure-seeds", 2]
     proc = cli("jobs/sample.py", *args, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -47,8 +47,8 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_
     tile = 3 * 32  # the 32-pixel images, scaled up for the labels
     with Image.open(local / "ddim_consistency.png") as fig:  # 4 rows (S = 10, 20, 50, 100 <= T) x 2 seeds
         assert 4 * tile < fig.size[1] < 5 * tile and 2 * tile < fig.size[0]
-    with Image.open(local / "ddpm_interpolation.png") as fig:  # t = T/10, T/4, T/2 x 9 lambdas
-        assert 9 * tile < fig.size[0] < 10 * tile and 3 * tile < fig.size[1] < 4 * tile and np.asarray(fig).std() > 1
+    with Image.open(local / "ddpm_interpolation.png") as fig:  # t = T/10 x (2 samples and 9 lambdas between)
+        assert 11 * tile < fig.size[0] < 12 * tile and tile < fig.size[1] < 2 * tile and np.asarray(fig).std() > 1
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any(p.startswith("images/samples+step+0+") and p.endswith(".png") for p in images)  # the grid
     grid = s3_client.get_object(Bucket=s3, Key="samples/demo/samples.png")["Body"].read()

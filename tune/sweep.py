@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     s.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="global batch sizes to choose from")
     s.add_argument("--ema-decays", type=float, nargs="+", default=None, help="EMA decays to choose from")
     s.add_argument("--space", default=None, help="YAML/JSON search space (replaces the flags above)")
-    add_train_options(p, skip=("name",))
+    add_train_options(p, skip=("name",), argv=argv)
     args = p.parse_args(argv)
     base = train_job(args, p)
 

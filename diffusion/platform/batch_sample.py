@@ -19,13 +19,14 @@ import torch
 
 from ..checkpoint import sampling_defaults
 from ..config import SamplerSettings, SamplerSpeed
+from ..figures import Plan
 from ..figures import batch_size as figures_batch_size
-from ..figures import figures
-from ..images import from_uint8, grid
+from ..images import from_uint8, grid, png
 from ..sampling import Sampler, as_uint8_hwc
 from . import tracking
 from .checkpoints import read_checkpoint
-from .progress import progress
+from .cli import seeds_text
+from .progress import progress, sample_figures
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
 from .storage import open_location
@@ -33,12 +34,11 @@ from .storage import open_location
 
 @dataclass(frozen=True)
 class SamplingJob:
-    """What to sample: a checkpoint's images for seeds seed .. seed + n - 1, and how."""
+    """What to sample: a checkpoint's images for `seeds` (one image each), and how."""
 
     checkpoint: str
     which: str = "latest"  # of a run folder's checkpoints: the latest or the best
-    n: int = 64
-    seed: int = 0
+    seeds: tuple[int, ...] = tuple(range(64))
     settings: SamplerSettings = SamplerSettings()
     speed: SamplerSpeed = SamplerSpeed()
     ema: bool = True  # the EMA weights (else the raw ones)
@@ -46,13 +46,17 @@ class SamplingJob:
     workers: Workers = field(default_factory=Workers)
     endpoint_url: str | None = None
 
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
     def params(self) -> dict:
         """The job as flat MLflow params."""
         return {
             "checkpoint": self.checkpoint,
             "which": self.which,
             "n": self.n,
-            "seed": self.seed,
+            "seeds": seeds_text(self.seeds),
             "weights": "ema" if self.ema else "raw",
             "batch_size": self.batch_size,
             "workers": self.workers.count,
@@ -98,8 +102,8 @@ def resolved(job: SamplingJob, payload: dict) -> SamplingJob:
 def sample_dataset(job: SamplingJob, out: str | None = None, fmt: str = "npz"):
     """A ray.data.Dataset of {"seed", "image": uint8 (B, H, W, C)} for the job's seeds, sampled
     by an actor pool (each actor writes its images to `out` unless it is None)."""
-    seed = job.seed
-    ds = ray.data.range(job.n).map_batches(lambda b: {"seed": b["id"] + seed}, batch_format="numpy")
+    seeds = np.asarray(job.seeds, dtype=np.int64)
+    ds = ray.data.range(job.n).map_batches(lambda b: {"seed": seeds[b["id"]]}, batch_format="numpy")
     return map_with_actors(ds, SampleWriter, (job, out, fmt), job.batch_size, job.workers.resolve())
 
 
@@ -108,13 +112,15 @@ def sample_to(
     out: str,
     fmt: str = "png",
     figure_seeds: int = 0,
+    full_figures: bool = False,
     figure_data: str | None = None,
     experiment: str = "ray-diffusion",
 ) -> str:
     """Sample the job's seeds to `out` with a grid of the first 64 (samples.png), and the papers'
-    figures from `figure_seeds` seeds, if any, under out/figures/ (the DDPM interpolation
-    between two images of the prepared data set `figure_data`, when given); all of it also to an
-    MLflow run; sampling.json comes last. Returns the MLflow run id."""
+    figures from `figure_seeds` seeds (from the first; `full_figures`: with their most expensive
+    rows), if any, under out/figures/ (the DDPM interpolation between two images of the prepared
+    data set `figure_data`, when given); all of it also to an MLflow run; sampling.json comes
+    last. Returns the MLflow run id."""
     payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)  # bad input fails before Ray starts
     job = resolved(job, payload)
     location = open_location(out, job.endpoint_url)
@@ -128,41 +134,36 @@ def sample_to(
     mlflow_run = tracking.Run.create(experiment, f"sample-{job.settings.label(T)}-{job.n}", tags, params)
 
     start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
+    first_64 = set(job.seeds[:64])
     try:
         with progress(job.n, f"sampling {job.settings.label(T)}", unit="img") as bar:
             for batch in sample_dataset(job, out, fmt).iter_batches(batch_size=None, batch_format="numpy"):
                 done += len(batch["seed"])
                 bar.update(len(batch["seed"]))
-                preview.update((s, im) for s, im in zip(batch["seed"].tolist(), batch["image"]) if s < job.seed + 64)
+                preview.update((s, im) for s, im in zip(batch["seed"].tolist(), batch["image"]) if s in first_64)
     except BaseException:
         mlflow_run.finish("FAILED")
         raise
     seconds = time.time() - start
     print(f"wrote {done} images to {out} in {seconds:.1f} s", flush=True)
     mlflow_run.log_metrics({"images": done, "seconds": seconds, "images_per_s": done / seconds})
-    summary = {"n": done, "seeds": [job.seed, job.seed + job.n - 1], **params}
+    summary = {**params, "n": done}
 
-    first = torch.from_numpy(np.stack([preview[s] for s in sorted(preview)])).permute(0, 3, 1, 2)
+    first = torch.from_numpy(np.stack([preview[s] for s in job.seeds[:64]])).permute(0, 3, 1, 2)
     samples = grid(from_uint8(first)).numpy()
     mlflow_run.log_image(samples, "samples")
     location.write_bytes("samples.png", png(samples))
     if figure_seeds:
         local = Sampler.from_checkpoint(payload, figures_batch_size(figure_seeds), speed=job.speed)
         pair = ShardSet.open(figure_data, job.endpoint_url, verify="size").first_images(2) if figure_data else None
+        plan = Plan(T, tuple(range(job.seeds[0], job.seeds[0] + figure_seeds)), pair is not None, full_figures)
         with tempfile.TemporaryDirectory() as d:
-            for figure in figures(local, list(range(job.seed, job.seed + figure_seeds)), pair):
+            for figure in sample_figures(local, plan, pair):
                 path = Path(d) / f"{figure.name}.png"
                 figure.save(path)
                 location.write_bytes(f"figures/{figure.name}.png", path.read_bytes())
                 mlflow_run.log_artifact(path, "figures")
+                print(f"wrote {out.rstrip('/')}/figures/{figure.name}.png: {figure.title}", flush=True)
     location.write_bytes("sampling.json", json.dumps(summary).encode())  # last: the job is complete
     mlflow_run.finish()
     return mlflow_run.id
-
-
-def png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze()).save(buf, format="PNG")
-    return buf.getvalue()

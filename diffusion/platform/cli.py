@@ -23,13 +23,13 @@ from .settings import PRESETS, RECIPE_FIELDS, RUN_FIELDS, RunSettings, TrainJob,
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default after its help (but for
-    required options, which have none)."""
+    """The module docstring as written, and an option's default after its help, once: not where
+    the help already says it in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required:
             return f"{action.help} (required)"
-        if "(default:" in (action.help or ""):  # the help says it in words
+        if "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -82,7 +82,7 @@ def add_options(parser: argparse._ActionsContainer, cls, skip=(), defaults: dict
         kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
         bounds = "" if f.metadata.get("choices") else range_text(f)  # argparse shows choices itself
         help = f.metadata["help"] + (f" ({bounds})" if bounds else "")
-        if given_only and "(default:" not in help:
+        if given_only and "default" not in help:
             help += f" (default: {default!r})"
         extra = {"default": argparse.SUPPRESS if given_only else default, "help": help}
         if kind is bool:
@@ -96,15 +96,32 @@ def given(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
-def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_train_options(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), argv: list[str] | None = None
+) -> None:
     """--preset, --config FILE and a flag per option of a TrainJob (but those in `skip`), the
-    recipe's and the run settings'; the bracketed defaults are the cifar10 preset's."""
+    recipe's and the run settings'; the defaults shown are those of the preset that `argv` (the
+    command line's, by default) names."""
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS), help="recipe to start from")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (between preset and flags)")
-    note = "The defaults shown are the cifar10 preset's; --preset and --config change them."
-    add_options(parser.add_argument_group("recipe", f"What is trained. {note}"), Recipe, skip, given_only=True)
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
+    name = preset.parse_known_args(argv)[0].preset
+    job = PRESETS[name]
+    note = f"The defaults shown are the {name} preset's; --config and then the flags override them."
     add_options(
-        parser.add_argument_group("run settings", "How and where it is trained."), RunSettings, skip, given_only=True
+        parser.add_argument_group("recipe", f"What is trained. {note}"),
+        Recipe,
+        skip,
+        {f.name: getattr(job.recipe, f.name) for f in fields(Recipe)},
+        given_only=True,
+    )
+    add_options(
+        parser.add_argument_group("run settings", "How and where it is trained."),
+        RunSettings,
+        skip,
+        {f.name: getattr(job.settings, f.name) for f in fields(RunSettings)},
+        given_only=True,
     )
 
 
@@ -147,9 +164,15 @@ def add_sampler_options(parser: argparse.ArgumentParser, **defaults) -> None:
     add_options(group, SamplerSpeed)
 
 
-def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
+def sampler_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerSettings:
     """The settings the flags give, checked as far as they can be before the model's T is known
-    (an OptionError naming each setting out of range)."""
+    (an OptionError naming each setting out of range); --steps with DDPM, which takes all T
+    steps, is a parser error that says how to take fewer."""
+    if args.sampler == "ddpm" and args.steps != parser.get_default("steps"):
+        parser.error(
+            "--steps is for DDIM: DDPM always takes all T steps; for fewer steps of the DDPM-like "
+            f"sampler use --sampler ddim --eta 1 --steps {args.steps}"
+        )
     return SamplerSettings(**given(args, SamplerSettings))
 
 
@@ -172,28 +195,87 @@ def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
 
 
-def add_sampling_job_options(parser: argparse.ArgumentParser, n: int, batch_size: int) -> None:
-    """What a Ray sampling job (jobs/sample.py, jobs/evaluate.py) samples, and on how many actors."""
+def seed_list(text: str) -> tuple[int, ...]:
+    """EDM-style seeds: `0-63`, `5`, `0-9,100-109` (ranges inclusive), each seed once, in order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() if dash else True)) or (dash and int(last) < int(first)):
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a seed or a range FIRST-LAST (e.g. 0-63)")
+        seeds.extend(range(int(first), int(last if dash else first) + 1))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
+    return tuple(seeds)
+
+
+def seeds_text(seeds: tuple[int, ...]) -> str:
+    """`seed_list`'s inverse: consecutive seeds as ranges (0-63,100)."""
+    runs: list[list[int]] = []
+    for seed in seeds:
+        if runs and seed == runs[-1][1] + 1:
+            runs[-1][1] = seed
+        else:
+            runs.append([seed, seed])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def add_sampling_options(
+    parser: argparse.ArgumentParser, n: int, batch_size: int, workers: bool, output: bool = True, **sampler_defaults
+) -> None:
+    """What jobs/generate.py, jobs/sample.py and jobs/evaluate.py share: the checkpoint, the
+    seeds (--seeds, or --n for 0 .. n-1), the model batch, with `workers` the Ray actors, the
+    sampler (`sampler_defaults` override its defaults); with `output`, the output folder and
+    the papers' figures."""
     add_checkpoint_options(parser)
-    parser.add_argument("--n", type=int, default=n, help="number of images (seeds seed .. seed + n - 1)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds", type=seed_list, default=tuple(range(n)), help=f"seeds, e.g. 0-63 or 0-9,100 (default: 0-{n - 1})"
+    )
+    seeds.add_argument("--n", type=int, default=None, help="number of images: seeds 0 .. n-1 (instead of --seeds)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per model batch")
-    parser.add_argument("--workers", type=int, default=0, help="actors (0: one per GPU, or 1)")
+    if workers:
+        parser.add_argument("--workers", type=int, default=0, help="Ray actors (0: one per GPU, or 1)")
+    add_sampler_options(parser, **sampler_defaults)
+    if not output:
+        return
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--out", default="samples", help="folder for one PNG per seed and samples.png, a grid of the first 64"
+    )
+    out.add_argument(
+        "--figures", action="store_true", help="also the papers' figures, in OUT/figures/ (costs printed first)"
+    )
+    out.add_argument(
+        "--full-figures",
+        action="store_true",
+        help="the figures with the papers' most expensive rows (implies --figures)",
+    )
+    out.add_argument("--figure-seeds", type=int, default=8, help="seeds per figure (an even number)")
+    out.add_argument("--data", default=None, help="prepared data set: two of its images for the DDPM interpolation")
+
+
+def seeds_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    """The seeds the options name (--seeds, or --n), the batch and figure options checked."""
+    if args.n is not None and args.n < 1:
+        parser.error("--n must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if getattr(args, "figure_seeds", 2) < 2 or getattr(args, "figure_seeds", 2) % 2:
+        parser.error("--figure-seeds must be an even number >= 2 (interpolations take seeds in pairs)")
+    return tuple(range(args.n)) if args.n is not None else args.seeds
 
 
 def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The SamplingJob the options describe (a parser error names a bad option)."""
-    settings = sampler_settings(args)
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be >= 1")
+    settings = sampler_settings(args, parser)
+    seeds = seeds_of(args, parser)
     from .batch_sample import SamplingJob
     from .resources import Workers
 
     return SamplingJob(
         checkpoint=args.checkpoint,
         which=args.which,
-        n=args.n,
-        seed=args.seed,
+        seeds=seeds,
         settings=settings,
         speed=sampler_speed(args),
         ema=not args.raw,
