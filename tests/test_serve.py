@@ -3,9 +3,11 @@ folder (and, from the CLI, a run folder of this project), exercised with real HT
 
 import base64
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -82,7 +84,8 @@ def png_b64(array):
 
 def test_health_and_schema(service):
     health = json.loads(urllib.request.urlopen(f"{service}/healthz").read())
-    assert health.pop("queued_unet_calls") == {"short": 0, "long": 0}
+    assert health.pop("queued_unet_calls") == health.pop("running_requests") == {"short": 0, "long": 0}
+    assert health.pop("unet_calls") >= 0
     assert ipaddress.ip_address(health.pop("node"))  # the replica's node: which host answered
     assert health == {
         "status": "ok",
@@ -93,6 +96,8 @@ def test_health_and_schema(service):
     }
     schema = json.loads(urllib.request.urlopen(f"{service}/openapi.json").read())
     assert {"/v1/samples", "/v1/interpolations", "/v1/sequences", "/healthz"} <= set(schema["paths"])
+    for route in ("/v1/samples", "/v1/interpolations", "/v1/sequences"):
+        assert "text/event-stream" in schema["paths"][route]["post"]["responses"]["200"]["content"]
 
 
 def test_sample_formats_decode_to_the_right_shapes(service):
@@ -121,7 +126,7 @@ def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(servic
     assert max(sizes) > 1 and round(batches) < 16, sizes
     for seed in (100, 107, 115):  # alone, the same image bit for bit
         status, headers, body = one(seed)
-        assert headers["x-batch-requests"] == "1"
+        assert status == 200 and headers["x-batch-requests"] == "1"
         assert np.array_equal(npz(body), npz(results[seed - 100][2]))
 
 
@@ -212,6 +217,115 @@ def test_a_long_ddpm_request_holds_back_neither_health_nor_cheap_requests(servic
         assert busy == 503 and headers["retry-after"] and "queued in the long lane" in text.decode()
         status, _, body = ddpm.result(timeout=300)
     assert status == 200 and npz(body).shape == (4, 32, 32, 3)
+
+
+def health(service: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{service}/healthz", timeout=60).read())
+
+
+def idle(service: str, deadline: float) -> dict:
+    """/healthz once no request runs (earlier tests' work has ended)."""
+    while sum((now := health(service))["running_requests"].values()):
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
+    return now
+
+
+def calls_reach(service: str, calls: int, deadline: float) -> None:
+    while health(service)["unet_calls"] < calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+class Client:
+    """A POST to the service on a connection of its own, which `hang_up` drops mid-request."""
+
+    def __init__(self, service: str, body: dict, streamed: bool = False):
+        host, port = service.removeprefix("http://").split(":")
+        headers = {"content-type": "application/json", **({"accept": "text/event-stream"} if streamed else {})}
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.connection.request("POST", "/v1/samples", json.dumps(body), headers)
+        self.socket = self.connection.sock
+
+    def hang_up(self) -> None:
+        self.socket.shutdown(socket.SHUT_RDWR)
+        self.connection.close()
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "event-stream"])
+def test_a_client_that_disconnects_stops_its_ddpm_chain_and_frees_the_lane(service, streamed):
+    """A DDPM request (T = 100 model calls) whose client goes away mid-chain stops within a few
+    model calls (the replica's count of UNet calls stops growing) and leaves its lane empty."""
+    deadline = time.monotonic() + 120
+    before = idle(service, deadline)
+    client = Client(service, {"sampler": "ddpm", "n": 1, "seed": 9}, streamed)
+    if streamed:  # progress arrives while the chain runs: neither the middlewares nor the proxy buffer it
+        response = client.connection.getresponse()
+        assert response.status == 200 and response.readline() == b"event: progress\n"
+    calls_reach(service, before["unet_calls"] + 3, deadline)
+    client.hang_up()
+    at_hang_up = health(service)["unet_calls"]
+    while (after := health(service))["running_requests"]["long"] or after["queued_unet_calls"]["long"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+    assert after["unet_calls"] - at_hang_up <= 5 and after["unet_calls"] - before["unet_calls"] < T, (at_hang_up, after)
+    time.sleep(0.3)  # a few model calls' time: the count no longer grows
+    assert health(service)["unet_calls"] == after["unet_calls"]
+
+
+def test_a_batch_runs_on_for_the_request_still_waiting_for_it(service):
+    """Two requests sampled as one batch (25 DDIM steps): one client goes away, the other gets
+    its image after every step of the batch."""
+    deadline = time.monotonic() + 120
+    before = idle(service, deadline)
+    body = {"steps": 25, "eta": 0.5, "format": "npz"}
+    with ThreadPoolExecutor(1) as pool:
+        gone = Client(service, {**body, "seeds": [31]})
+        kept = pool.submit(post, f"{service}/v1/samples", {**body, "seeds": [32]})
+        calls_reach(service, before["unet_calls"] + 2, deadline)
+        gone.hang_up()
+        status, headers, image = kept.result(timeout=120)
+    assert status == 200 and headers["x-batch-requests"] == "2" and npz(image).shape == (1, 32, 32, 3)
+    assert idle(service, deadline)["unet_calls"] - before["unet_calls"] == 25
+
+
+def sse_events(text: bytes) -> list[tuple[str, dict]]:
+    """(event, data) of each Server-Sent Event of a stream."""
+    fields = [dict(line.split(": ", 1) for line in block.splitlines()) for block in text.decode().split("\n\n")[:-1]]
+    return [(f["event"], json.loads(f["data"])) for f in fields]
+
+
+def streamed(url: str, body: dict) -> list[tuple[str, dict]]:
+    headers = {"content-type": "application/json", "accept": "text/event-stream"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=120) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(r.read())
+
+
+def test_an_event_stream_reports_every_step_then_the_images_of_the_plain_request(service):
+    body = {"seeds": [21, 22], "steps": 5, "eta": 1.0}
+    *progress, (last, result) = streamed(f"{service}/v1/samples", body)
+    assert progress == [("progress", {"step": i, "steps": 5}) for i in range(1, 6)]
+    assert last == "result" and result["x-seeds"] == "21,22" and result["x-batch-requests"] == "1"
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in result["images"]]
+    plain = npz(post(f"{service}/v1/samples", {**body, "format": "npz"})[2])
+    assert np.array_equal(np.stack(images), plain)
+    *progress, (last, result) = streamed(f"{service}/v1/sequences", {"seed": 3, "steps": 5, "record": [80, 0]})
+    assert [data["step"] for _, data in progress] == [1, 2, 3, 4, 5] and last == "result"
+    assert result["x-timesteps"] == "80,0" and len(result["images"]) == 2
+    *progress, (last, result) = streamed(f"{service}/v1/interpolations", {"seeds": [1, 2], "count": 3, "steps": 5})
+    assert len(progress) == 5 and last == "result" and result["x-lambdas"] == "0,0.5,1" and len(result["images"]) == 3
+    events = streamed(f"{service}/v1/sequences", {"seed": 3, "steps": 5, "record": [99]})
+    assert events[-1][0] == "error" and events[-1][1]["status"] == 422 and "record" in events[-1][1]["detail"]
+
+
+@pytest.mark.parametrize("route", ["samples", "sequences"])
+def test_steps_with_ddpm_is_refused_with_the_ddim_way_to_take_fewer(service, route):
+    status, _, text = post(f"{service}/v1/{route}", {"sampler": "ddpm", "steps": 10})
+    (detail,) = json.loads(text)["detail"]
+    assert status == 422 and "DDPM always takes all T steps" in detail, detail
+    assert '{"sampler": "ddim", "steps": N, "eta": 1}' in detail
 
 
 def test_a_replica_that_cannot_start_is_named_with_its_cause(service, tmp_path):

@@ -2,8 +2,10 @@
 before FastAPI reads it, the 422 that names each bad field, and the image encodings.
 
     harden(app)        ApiKeyGuard (401 without the key, when one is required), BodyGuard (415, 413,
-                       400, 422 before any field is looked at) and the 422 handler
-    encode(images)     a PNG grid, an npz of the array, or JSON of base64 PNGs
+                       400, 422 before any field is looked at) and the 422 handler; both are plain
+                       ASGI and pass responses on as sent (an event stream event by event)
+    encode(images)     a PNG grid, an npz of the array, or JSON of base64 PNGs (`images_json`)
+    sse(event, data)   one Server-Sent Event with JSON data
     decode_png(data)   an uploaded PNG, its size checked before a pixel is decoded
 """
 
@@ -162,15 +164,25 @@ def encode(images: np.ndarray, fmt: str, headers: dict) -> Response:
         np.savez_compressed(buf, images=images)
         return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
     if fmt == "json":
-        pngs = []
-        for image in images:
-            buf = io.BytesIO()
-            Image.fromarray(image.squeeze()).save(buf, format="PNG")  # (H, W) for grey
-            pngs.append(base64.b64encode(buf.getvalue()).decode())
-        return Response(json.dumps({"images": pngs, **headers}), media_type="application/json", headers=headers)
+        return Response(json.dumps(images_json(images, headers)), media_type="application/json", headers=headers)
     buf = io.BytesIO()
     save_grid(from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2)), buf)
     return Response(buf.getvalue(), media_type="image/png", headers=headers)
+
+
+def images_json(images: np.ndarray, headers: dict) -> dict:
+    """uint8 (N, H, W, C) as {"images": [base64 PNG, ...]} with the response headers' information."""
+    pngs = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image.squeeze()).save(buf, format="PNG")  # (H, W) for grey
+        pngs.append(base64.b64encode(buf.getvalue()).decode())
+    return {"images": pngs, **headers}
+
+
+def sse(event: str, data: dict) -> bytes:
+    """One Server-Sent Event: its name and its data as one line of JSON."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def decode_png(data: str, shape: tuple[int, int, int], field: str) -> torch.Tensor:

@@ -3,12 +3,22 @@
     POST /v1/samples        {n | seeds | seed, sampler, steps, eta, spacing, variance, clip, format}
     POST /v1/interpolations {mode: ddim (slerp of two seeds' noise) | ddpm (two uploaded images), lambdas | count, t}
     POST /v1/sequences      {seed, sampler, steps, eta, record: [timesteps], format}
-    GET  /healthz           model, image shape, T, weights, work queued, the replica's node
+    GET  /healthz           model, image shape, T, weights, each lane's work, UNet calls made, the replica's node
     GET  /openapi.json      the schema (FastAPI)
 
 Concurrent /v1/samples requests are batched across callers by @serve.batch; requests with
 the same sampler settings share one model batch. The model is evaluated at a fixed batch
 shape, so a seed gives the same image whether or not its request was batched with others.
+DDPM always takes all T steps: `steps` with sampler ddpm is a 422 that points to DDIM with eta 1
+(`{"sampler": "ddim", "steps": N, "eta": 1}`), the DDPM-like sampler on a sub-sequence of N steps.
+
+Progress streams. A POST sent with `Accept: text/event-stream` is answered with Server-Sent
+Events: `event: progress` with data {"step": i, "steps": n} after each model call (i = 1..n),
+then `event: result` with the images as base64 PNGs and the response headers' information, as
+`format: json` gives them (whatever `format`), or `event: error` with {"status", "detail"} when
+the work fails once the stream has begun (a request refused before it begins gets its 4xx). A
+streamed /v1/samples request is sampled alone, not batched with others, so that every model call
+is its own progress (its images are the same: a seed's image does not depend on its batch).
 
 Work and its bounds. A request costs the UNet calls it needs at the replica's batch shape:
 ceil(images / batch_size) x the sampler's steps (DDPM takes all T), which is what its time on
@@ -18,6 +28,14 @@ most `long_request_calls` takes the short lane, a longer one the long lane, so a
 never waits behind a DDPM chain. A request above `max_request_calls` is refused with a 422 that
 names its cost and the limit (the batch job, jobs/sample.py, is for bulk work); a request that
 would put more than `max_queued_calls` in its lane's queue gets a 503 with Retry-After.
+
+Cancellation. A request whose client disconnects (Serve then cancels its handler) stops: not yet
+running, its work is dropped; running, the lane's thread stops it after the model call under way
+(a batch of /v1/samples requests, once every request sharing it is gone) and takes the lane's
+next work. /healthz counts what will really run: `queued_unet_calls` per lane is the UNet calls
+still to run of the requests waiting and running there (a running request's count falls with
+each model call; a stopped one's leaves at once), `running_requests` per lane the requests whose
+work runs now, and `unet_calls` the UNet calls the replica has made since it started.
 
 With `api_key_sha256` set (jobs/serve.py sets it from RAY_DIFFUSION_API_KEY), or else with
 RAY_DIFFUSION_API_KEY in the replica's environment (a Serve config on KubeRay: the key from a
@@ -29,45 +47,82 @@ errors name the field and echo at most a short excerpt of the input. The options
 """
 
 import asyncio
+import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import ray
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict
 from ray import serve
 
 from ..checkpoint import recipe_of
 from ..config import SamplerSettings
-from ..samplers import timesteps
-from ..sampling import Sampler, as_uint8_hwc
+from ..sampling import Sampler, as_uint8_hwc, steps_of
 from .checkpoints import read_checkpoint
-from .http import ApiKeyGuard, decode_png, encode, harden
+from .http import ApiKeyGuard, decode_png, encode, harden, images_json, sse
 from .resources import Workers, use_assigned_resources
 from .schemas import InterpolationRequest, SamplesRequest, SequenceRequest, model_of
 from .settings import API_KEY_ENV, ServeArgs, key_sha256
 
 app = harden(FastAPI(title="ray-diffusion", description=__doc__))
+logger = logging.getLogger("ray.serve")
+
+EVENT_STREAM = "text/event-stream"
+Accept = Annotated[str, Header(description=f"{EVENT_STREAM}: progress events, then the result (Server-Sent Events)")]
+STREAMED = {
+    200: {"content": {EVENT_STREAM: {}}, "description": "the images, or with Accept: text/event-stream, events"}
+}
 
 
 # ---------------------------------------------------------------------------- the replica
 
 
-class Lanes:
-    """Two single-thread lanes for the replica's model work, short and long, with the UNet calls
-    each holds (queued and running); admission refuses what exceeds the bounds."""
+class Stopped(Exception):
+    """Work whose callers are all gone, stopped in its lane's thread after a model call."""
 
-    def __init__(self, long_request_calls: int, max_request_calls: int, max_queued_calls: int):
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: `images` sampled over `steps` model calls. Admitted to a lane, it holds
+    the UNet calls it still has to run (`remaining`); `cancelled` once its caller is gone."""
+
+    images: int
+    steps: int
+    lane: str = ""
+    remaining: int = 0
+    running: bool = False
+    cancelled: bool = False
+
+
+class Lanes:
+    """Two single-thread lanes for the replica's model work, short and long. Each counts the UNet
+    calls its jobs still have to run, which admission bounds, and the requests running there; work
+    whose callers are all gone stops after its next model call."""
+
+    def __init__(self, sampler: Sampler, long_request_calls: int, max_request_calls: int, max_queued_calls: int):
+        self.sampler = sampler
         self.long, self.max_request, self.max_queued = long_request_calls, max_request_calls, max_queued_calls
         self.threads = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"{lane}-lane") for lane in ("short", "long")}
         self.queued = {"short": 0, "long": 0}
+        self.running = {"short": 0, "long": 0}
+        self.unet_calls = 0
         self.lock = threading.Lock()
 
-    def admit(self, cost: int) -> str:
-        """The lane a request of `cost` UNet calls runs in, now counted as queued there."""
+    def batches(self, images: int) -> int:
+        """UNet calls of one model call on `images` images at the fixed batch shape."""
+        return -(-images // self.sampler.batch_size)
+
+    def admit(self, job: Job) -> Job:
+        """`job`, now in the lane it runs in, its UNet calls counted there as still to run."""
+        cost = self.batches(job.images) * job.steps
         if cost > self.max_request:
             raise HTTPException(
                 422,
@@ -84,18 +139,71 @@ class Lanes:
                     headers={"Retry-After": "5"},
                 )
             self.queued[lane] += cost
-        return lane
+        job.lane, job.remaining = lane, cost
+        return job
 
-    def release(self, lane: str, cost: int) -> None:
+    def cancel(self, job: Job) -> None:
+        """`job`'s caller is gone: not running yet, its calls leave the lane now (its work is skipped
+        unless other callers share it); running, its work stops after the model call under way
+        unless other callers share it."""
         with self.lock:
-            self.queued[lane] -= cost
+            job.cancelled = True
+            if not job.running:
+                self._release(job)
 
-    async def run(self, lane: str, cost: int, fn, *args):
-        """fn(*args) in `lane`'s thread (admitted with `cost`, released when done)."""
+    async def outcome(self, job: Job, work):
+        """What awaitable `work` (`job`'s) gives; when the caller is cancelled meanwhile (Serve
+        cancels a request whose client disconnected), `job` is cancelled."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.threads[lane], fn, *args)
+            return await work
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
+
+    def submit(self, jobs: list[Job], fn: Callable, *args, on_step: Callable[[int], None] | None = None):
+        """A future of fn(*args), sampling for `jobs` (of one lane) in the lane's thread; after the
+        i-th model call, on_step(i) runs there. The jobs' remaining calls leave the lane as they
+        run and when the work ends; raises Stopped once every job is cancelled."""
+        return asyncio.wrap_future(self.threads[jobs[0].lane].submit(self._work, jobs, fn, args, on_step))
+
+    def _work(self, jobs: list[Job], fn: Callable, args: tuple, on_step) -> object:
+        lane, calls_per_step = jobs[0].lane, self.batches(sum(job.images for job in jobs))
+        with self.lock:
+            live = [job for job in jobs if not job.cancelled]
+            for job in live:
+                job.running = True
+            self.running[lane] += len(live)
+        step = 0
+
+        def on_call():
+            nonlocal step
+            step += 1
+            with self.lock:
+                self.unet_calls += calls_per_step
+                for job in jobs:
+                    done = min(self.batches(job.images), job.remaining)
+                    job.remaining -= done
+                    self.queued[lane] -= done
+                if all(job.cancelled for job in jobs):
+                    raise Stopped
+            if on_step:
+                on_step(step)
+
+        try:
+            if not live:
+                raise Stopped
+            with self.sampler.observed(on_call):
+                return fn(*args)
         finally:
-            self.release(lane, cost)
+            with self.lock:
+                for job in jobs:
+                    job.running = False
+                    self._release(job)
+                self.running[lane] -= len(live)
+
+    def _release(self, job: Job) -> None:  # under the lock
+        self.queued[job.lane] -= job.remaining
+        job.remaining = 0
 
 
 @serve.deployment(max_ongoing_requests=64)  # replicas and resources: deployment_options
@@ -109,8 +217,7 @@ class DiffusionService:
         self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, args.speed)
         self.model_name = recipe_of(payload).model
         self.weights = "ema" if args.ema else "raw"
-        self.lanes = Lanes(args.long_request_calls, args.max_request_calls, args.max_queued_calls)
-        self.batch_size = args.batch_size
+        self.lanes = Lanes(self.sampler, args.long_request_calls, args.max_request_calls, args.max_queued_calls)
         self.batchers = {"short": self._short_batch, "long": self._long_batch}
         for batcher in self.batchers.values():
             batcher.set_max_batch_size(args.batch_size)
@@ -122,105 +229,151 @@ class DiffusionService:
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
 
-    def calls(self, settings: SamplerSettings, images: int) -> int:
-        """UNet calls for `images` images: batches at the fixed batch shape x sampler steps."""
-        T = self.sampler.num_timesteps
-        steps = T if settings.sampler == "ddpm" else len(timesteps(T, settings.steps, settings.spacing))
-        return -(-images // self.batch_size) * steps
-
     @app.get("/healthz")
     def healthz(self) -> dict:
         c, h, w = self.sampler.shape
+        with self.lanes.lock:
+            queued, running, calls = dict(self.lanes.queued), dict(self.lanes.running), self.lanes.unet_calls
         return {
             "status": "ok",
             "model": self.model_name,
             "image_shape": [h, w, c],
             "num_timesteps": self.sampler.num_timesteps,
             "weights": self.weights,
-            "queued_unet_calls": dict(self.lanes.queued),
+            "queued_unet_calls": queued,  # still to run, of the requests waiting and running in each lane
+            "running_requests": running,
+            "unet_calls": calls,  # made since the replica started
             "node": self.node,
         }
 
-    @app.post("/v1/samples")
-    async def samples(self, request: SamplesRequest) -> Response:
+    @app.post("/v1/samples", responses=STREAMED)
+    async def samples(self, request: SamplesRequest, accept: Accept = "") -> Response:
         settings, seeds = self.check(request.key()), request.resolved_seeds()
-        cost = self.calls(settings, len(seeds))
-        lane = self.lanes.admit(cost)
-        try:
-            images, batch_requests, batch_images = await self.batchers[lane]((settings, seeds))
-        finally:
-            self.lanes.release(lane, cost)
-        headers = {
-            "x-seeds": ",".join(map(str, seeds)),
-            "x-batch-requests": str(batch_requests),
-            "x-batch-images": str(batch_images),
-            "x-node": self.node,  # the address of the replica's node
-        }
+        job = self.lanes.admit(Job(len(seeds), steps_of(settings, self.sampler.num_timesteps)))
+        if EVENT_STREAM in accept:  # sampled alone: each model call is this request's progress
+            return self.stream(job, self._samples, seeds, settings)
+        result = await self.lanes.outcome(job, self.batchers[job.lane]((settings, seeds, job)))
+        if isinstance(result, Exception):  # its batch's failure
+            raise result
+        images, headers = result
         return encode(images, request.format, headers)
 
     # One batcher a lane: a batch never mixes a long request with short ones, which would wait for it.
     # Their batch size and wait are the replica's (set in __init__).
     @serve.batch
-    async def _short_batch(self, jobs: list[tuple[SamplerSettings, list[int]]]) -> list:
-        return await self._sample_batch("short", jobs)
+    async def _short_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
+        return await self._sample_batch(requests)
 
     @serve.batch
-    async def _long_batch(self, jobs: list[tuple[SamplerSettings, list[int]]]) -> list:
-        return await self._sample_batch("long", jobs)
+    async def _long_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
+        return await self._sample_batch(requests)
 
-    async def _sample_batch(self, lane: str, jobs: list[tuple[SamplerSettings, list[int]]]) -> list:
+    async def _sample_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
         """Requests from many callers; those with equal settings are sampled as one batch, in the
-        lane's thread."""
+        lane's thread. Each request's result is its images and headers, or its batch's exception
+        (Stopped when all its callers are gone), so that one batch's failure is not another's."""
         groups: dict[SamplerSettings, list[int]] = defaultdict(list)
-        for i, (settings, _) in enumerate(jobs):
+        for i, (settings, _, _) in enumerate(requests):
             groups[settings].append(i)
-        results: list = [None] * len(jobs)
-        loop = asyncio.get_running_loop()
+        results: list = [None] * len(requests)
         for settings, members in groups.items():
-            seeds = [s for i in members for s in jobs[i][1]]
-            images = await loop.run_in_executor(self.lanes.threads[lane], self._images, seeds, settings)
+            seeds = [s for i in members for s in requests[i][1]]
+            try:
+                images, _ = await self.lanes.submit([requests[i][2] for i in members], self._samples, seeds, settings)
+            except Exception as e:  # noqa: BLE001 - Stopped, or a failure: these members' own
+                for i in members:
+                    results[i] = e
+                continue
             start = 0
             for i in members:
-                n = len(jobs[i][1])
-                results[i] = (images[start : start + n], len(members), len(seeds))
+                n = len(requests[i][1])
+                results[i] = (images[start : start + n], self.sample_headers(requests[i][1], len(members), len(seeds)))
                 start += n
         return results
 
-    def _images(self, seeds: list[int], settings: SamplerSettings) -> np.ndarray:
-        return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy()
+    def _samples(self, seeds: list[int], settings: SamplerSettings) -> tuple[np.ndarray, dict]:
+        return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy(), self.sample_headers(seeds, 1, len(seeds))
 
-    @app.post("/v1/interpolations")
-    async def interpolations(self, request: InterpolationRequest) -> Response:
+    def sample_headers(self, seeds: list[int], batch_requests: int, batch_images: int) -> dict:
+        return {
+            "x-seeds": ",".join(map(str, seeds)),
+            "x-batch-requests": str(batch_requests),
+            "x-batch-images": str(batch_images),
+            "x-node": self.node,  # the address of the replica's node
+        }
+
+    @app.post("/v1/interpolations", responses=STREAMED)
+    async def interpolations(self, request: InterpolationRequest, accept: Accept = "") -> Response:
         lambdas = request.resolved_lambdas()
         T = self.sampler.num_timesteps
         if request.mode == "ddim":
             settings = self.check(SamplerSettings("ddim", request.steps, spacing=request.spacing))
-            cost = self.calls(settings, len(lambdas))
+            job = Job(len(lambdas), steps_of(settings, T))
             work = (self.sampler.ddim_interpolation, request.seeds[0], request.seeds[1], lambdas, request.steps)
             work += (request.spacing,)
         else:
             if request.t >= T:
                 raise HTTPException(422, f"t must be a 0-based timestep below the model's T = {T}, got {request.t}")
             a, b = (decode_png(img, self.sampler.shape, f"images[{i}]") for i, img in enumerate(request.images))
-            cost = -(-len(lambdas) // self.batch_size) * (request.t + 1)
+            job = Job(len(lambdas), request.t + 1)
             work = (self.sampler.ddpm_interpolation, a, b, request.t, lambdas, request.seed)
-        lane = self.lanes.admit(cost)
-        x = await self.lanes.run(lane, cost, *work)
-        return encode(as_uint8_hwc(x).numpy(), request.format, {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)})
+        headers = {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)}
+        return await self.answer(self.lanes.admit(job), request.format, accept, self._interpolation, headers, *work)
 
-    @app.post("/v1/sequences")
-    async def sequences(self, request: SequenceRequest) -> Response:
+    def _interpolation(self, headers: dict, fn: Callable, *args) -> tuple[np.ndarray, dict]:
+        return as_uint8_hwc(fn(*args)).numpy(), headers
+
+    @app.post("/v1/sequences", responses=STREAMED)
+    async def sequences(self, request: SequenceRequest, accept: Accept = "") -> Response:
         settings = self.check(request.key())
-        cost = self.calls(settings, 1)
-        lane = self.lanes.admit(cost)
+        job = self.lanes.admit(Job(1, steps_of(settings, self.sampler.num_timesteps)))
+        work = (request.seed, settings, request.record, request.show)
+        return await self.answer(job, request.format, accept, self._sequence, *work)
+
+    def _sequence(
+        self, seed: int, settings: SamplerSettings, record: list[int] | None, show: str
+    ) -> tuple[np.ndarray, dict]:
         try:
-            record, x_t, pred_x0 = await self.lanes.run(
-                lane, cost, self.sampler.sequences, [request.seed], settings, request.record
-            )
+            record, x_t, pred_x0 = self.sampler.sequences([seed], settings, record)
         except ValueError as e:
             raise HTTPException(422, f"record: {e}") from None
-        frames = x_t if request.show == "x_t" else pred_x0
-        return encode(as_uint8_hwc(frames).numpy(), request.format, {"x-timesteps": ",".join(map(str, record))})
+        frames = x_t if show == "x_t" else pred_x0
+        return as_uint8_hwc(frames).numpy(), {"x-timesteps": ",".join(map(str, record))}
+
+    async def answer(self, job: Job, fmt: str, accept: str, fn: Callable, *args) -> Response:
+        """fn(*args) -> (images, headers), run for admitted `job` in its lane: an event stream
+        when the client accepts one, else the images encoded in `fmt`."""
+        if EVENT_STREAM in accept:
+            return self.stream(job, fn, *args)
+        images, headers = await self.lanes.outcome(job, self.lanes.submit([job], fn, *args))
+        return encode(images, fmt, headers)
+
+    def stream(self, job: Job, fn: Callable, *args) -> StreamingResponse:
+        """fn(*args) -> (images, headers), run for admitted `job` in its lane, as Server-Sent Events:
+        progress after each model call, then the result or an error. A client that goes away
+        cancels the job."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        work = self.lanes.submit([job], fn, *args, on_step=lambda i: loop.call_soon_threadsafe(steps.put_nowait, i))
+        work.add_done_callback(lambda _: steps.put_nowait(None))  # after the last step's put: both in call order
+
+        async def events():
+            try:
+                while (step := await steps.get()) is not None:
+                    yield sse("progress", {"step": step, "steps": job.steps})
+                images, headers = work.result()
+                yield sse("result", images_json(images, headers))
+            except HTTPException as e:
+                yield sse("error", {"status": e.status_code, "detail": e.detail})
+            except Exception:  # as a 500 would be; logged
+                logger.exception("streamed request failed")
+                yield sse("error", {"status": 500, "detail": "Internal Server Error"})
+            finally:
+                if not work.done():  # the client went away
+                    self.lanes.cancel(job)
+                    work.cancel()
+
+        return StreamingResponse(events(), media_type=EVENT_STREAM, headers={"cache-control": "no-cache"})
 
 
 def deployment_options(args: ServeArgs) -> dict:
