@@ -177,7 +177,7 @@ def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Ite
     else:
         (a, b), between, source = (
             from_uint8(torch.from_numpy(np.asarray(pair)).permute(0, 3, 1, 2)),
-            "two images",
+            "two given images",
             "image",
         )
     ts = plan.interpolation_ts

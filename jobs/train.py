@@ -6,7 +6,8 @@ Ray Data from a prepared data set, checkpointing to the run's storage and tracki
     python jobs/train.py --preset tiny --data data/cifar10-jpeg --max-steps 200      # a CPU demo
 
 Every option below overrides the preset; --config FILE (YAML or JSON) sits between the two.
-Re-running with the same --name (and --storage) resumes from the latest checkpoint.
+Re-running with the same --name (and --storage) resumes from the latest checkpoint. It ends by
+printing where to see its MLflow run and its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffusion.platform.settings import TrainJob
 
 def parse_args(argv=None) -> TrainJob:
     p = parser(__doc__)
-    add_train_options(p)
+    add_train_options(p, argv=argv)
     return train_job(p.parse_args(argv), p)
 
 

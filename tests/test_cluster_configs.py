@@ -456,9 +456,10 @@ def user_files_dropped(argv: list[str]) -> tuple[str, ...]:
 
 def config_commands() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Every `python jobs/... | tune/...` command in cluster/ (YAML comments and string values, its
-    README) and in the main README, backslash continuations joined."""
+    README), in the main README and in docs/, backslash continuations joined."""
     found = {}
-    for path in sorted([*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), CLUSTER / "README.md", ROOT / "README.md"]):
+    readmes = [CLUSTER / "README.md", ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    for path in sorted([*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), *readmes]):
         text = path.read_text()
         if path.suffix == ".yaml":
             strings = [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]

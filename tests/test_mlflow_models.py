@@ -29,7 +29,7 @@ def registry(tmp_path_factory, monkeypatch_module):
 
 
 def test_a_logged_model_loads_with_mlflow_alone_and_samples(registry):
-    uri, run_id = registry
+    _, run_id = registry
     for model_uri in ("models:/tiny/1", "models:/tiny@final", f"runs:/{run_id}/model"):
         model = mlflow.pyfunc.load_model(model_uri)
         images = model.predict(pd.DataFrame({"seed": [1, 2, 3]}), params={"sampler": "ddim", "steps": 4})
@@ -45,9 +45,9 @@ def test_a_logged_model_loads_with_mlflow_alone_and_samples(registry):
 
 @pytest.mark.slow
 def test_the_run_page_shows_the_models_and_the_sample_grid(registry, tmp_path):
-    """Headless Chromium on `mlflow server` over the store: the run's overview lists the logged
-    model and the registered version, and beside it the sample grid is rendered (as an image
-    fetched from the server, not a broken link)."""
+    """Headless Chromium on `mlflow server` over the store: the run's overview, in MLflow's
+    training view, lists the logged model at its step and the registered version, and beside it
+    the sample grid is rendered (as an image fetched from the server, not a broken link)."""
     if shutil.which("chromium") is None:
         pytest.skip("browser check skipped: Chromium is absent (Debian: apt-get install chromium; .ci/run installs it)")
     uri, run_id = registry
@@ -56,13 +56,13 @@ def test_the_run_page_shows_the_models_and_the_sample_grid(registry, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "beside its latest 'samples' image" in proc.stdout
     page = dom.read_text()
-    assert "Logged models (1)" in page and re.search(
-        r"</svg>tiny<div[^>]*registered_model_cell_version_tag.*?>v1<", page
-    )
+    assert re.search(r'href="#/experiments/\d+/models\?workflowType=machine_learning"', page)  # the training view
+    assert "Logged models (1)" in page and ">Step<" in page
+    assert re.search(r"</svg>tiny<div[^>]*registered_model_cell_version_tag.*?>v1<", page)
     (step,) = mlflow_images(mlflow.MlflowClient(uri), run_id, "samples")
     assert re.search(rf'<img alt="images/samples\+step\+{step}\+[^"]*\.png" src="blob:', page)
     with Image.open(out) as image:
-        assert image.size == (2 * 1600, 1400) and np.asarray(image.convert("L")).std() > 5
+        assert image.size == (2 * 1600, 2200) and np.asarray(image.convert("L")).std() > 5
 
 
 def no_ray(tmp_path) -> str:
@@ -79,23 +79,25 @@ def test_generate_samples_a_registered_model_and_writes_the_labelled_figures(reg
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     Image.fromarray(np.full((32, 32, 3), 40, np.uint8)).save(a)
     Image.fromarray(np.full((32, 32, 3), 220, np.uint8)).save(b)
-    args = ["--checkpoint", "models:/tiny/1", "--n", 4, "--steps", 3, "--batch-size", 4, "--out", tmp_path / "grid.png"]
-    args += ["--figures", tmp_path / "figures", "--figure-seeds", 2, "--images", a, b]
+    out = tmp_path / "out"
+    args = ["--checkpoint", "models:/tiny/1", "--n", 4, "--steps", 3, "--batch-size", 4, "--out", out]
+    args += ["--figures", "--figure-seeds", 2, "--images", a, b]
     proc = cli("jobs/generate.py", *args, MLFLOW_TRACKING_URI=uri, PYTHONPATH=no_ray(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert Image.open(tmp_path / "grid.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    assert Image.open(out / "samples.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     assert "4/4" in proc.stderr  # the progress bar's total
-    figures = {p.stem: Image.open(p) for p in (tmp_path / "figures").glob("*.png")}
+    figures = {p.stem: Image.open(p) for p in (out / "figures").glob("*.png")}
     assert set(figures) == {"ddim_consistency", "ddim_interpolation", "ddpm_interpolation", "ddpm_sequence"}
     # Labelled grids of the 32-pixel images scaled up 3x: the consistency figure has a row for
-    # each S <= T = 100 (10, 20, 50, 100) and a column for each seed; the DDPM interpolation a
-    # row for each t (T/10, T/4, T/2) and a column for each of the 9 lambdas.
+    # each S <= T = 100 (10, 20, 50, 100) and a column for each seed; the DDPM interpolation
+    # (without --full-figures) a row for t = T/10, and a column for each of the 9 lambdas between
+    # its two images.
     tile = 3 * 32
     width, height = figures["ddim_consistency"].size
     assert 4 * tile < height < 5 * tile and 2 * tile < width
     width, height = figures["ddpm_interpolation"].size
-    assert 9 * tile < width < 10 * tile and 3 * tile < height < 4 * tile
-    assert "two real images" in proc.stdout and "DDIM consistency" in proc.stdout
+    assert 11 * tile < width < 12 * tile and tile < height < 2 * tile
+    assert "two given images" in proc.stdout and "DDIM consistency" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): checkpoints,
-MLflow, resume, failure recovery, identical replicas."""
+MLflow, resume, failure recovery, identical replicas; the command line's log."""
 
 import json
 import threading
@@ -18,28 +18,27 @@ from diffusion import load_checkpoint
 from diffusion.checkpoint import recipe_of
 from diffusion.platform.checkpoints import read_checkpoint
 from diffusion.platform.settings import PRESETS
-from diffusion.platform.tracking import RUN_NAME_TAG
+from diffusion.platform.tracking import EXPERIMENT_KIND_TAG, RUN_NAME_TAG
 from diffusion.platform.train import fit
-from helpers import mlflow_images
+from helpers import cli, mlflow_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
+TINY = {
+    "num_workers": 2,
+    "log_every": 5,
+    "eval_every": 10,
+    "checkpoint_every": 10,
+    "sample_every": 20,
+    "sample_n": 4,
+    "sample_steps": 4,
+    "heldout_size": 32,
+}
+
+
 def tiny(data, storage, name, **overrides):
-    options = dict(
-        data=data,
-        storage=str(storage),
-        name=name,
-        num_workers=2,
-        log_every=5,
-        eval_every=10,
-        checkpoint_every=10,
-        sample_every=20,
-        sample_n=4,
-        sample_steps=4,
-        heldout_size=32,
-    )
-    return PRESETS["tiny"].replace(**{**options, **overrides})
+    return PRESETS["tiny"].replace(**{"data": data, "storage": str(storage), "name": name, **TINY, **overrides})
 
 
 def the_run(uri, name):
@@ -74,10 +73,13 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     assert run.data.metrics["replicas_identical"] == 1.0  # the DDP replicas end with identical weights and EMA
     tags = run.data.tags
     assert tags["mlflow.source.git.commit"] and tags["mlflow.source.type"] == "JOB" and tags["ray_job_id"]
-    (data,) = run.inputs.dataset_inputs  # the training data: its URI, manifest checksum and size
-    assert (
-        json.loads(data.dataset.source)["uri"] == cifar_shards and json.loads(data.dataset.profile)["num_rows"] == 1100
-    )
+    # The split trained on: the data set's URI and manifest checksum, and the count of the train
+    # split's 1,000 images (100 a class), not of the 1,100 the data set holds with its test split.
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "imagefolder:shards/train" and json.loads(data.dataset.source)["uri"] == cifar_shards
+    assert json.loads(data.dataset.profile)["num_rows"] == 1000
+    experiment = client.get_experiment(run.info.experiment_id)  # for MLflow's training view
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     grids = mlflow_images(client, run.info.run_id, "samples")  # EMA sample grids, one an image step
     assert sorted(grids) == [20] and Image.open(grids[20]).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
 
@@ -86,8 +88,8 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     # every 5 steps from both workers' samples (a randomly initialised Inception: plumbing), and a
     # learning rate that wrecks the model, so that the best checkpoint is no longer the latest:
     # with --keep-checkpoints 1 it stays, as does the latest.
-    wrecked = dict(lr=0.5, grad_clip=0.0, keep_checkpoints=1, data_on_device="on")
-    fid = dict(fid_every=5, fid_n=6, fid_splits="test", inception_weights=str(random_inception))
+    wrecked = {"lr": 0.5, "grad_clip": 0.0, "keep_checkpoints": 1, "data_on_device": "on"}
+    fid = {"fid_every": 5, "fid_n": 6, "fid_splits": "test", "inception_weights": str(random_inception)}
     assert fit(config.replace(max_steps=30, **wrecked, **fid)).error is None
     client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
@@ -110,6 +112,24 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
 
     # The final and the best weights as MLflow Models: loaded by MLflow alone, and as checkpoints.
     assert (run.data.tags["model_step_model"], run.data.tags["model_step_best"]) == ("30", "20")
+    # Each logged model (both fits logged a final and a best) is linked to the run at its
+    # checkpoint's step and carries the run's metrics of that step, its held-out losses among them
+    # (those logged when it was: the resume logged resumed_from_step at step 20 later).
+    logged = []
+    for output in run.outputs.model_outputs:
+        model = client.get_logged_model(output.model_id)
+        step = read_checkpoint(f"models:/{output.model_id}")["step"]
+        at_step = {
+            key: m.value
+            for key in run.data.metrics
+            for m in client.get_metric_history(run.info.run_id, key)
+            if m.step == step
+        }
+        carried = {m.key: m.value for m in model.metrics}
+        assert output.step == step and {m.step for m in model.metrics} == {step}
+        assert carried.items() <= at_step.items() and {"loss", "heldout_loss", "heldout_loss_ema"} <= carried.keys()
+        logged.append((model.name, step))
+    assert sorted(logged) == [("best", 20), ("best", 20), ("model", 20), ("model", 30)]
     images = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/best").predict(
         pd.DataFrame({"seed": [3, 4]}), params={"steps": 4}
     )
@@ -178,3 +198,26 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
     logged = str(run.data.params) + str(run.data.tags)
     assert "do-not-log-this-secret" not in logged and "test-key" not in logged
     assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so
+
+
+def test_the_command_line_logs_plainly_and_ends_with_its_mlflow_run(ray_address, cifar_shards, tmp_path, mlflow_uri):
+    """jobs/train.py as a user runs it, on the session's Ray, its output to pipes (as to a log
+    file or a job's log): the workers' lines without colour codes and without Ray Train's line
+    for every report, then where the MLflow UI shows the run and the latest checkpoint."""
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+    args = ["--preset", "tiny", "--data", cifar_shards, "--storage", tmp_path / "runs", "--name", "cli"]
+    proc = cli(
+        "jobs/train.py", *args, "--max-steps", 10, *options, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "(RayTrainWorker pid=" in log and "step 10/10 | loss" in log  # the workers' lines reach the log
+    assert "\x1b[" not in log and "Reporting training result" not in log
+    _, run = the_run(mlflow_uri, "cli")
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    lines = proc.stdout.splitlines()  # Ray may print a worker's last lines after them
+    assert (
+        f"MLflow run {run.info.run_id}: mlflow ui --backend-store-uri {mlflow_uri}, "
+        f"then open {page}?workflowType=machine_learning"
+    ) in lines
+    assert f"latest checkpoint: {tmp_path}/runs/cli/checkpoint-000000010" in lines

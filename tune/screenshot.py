@@ -1,5 +1,6 @@
 """Screenshot the MLflow UI with headless Chromium: a sweep's run-comparison page, or a run's
-page (its logged and registered models, dataset and tags) beside its latest sample grid.
+page in MLflow's training view (its dataset, tags, metrics, and its logged models at their
+steps, and registered ones) beside its latest sample grid.
 
     python tune/screenshot.py --sweep lr-sched --out sweep-compare.png      # MLflow store from MLFLOW_TRACKING_URI
     python tune/screenshot.py --sweep lr-sched --tracking-uri sqlite:///mlflow.db --dom-out page.html
@@ -23,6 +24,9 @@ from contextlib import contextmanager
 
 from diffusion.platform.cli import parser
 from diffusion.platform.net import free_port, wait_for_http
+
+# Browser window heights (1600 wide): a run's overview reaches down to its logged models (name, step, metrics).
+COMPARE_PAGE_HEIGHT, RUN_PAGE_HEIGHT = 1400, 2200
 
 
 @contextmanager
@@ -79,24 +83,27 @@ def compare_url(server: str, tracking_uri: str, sweep: str, experiment: str) -> 
 
 def run_urls(server: str, tracking_uri: str, run_id: str, image_key: str) -> tuple[list[str], list[str]]:
     """The URLs of a run's overview and of its latest image under `image_key` (MLflow's image
-    chart opens on step 0, so the grid is shown from the run's artifacts), and its name."""
+    chart opens on step 0, so the grid is shown from the run's artifacts), in MLflow's training
+    view, and its name."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from diffusion.platform.tracking import run_page
 
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
         raise SystemExit(f"no MLflow run {run_id!r} in {tracking_uri}: check --run and --tracking-uri") from None
-    page = f"{server}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    experiment = run.info.experiment_id
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     latest = max(
         (p for p in images if p.split("/")[-1].split("+")[0] == image_key),
         key=lambda p: int(p.split("+step+")[1].split("+")[0]),
         default=None,
     )
-    urls = [page] if latest is None else [page, f"{page}/artifacts/{latest}"]
-    return urls, [run.info.run_name]
+    tabs = [""] if latest is None else ["", f"artifacts/{latest}"]
+    return [f"{server}/{run_page(experiment, run_id, tab)}" for tab in tabs], [run.info.run_name]
 
 
 def side_by_side(paths: list[str], out: str) -> None:
@@ -111,7 +118,7 @@ def side_by_side(paths: list[str], out: str) -> None:
     canvas.save(out)
 
 
-def chromium(*args: str) -> subprocess.CompletedProcess:
+def chromium(*args: str, height: int) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
         raise SystemExit("Chromium not found: install it (Debian: apt-get install chromium)")
@@ -126,11 +133,11 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
             "--no-first-run",
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
-            "--window-size=1600,1400",
+            f"--window-size=1600,{height}",
             "--virtual-time-budget=20000",
             *args,
         ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
 
 
 def main(argv=None) -> int:
@@ -156,16 +163,17 @@ def main(argv=None) -> int:
             urls = [url]
         else:
             urls, names = run_urls(server, tracking_uri, args.run, args.image)
+        height = COMPARE_PAGE_HEIGHT if args.sweep else RUN_PAGE_HEIGHT
         with tempfile.TemporaryDirectory() as tmp:
             shots = [os.path.join(tmp, f"{i}.png") for i in range(len(urls))]
             for url, shot in zip(urls, shots):
-                proc = chromium(f"--screenshot={shot}", url)
+                proc = chromium(f"--screenshot={shot}", url, height=height)
                 if proc.returncode != 0 or not os.path.exists(shot):
                     raise SystemExit(f"chromium failed: {proc.stderr[-2000:]}")
             side_by_side(shots, args.out)
         if args.dom_out:
             with open(args.dom_out, "w") as f:
-                f.writelines(chromium("--dump-dom", url).stdout for url in urls)
+                f.writelines(chromium("--dump-dom", url, height=height).stdout for url in urls)
         shown = "" if len(urls) == 1 else f" beside its latest {args.image!r} image"
         what = "compare view" if args.sweep else "page"
         print(f"wrote {args.out}: {what} of {len(names)} run(s) ({', '.join(sorted(names))}){shown}")

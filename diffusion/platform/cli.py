@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import typing
@@ -48,9 +49,38 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # SIGTERM: unwind like Ctrl-C, so that cleanups (Ray's atexit) run
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class PlainText:
+    """A text stream writing to `stream` without ANSI escape sequences."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(ANSI_ESCAPE.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def plain_off_terminal() -> None:
+    """Strip colour codes from stdout and stderr where they are not a terminal (a log file, a
+    `ray job submit` log, CI). The driver prints every Ray process's lines, and Ray colours
+    their `(RayTrainWorker pid=...)` prefixes, its dashboard's URL and `[repeated Nx across
+    cluster]` whatever the stream; only the first of these has a switch (RAY_COLOR_PREFIX)."""
+    for name in ("stdout", "stderr"):
+        if not getattr(sys, name).isatty():
+            setattr(sys, name, PlainText(getattr(sys, name)))
+
+
 def run(main: Callable[[], int]) -> None:
-    """Run a command line's `main` and exit with its code (`exit_code`); SIGTERM exits 143."""
+    """Run a command line's `main` and exit with its code (`exit_code`), its output without
+    colour codes off a terminal; SIGTERM exits 143."""
     signal.signal(signal.SIGTERM, _terminate)
+    plain_off_terminal()
     sys.exit(exit_code(main))
 
 

@@ -82,6 +82,7 @@ class RunSettings(Options):
     system_metrics: bool = option(
         False, "log CPU, memory, disk, network (and GPU) metrics of rank 0's machine to MLflow"
     )
+    verbose: bool = option(False, "also Ray Train's line for every report ('Reporting training result N: ...')")
 
     @property
     def score(self) -> str:

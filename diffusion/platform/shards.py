@@ -255,6 +255,15 @@ class ShardSet:
     def __len__(self) -> int:
         return self.manifest["count"]
 
+    def count(self, splits: list[str]) -> int:
+        """The number of images of `splits` (only the shards' split column is read)."""
+        self._check_splits(splits)
+        total = 0
+        for path in self.shard_paths:
+            table = pq.read_table(path, columns=["split"], filesystem=self.location.fs)
+            total += len(table.filter(pa.compute.is_in(table["split"], pa.array(splits))))
+        return total
+
     def first_images(self, n: int) -> np.ndarray:
         """The first `n` images of the data set, uint8 (n, H, W, C) (e.g. a figure's real images)."""
         return next(self.iter_batches(n))["image"]

@@ -3,14 +3,17 @@ the package imports mlflow.
 
 The store is MLFLOW_TRACKING_URI, else MLflow's local default (./mlflow.db). A sqlite store
 keeps no artifacts of its own: an experiment created here puts them in `mlruns/` beside the
-database (an absolute path), not in whatever folder a Ray worker happens to run in.
+database (an absolute path), not in whatever folder a Ray worker happens to run in. Experiments
+are marked for model training (EXPERIMENT_KIND_TAG), so that MLflow's UI opens its training view
+rather than its GenAI one.
 
 Runs are tagged `kind` (training, sampling, evaluation, sweep) and with MLflow's standard
 source tags (mlflow.source.git.commit, .name, .type, mlflow.user); a training run also carries
 its run name (RUN_NAME_TAG), which is how a resumed run finds its MLflow run again, and the
 URI of its latest checkpoint (CHECKPOINT_TAG), which `runs:/<run_id>` stands for. A finished
 training run logs its final and its best weights as MLflow Models (`SamplerModel`: a pyfunc
-that samples images), which the Model Registry can hold.
+that samples images) at their checkpoints' steps, each with the run's metrics of its step, which
+the Model Registry can hold.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ RUN_NAME_TAG = "ray_diffusion.run_name"
 SWEEP_TAG = "ray_diffusion.sweep"
 CHECKPOINT_TAG = "checkpoint_uri"
 MODEL_NAMES = {"final": "model", "best": "best"}  # the logged models of a training run, and their aliases
+# MLflow 3's experiment kind, which its UI opens an experiment by: the training view, not the GenAI one.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 log = logging.getLogger("ray_diffusion")
 
 
@@ -68,16 +73,19 @@ def client(uri: str | None = None):
 
 
 def experiment_id(name: str, uri: str | None = None) -> str:
-    """The id of MLflow experiment `name`, created if new (sqlite: artifacts beside the database)."""
+    """The id of MLflow experiment `name`, created if new (sqlite: artifacts beside the database),
+    marked for model training unless it has a kind already."""
     uri = uri or tracking_uri()
     mlflow = client(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
 
 
 def source_tags() -> dict:
@@ -95,7 +103,7 @@ def git_commit() -> str:
     try:
         source = Path(__file__).resolve().parents[2]
         out = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(source), "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10
         )
         return out.stdout.strip() or os.environ.get("GIT_COMMIT", "unknown")
     except OSError:
@@ -179,6 +187,20 @@ class Run:
     def status(self) -> str:
         return self.client.get_run(self.id).info.status
 
+    def page(self) -> str:
+        """Where the MLflow UI shows this run, in its training view: a URL with a tracking server;
+        else the `mlflow ui` command that serves the store, and the URL it then answers at."""
+        route = run_page(self.client.get_run(self.id).info.experiment_id, self.id)
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/{route}"
+        return f"mlflow ui --backend-store-uri {self.uri}, then open http://127.0.0.1:5000/{route}"
+
+
+def run_page(experiment: str, run_id: str, tab: str = "") -> str:
+    """The MLflow UI's route to a run (or to `tab` of its page, e.g. artifacts/<path>), in the
+    training view whichever view the browser last showed."""
+    return f"#/experiments/{experiment}/runs/{run_id}{'/' + tab if tab else ''}?workflowType=machine_learning"
+
 
 def training_run(job, tags: dict | None = None) -> Run:
     """The MLflow run of a training run (a TrainJob): the one tagged with its name (a resume),
@@ -227,11 +249,16 @@ def runs_of(experiment: str, where: str) -> list[Run]:
 
 
 def log_dataset(run: Run, name: str, uri: str, manifest_sha256: str, count: int, splits: list[str]) -> None:
-    """The training data as the run's input: its URI, the manifest's checksum (MLflow keeps 36
-    characters of a digest: the whole is a tag) and its image count."""
+    """The splits trained on as the run's input, named `name/split+split`: the data set's URI,
+    its manifest's checksum (MLflow keeps 36 characters of a digest: the whole is a tag) and the
+    count of the images trained on (not the whole data set's, which holds the held-out split)."""
     source_type = "s3" if uri.startswith("s3://") else "local"
     dataset = Dataset(
-        name, manifest_sha256[:36], source_type, json.dumps({"uri": uri}), profile=json.dumps({"num_rows": count})
+        f"{name}/{'+'.join(splits)}",
+        manifest_sha256[:36],
+        source_type,
+        json.dumps({"uri": uri}),
+        profile=json.dumps({"num_rows": count}),
     )
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("manifest_sha256", manifest_sha256)]
     tags.append(InputTag("splits", "+".join(splits)))
@@ -283,10 +310,12 @@ MODEL_CODE = (
 )
 
 
-def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int, int]) -> str:
+def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int, int], step: int = 0) -> str:
     """Log the checkpoint file `checkpoint` (a payload without optimizer state) as the MLflow
     Model `name` of `run`, with its signature and requirements and this package's code, so
-    that mlflow.pyfunc.load_model() works wherever MLflow, torch and numpy are installed."""
+    that mlflow.pyfunc.load_model() works wherever MLflow, torch and numpy are installed. The
+    model is linked to the run at the checkpoint's `step`, and MLflow copies the run's metrics
+    of that step (the held-out losses of the checkpoint) into it."""
     types = {str: "string", int: "integer", float: "double"}
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "seed")]),
@@ -316,6 +345,7 @@ def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int
             signature=signature,
             pip_requirements=requirements,
             code_paths=[str(Path(__file__).resolve().parents[1])],  # the diffusion package
+            step=step,
         )
     return info.model_uri
 

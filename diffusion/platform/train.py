@@ -111,7 +111,7 @@ def fid_reference(settings: RunSettings, shards: ShardSet, run: tracking.Run):
 def fit(job: TrainJob) -> ray.train.Result:
     """Train with Ray Train on the current Ray cluster (a local one is started if none is
     connected); the same name and storage resume the latest checkpoint. The MLflow run ends
-    FINISHED, or FAILED when training raised."""
+    FINISHED, or FAILED when training raised; then where the MLflow UI shows it is printed."""
     training = Training(job)
     try:
         result = training.fit()
@@ -119,6 +119,7 @@ def fit(job: TrainJob) -> ray.train.Result:
         training.run.finish("FAILED")
         raise
     training.run.finish()
+    print(f"MLflow run {training.run.id}: {training.run.page()}", flush=True)
     return result
 
 
@@ -146,9 +147,10 @@ class Training:
         self.run.set_tags({"heldout_source": heldout_source})
         name = f"{self.shards.manifest['dataset']}:{s.data.rstrip('/').rsplit('/', 1)[-1]}"
         splits = self.train_splits or self.shards.manifest["splits"]
-        tracking.log_dataset(self.run, name, s.data, self.shards.digest, len(self.shards), splits)
+        count = self.shards.count(self.train_splits) if self.train_splits else len(self.shards)
+        tracking.log_dataset(self.run, name, s.data, self.shards.digest, count, splits)
         print(
-            f"run {s.name}: {len(self.shards)} images from {s.data}, {s.num_workers} worker(s) with "
+            f"run {s.name}: {count} training images ({'+'.join(splits)}) from {s.data}, {s.num_workers} worker(s) with "
             f"{s.gpus_per_worker:g} GPU and {s.cpus_per_worker:g} CPU each, checkpoints in {s.storage}/{s.name}, "
             f"MLflow run {self.run.id}",
             flush=True,
@@ -215,8 +217,8 @@ def log_models(settings: RunSettings, run: tracking.Run, image_shape: tuple[int,
             path = Path(d) / name / CHECKPOINT_FILE
             path.parent.mkdir()
             torch.save({k: v for k, v in payload.items() if k != "optimizer"}, path)  # for sampling
-            model_uri = tracking.log_model(run, path, name, image_shape)
             step = payload["step"]
+            model_uri = tracking.log_model(run, path, name, image_shape, step)
             run.set_tags({f"model_step_{name}": step})
             if settings.register_model:
                 versions[step] = tracking.register(settings.register_model, alias, model_uri, versions.get(step))
@@ -424,9 +426,19 @@ def warn_fp32(bf16: bool, device: torch.device, rank: int) -> None:
         warnings.warn(f"bf16 autocast runs on CUDA only: this {device.type} run trains in fp32", stacklevel=2)
 
 
+def quiet_reports(verbose: bool) -> None:
+    """Unless `verbose`, hide Ray Train's INFO line for every report of this worker ('Reporting
+    training result N: TrainingReport(...)', beside every progress line). Its logger is named by
+    its module's file, outside `ray.train`, so RunConfig's logging level does not reach it."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     job = TrainJob.from_dict(loop_config["job"])
     recipe, s = job.recipe, job.settings
+    quiet_reports(s.verbose)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
