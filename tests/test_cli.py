@@ -118,3 +118,13 @@ def test_the_example_search_space_is_valid():
 
     space = validate_space(yaml.safe_load((ROOT / "tune" / "space.yaml").read_text()))
     assert space == {"lr": {"loguniform": [5e-5, 1e-3]}, "schedule": {"grid": ["linear", "cosine"]}}
+
+
+def test_seed_lists_read_as_edm_writes_them_and_back():
+    from diffusion.platform.batch_sample import seeds_text
+
+    seeds = cli.seed_list("0-3, 7,10-11")
+    assert seeds == (0, 1, 2, 3, 7, 10, 11) and seeds_text(seeds) == "0-3,7,10-11"
+    for bad in ("3-1", "a", "1-", "-2", "1,1"):
+        with pytest.raises(Exception, match="not a seed or a range|names a seed twice"):
+            cli.seed_list(bad)

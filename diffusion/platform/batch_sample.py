@@ -25,7 +25,6 @@ from ..images import from_uint8, grid, png
 from ..sampling import Sampler, as_uint8_hwc
 from . import tracking
 from .checkpoints import read_checkpoint
-from .cli import seeds_text
 from .progress import progress, sample_figures
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
@@ -63,6 +62,17 @@ class SamplingJob:
             **asdict(self.settings),
             **asdict(self.speed),
         }
+
+
+def seeds_text(seeds: tuple[int, ...]) -> str:
+    """`cli.seed_list`'s inverse: consecutive seeds as ranges (0-63,100)."""
+    runs: list[list[int]] = []
+    for seed in seeds:
+        if runs and seed == runs[-1][1] + 1:
+            runs[-1][1] = seed
+        else:
+            runs.append([seed, seed])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class SampleWriter:

@@ -226,7 +226,8 @@ def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
 
 
 def seed_list(text: str) -> tuple[int, ...]:
-    """EDM-style seeds: `0-63`, `5`, `0-9,100-109` (ranges inclusive), each seed once, in order."""
+    """EDM-style seeds: `0-63`, `5`, `0-9,100-109` (ranges inclusive), each seed once, in order
+    (`batch_sample.seeds_text` writes them back so)."""
     seeds: list[int] = []
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
@@ -236,17 +237,6 @@ def seed_list(text: str) -> tuple[int, ...]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
     return tuple(seeds)
-
-
-def seeds_text(seeds: tuple[int, ...]) -> str:
-    """`seed_list`'s inverse: consecutive seeds as ranges (0-63,100)."""
-    runs: list[list[int]] = []
-    for seed in seeds:
-        if runs and seed == runs[-1][1] + 1:
-            runs[-1][1] = seed
-        else:
-            runs.append([seed, seed])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def add_sampling_options(
