@@ -74,17 +74,16 @@ class Plan:
     def sequence(self) -> SamplerSettings:
         return SamplerSettings("ddpm") if self.full else SamplerSettings("ddim", self.ddim_steps, eta=1.0)
 
-    def steps(self, settings: SamplerSettings) -> int:
-        return steps_of(settings, self.num_timesteps)
-
     def calls(self) -> dict[str, int]:
         """Model calls of each figure, in the order they are made."""
-        ddim = self.steps(SamplerSettings("ddim", self.ddim_steps))
+        ddim = steps_of(SamplerSettings("ddim", self.ddim_steps), self.num_timesteps)
         return {
-            "ddim_consistency": sum(self.steps(SamplerSettings("ddim", s)) for s in self.consistency_steps),
+            "ddim_consistency": sum(
+                steps_of(SamplerSettings("ddim", s), self.num_timesteps) for s in self.consistency_steps
+            ),
             "ddim_interpolation": len(self.seeds) // 2 * ddim,
             "ddpm_interpolation": (0 if self.real_pair else ddim) + sum(self.interpolation_ts),
-            "ddpm_sequence": self.steps(self.sequence),
+            "ddpm_sequence": steps_of(self.sequence, self.num_timesteps),
         }
 
     def describe(self) -> str:

@@ -280,7 +280,8 @@ def seeds_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
         parser.error("--n must be >= 1")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    if getattr(args, "figure_seeds", 2) < 2 or getattr(args, "figure_seeds", 2) % 2:
+    figure_seeds = getattr(args, "figure_seeds", 2)  # evaluate.py has no figures
+    if figure_seeds < 2 or figure_seeds % 2:
         parser.error("--figure-seeds must be an even number >= 2 (interpolations take seeds in pairs)")
     return tuple(range(args.n)) if args.n is not None else args.seeds
 
