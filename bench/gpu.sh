@@ -70,10 +70,10 @@ if [ "$smoke" = 1 ]; then
 fi
 
 limit=180 step bench/preflight.py --out "$RESULTS"
-speed --configs cifar10 --tasks train ddim50 --train-batch 128 --sample-batches 256 --rounds 5 --tag h200-cifar10
+speed --configs cifar10 --tasks train ddim50 --train-batches 128 --sample-batches 256 --rounds 5 --tag h200-cifar10
 speed --configs stl10 --tasks ddim50 ddpm --sample-batches 64 --rounds 3 --min-round-s 0 --tag h200-stl10-64
 if [ "$(left)" -gt 200 ]; then
-    speed --configs cifar10 --tasks train ddim50 --train-batch 128 --sample-batches 256 --rounds 3 --compile --tag h200-cifar10-compile
+    speed --configs cifar10 --tasks train ddim50 --train-batches 128 --sample-batches 256 --rounds 3 --compile --tag h200-cifar10-compile
 else
     echo "skipped the compiled run: $(left) s left of $budget_s"
 fi

@@ -4,6 +4,8 @@ stl10 configs.
 
     pip install 'ray-diffusion[bench]'     # diffusers, imported by this script only
     python bench/speed.py --smoke                                        # tiny CPU check, seconds
+    python bench/speed.py --device cpu --profile --out bench/results/    # CPU: cifar10 train + DDIM-10, batch 8 and 32,
+                                                                         # 3 runs (~25 min on 2 cores), profiled steps
     python bench/speed.py --device cuda --out bench/results/             # bf16 + channels_last (CUDA defaults)
     python bench/speed.py --device cuda --compile --out bench/results/   # torch.compile, both sides
     python bench/speed.py --device cuda --configs cifar10 --tasks train ddim10 --rounds 9 --out bench/results/
@@ -17,7 +19,7 @@ Tasks, each timed for both sides on the same device, dtype, memory format and ba
   ddpm      ours: diffusion.ddpm_sample over all T steps. diffusers: DDPMScheduler in DDPMPipeline's loop.
 Sampling ends with the device tensor on both sides (no PIL conversion).
 
-Alternation: for every (config, task, batch) cell the two sides take turns (ours, diffusers, ours, ...):
+Alternation: for every (config, task, batch) cell the two sides take turns (ours diffusers, diffusers ours, ...):
 untimed warm-up calls first, then --rounds timed rounds each; a round repeats the call enough times
 to last --min-round-s (the same count for both sides). The row reports each side's median round
 and ratio = ours img/s / diffusers img/s (> 1: ours is faster).
@@ -45,14 +47,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from core import describe, forward_flops, machine, peak_tflops, timed  # bench/core.py, beside this script
+from core import describe, forward_flops, machine, peak_tflops, sync, timed  # bench/core.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps
 from diffusion.config import RECIPES, Recipe, SamplerSpeed
 from diffusion.convert import diffusers_unet_kwargs
 from diffusion.speed import sampling_model
-from diffusion.training import autocast, build_state, train_step
+from diffusion.training import autocast, build_state, fastest_adam, train_step
 
 try:
     import diffusers
@@ -62,8 +64,31 @@ try:
 except ImportError as e:  # diffusers is a benchmark-only dependency
     raise SystemExit(f"bench/speed.py needs Hugging Face diffusers: pip install 'ray-diffusion[bench]' ({e})") from e
 
-DEFAULT_TASKS = ["train", "ddim10", "ddim50", "ddim100", "ddpm"]
-DEFAULT_SAMPLE_BATCHES = {"cifar10": [64, 256], "stl10": [64]}
+# Defaults by device. A GPU: both configs, every task, the presets' training batch, 1 run of 5
+# rounds. A CPU (minutes per cell): the cifar10 training step and DDIM-10 at batch 8 and 32, in 3
+# runs of 3 rounds, so that the ratio's spread over the runs is reported beside it.
+DEFAULTS = {
+    "cuda": dict(
+        configs=["cifar10", "stl10"], tasks=["train", "ddim10", "ddim50", "ddim100", "ddpm"], runs=1, rounds=5
+    ),
+    "cpu": dict(
+        configs=["cifar10"], tasks=["train", "ddim10"], train_batches=[8, 32], sample_batches=[8, 32], runs=3, rounds=3
+    ),
+}
+DEFAULT_SAMPLE_BATCHES = {"cifar10": [64, 256], "stl10": [64]}  # on a GPU
+# --smoke (with T=10 and no minimum round time), for options not given: seconds on a CPU.
+SMOKE = dict(
+    configs=["tiny"],
+    tasks=["train", "ddim2", "ddpm"],
+    train_batches=[2],
+    sample_batches=[2],
+    runs=1,
+    rounds=1,
+    warmup=0,
+)
+# The kernels both networks run on the same shapes: the network's own work, whoever writes it.
+# A step made of these alone, at diffusers' cost, bounds how far any implementation can lead.
+SHARED_KERNELS = ("convolution", "group_norm", "silu", "bernoulli", "upsample", "constant_pad")
 
 
 # --- the diffusers side ---------------------------------------------------------------------------
@@ -108,11 +133,6 @@ def hf_sample(unet, scheduler, x_T: torch.Tensor, steps: int, generator=None) ->
     return x
 
 
-def _adam(params, config: Recipe, device: torch.device) -> torch.optim.Adam:
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}  # as build_state
-    return torch.optim.Adam(params, lr=config.lr, **extra)
-
-
 class DiffusersTrainer:
     """A training step as diffusers' examples/unconditional_image_generation/train_unconditional.py
     takes it (without accelerate), with our optimiser settings and EMA decay."""
@@ -122,7 +142,7 @@ class DiffusersTrainer:
         self.unet = build_hf_unet(unet_config).to(device)
         if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
-        self.optimizer = _adam(self.unet.parameters(), config, device)
+        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=config.lr, **fastest_adam(device))  # as ours
         self.lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=config.warmup_steps)
         foreach = {"foreach": True} if "foreach" in inspect.signature(EMAModel.__init__).parameters else {}
         self.ema = EMAModel(self.unet.parameters(), decay=config.ema_decay, **foreach)
@@ -164,17 +184,18 @@ def _repeat(fn: Callable[[], object], n: int) -> Callable[[], None]:
 
 
 def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, min_round_s: float, device: str):
-    """Seconds per call of each fn, from rounds taken in turn (A B A B ...) after `warmup` untimed
-    calls each (also in turn). A round is `reps` calls, enough for the faster side's last warm-up
-    call to last min_round_s. Returns ({name: [seconds per call, one per round]}, reps)."""
+    """Seconds per call of each fn, from rounds taken in turn, the order reversed every other round
+    (A B, B A, A B, ...: neither side always goes first on a machine that speeds up or slows down),
+    after `warmup` untimed calls each. A round is `reps` calls, enough for the faster side's last
+    warm-up call to last min_round_s. Returns ({name: [seconds per call, one per round]}, reps)."""
     last = {}
     for _ in range(warmup):
         for name, fn in fns.items():
             last[name] = timed(fn, 1, 0, device)
     reps = max(1, math.ceil(min_round_s / min(last.values()))) if last and min_round_s > 0 else 1
     seconds = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for i in range(rounds):
+        for name, fn in list(fns.items())[:: -1 if i % 2 else 1]:
             seconds[name].append(timed(_repeat(fn, reps), 1, 0, device) / reps)
     return seconds, reps
 
@@ -201,17 +222,40 @@ def check_same_timesteps(scheduler: DDIMScheduler, num_timesteps: int, steps: in
         raise RuntimeError(f"diffusers DDIM-{steps} timesteps {scheduler.timesteps.tolist()} differ from ours {ours}")
 
 
+class Sides:
+    """Both sides of one config on one device: our TrainState and the diffusers trainer, built
+    from the same UNetConfig, with a fixed random batch of either side's input."""
+
+    def __init__(self, name: str, args):
+        self.device = torch.device(args.device)
+        self.config = RECIPES.get(name, Recipe(model=name)).replace(model=name, num_timesteps=args.num_timesteps)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.state = build_state(self.config, self.device, channels_last=args.channels_last)  # model, Adam, EMA
+        self.hf = DiffusersTrainer(self.state.model.config, self.config, self.device, args.bf16, args.channels_last)
+        self.models = {"ours": self.state.model, "diffusers": self.hf.unet}
+        self.size = self.state.model.config.image_size
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def batch(self, n: int, noise: bool = False) -> torch.Tensor:
+        """n images in [-1, 1] (or standard normal x_T with `noise`) on the device."""
+        shape = (n, 3, self.size, self.size)
+        x = torch.randn(shape, generator=self.gen) if noise else torch.rand(shape, generator=self.gen) * 2 - 1
+        return x.to(self.device, memory_format=self.memory_format)
+
+    def train_steps(self, nets: dict, x0: torch.Tensor, bf16: bool) -> dict[str, Callable[[], object]]:
+        for m in self.models.values():
+            m.train()
+        return {
+            "ours": lambda: train_step(self.state, nets["ours"], x0, self.config, bf16),
+            "diffusers": lambda: self.hf.step(nets["diffusers"], x0),
+        }
+
+
 def bench_config(name: str, args) -> Iterator[dict]:
     """The rows of one config, each yielded as soon as it is measured."""
-    device = torch.device(args.device)
-    config = RECIPES.get(name, Recipe(model=name)).replace(model=name, num_timesteps=args.num_timesteps)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch._dynamo.reset()  # fresh compile caches per config
-
-    state = build_state(config, device, channels_last=args.channels_last)  # ours: model, Adam, EMA, schedule
-    hf = DiffusersTrainer(state.model.config, config, device, args.bf16, args.channels_last)  # the same UNetConfig
-    models = {"ours": state.model, "diffusers": hf.unet}
-    size = state.model.config.image_size
+    sides = Sides(name, args)
+    device, config, state, models, size = sides.device, sides.config, sides.state, sides.models, sides.size
     flops = {side: count_flops(m, size) for side, m in models.items()}
 
     def compiled(mode: str | None) -> dict:
@@ -240,22 +284,10 @@ def bench_config(name: str, args) -> Iterator[dict]:
         print(format_row(row), flush=True)
         return row
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
     if "train" in args.tasks:
         nets = compiled(None)
-        for m in models.values():
-            m.train()
-        batch = args.train_batch or config.batch_size
-        x0 = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device, memory_format=memory_format)
-        yield record(
-            "train",
-            batch,
-            1,
-            {
-                "ours": lambda: train_step(state, nets["ours"], x0, config, args.bf16),
-                "diffusers": lambda: hf.step(nets["diffusers"], x0),
-            },
-        )
+        for batch in args.train_batches or [config.batch_size]:
+            yield record("train", batch, 1, sides.train_steps(nets, sides.batch(batch), args.bf16))
 
     sample_tasks = [t for t in args.tasks if t != "train"]
     if sample_tasks:
@@ -269,7 +301,7 @@ def bench_config(name: str, args) -> Iterator[dict]:
         schedulers = {"ddim": hf_scheduler("ddim", config), "ddpm": hf_scheduler("ddpm", config)}
         betas = state.schedule.betas
         for batch in args.sample_batches or DEFAULT_SAMPLE_BATCHES.get(name, [64]):
-            x_T = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=memory_format)
+            x_T = sides.batch(batch, noise=True)
             for task in sample_tasks:
                 kind, calls = parse_task(task, config.num_timesteps)
                 if kind == "ddim":
@@ -287,6 +319,62 @@ def bench_config(name: str, args) -> Iterator[dict]:
 
                 label = task if kind == "ddim" else f"ddpm{config.num_timesteps}"
                 yield record(label, batch, calls, {"ours": ours, "diffusers": theirs})
+
+
+def profile_train(name: str, batch: int, args, steps: int = 3) -> dict:
+    """Self time per training step of every op on each side (torch.profiler; CUDA time on a GPU),
+    in ms, from `steps` profiled steps per side taken in turn after one warm-up step each."""
+    sides = Sides(name, args)
+    fns = sides.train_steps(sides.models, sides.batch(batch), args.bf16)
+    cuda = sides.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
+    for fn in fns.values():
+        fn()
+    ops = {side: {} for side in fns}
+    for _ in range(steps):
+        for side, fn in fns.items():
+            with torch.profiler.profile(activities=activities) as prof:
+                fn()
+                sync(args.device)
+            for event in prof.key_averages():
+                ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / steps
+                ops[side][event.key] = ops[side].get(event.key, 0.0) + ms
+    return {"config": name, "batch": batch, "steps": steps, "ops_ms": ops}
+
+
+def shared_ms(ops: dict[str, float]) -> float:
+    return sum(ms for op, ms in ops.items() if any(k in op for k in SHARED_KERNELS))
+
+
+def profile_markdown(meta: dict, profiles: list[dict], top: int = 15) -> str:
+    lines = [
+        "# Training step profile: ours vs diffusers",
+        "",
+        f"{describe(meta['machine'])}; torch {meta['torch']}, diffusers {meta['diffusers']}; "
+        f"{'bf16' if meta['bf16'] else 'fp32'}; self time per step by op (torch.profiler); {meta['date']}.",
+        f"Shared kernels: the ops named {', '.join(SHARED_KERNELS)}: the same work on the same shapes on both sides.",
+    ]
+    for prof in profiles:
+        ours, theirs = prof["ops_ms"]["ours"], prof["ops_ms"]["diffusers"]
+        total_o, total_d, shared_d = sum(ours.values()), sum(theirs.values()), shared_ms(theirs)
+        lines += [
+            "",
+            f"## {prof['config']}, batch {prof['batch']} (mean of {prof['steps']} profiled steps per side)",
+            "",
+            f"Step: ours {total_o:.0f} ms, diffusers {total_d:.0f} ms: ratio {total_d / total_o:.3f}. Shared kernels: "
+            f"ours {shared_ms(ours):.0f} ms, diffusers {shared_d:.0f} ms ({shared_d / total_d:.0%} of its step), so "
+            f"a step of nothing else would lead diffusers by at most {total_d / shared_d:.2f}x.",
+            "",
+            "| # | ours: op | ms | diffusers: op | ms |",
+            "|---:|---|---:|---|---:|",
+        ]
+        ranked = [sorted(side.items(), key=lambda kv: -kv[1])[:top] for side in (ours, theirs)]
+        for i, ((op_o, ms_o), (op_d, ms_d)) in enumerate(zip(*ranked), 1):
+            lines.append(f"| {i} | `{op_o}` | {ms_o:.1f} | `{op_d}` | {ms_d:.1f} |")
+        differ = sorted(set(ours) | set(theirs), key=lambda op: -abs(ours.get(op, 0) - theirs.get(op, 0)))[:10]
+        lines += ["", "Largest differences:", "", "| op | ours ms | diffusers ms |", "|---|---:|---:|"]
+        lines += [f"| `{op}` | {ours.get(op, 0):.1f} | {theirs.get(op, 0):.1f} |" for op in differ]
+    return "\n".join(lines) + "\n"
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -310,17 +398,26 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "# UNet speed: ours vs diffusers",
         "",
         f"{describe(meta['machine'])}; torch {meta['torch']}, diffusers {meta['diffusers']}, CUDA {meta['cuda']}; {flags}; "
-        f"T={meta['num_timesteps']}; median of {meta['rounds']} alternating rounds; {meta['date']}.",
+        f"T={meta['num_timesteps']}; median of {meta['rounds']} alternating rounds, {meta['runs']} run(s); {meta['date']}.",
         "ratio = ours img/s / diffusers img/s.",
         "",
-        "| config | task | batch | ours img/s | diffusers img/s | ratio | MFU ours | MFU diffusers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | config | task | batch | ours img/s | diffusers img/s | ratio | MFU ours | MFU diffusers |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['task']} | {r['batch']} | {r['ours_img_per_s']:.1f} | "
+            f"| {r['run']} | {r['config']} | {r['task']} | {r['batch']} | {r['ours_img_per_s']:.1f} | "
             f"{r['diffusers_img_per_s']:.1f} | {r['ratio']:.3f} | {_pct(r['ours_mfu'])} | {_pct(r['diffusers_mfu'])} |"
         )
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["config"], r["task"], r["batch"]), []).append(r["ratio"])
+    if any(len(ratios) > 1 for ratios in cells.values()):
+        lines += ["", "The ratio over the runs:", "", "| config | task | batch | ratio by run | min | max |"]
+        lines.append("|---|---|---:|---|---:|---:|")
+        for (config, task, batch), ratios in cells.items():
+            by_run = ", ".join(f"{x:.3f}" for x in ratios)
+            lines.append(f"| {config} | {task} | {batch} | {by_run} | {min(ratios):.3f} | {max(ratios):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,13 +429,13 @@ def device_name(device: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(UNET_CONFIGS), help="UNet configs (default: DEFAULTS)")
+    p.add_argument("--tasks", nargs="+", help="train, ddimS (S divides T) and/or ddpm (default: DEFAULTS)")
     p.add_argument(
-        "--configs", nargs="+", default=["cifar10", "stl10"], choices=list(UNET_CONFIGS), help="UNet configs"
+        "--train-batches", nargs="+", type=int, help="training batches (default: CPU 8 32, GPU the config's preset)"
     )
-    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="train, ddimS (S divides T) and/or ddpm")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: the config's preset)")
     p.add_argument(
-        "--sample-batches", nargs="+", type=int, default=None, help="sampling batches (default: 64 256 / stl10: 64)"
+        "--sample-batches", nargs="+", type=int, help="sampling batches (default: CPU 8 32, GPU 64 256 / stl10 64)"
     )
     p.add_argument("--num-timesteps", type=int, default=1000, help="diffusion steps T of both sides")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -349,22 +446,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: on CUDA)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile both UNets (sampling: reduce-overhead)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (median reported)")
+    p.add_argument(
+        "--runs", type=int, help="times to measure every cell, for the ratio's spread (default: CPU 3, GPU 1)"
+    )
+    p.add_argument("--rounds", type=int, help="timed rounds per side and cell (median reported; default: CPU 3, GPU 5)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed calls per side first (default: 1, 2 with --compile)"
     )
     p.add_argument("--min-round-s", type=float, default=0.5, help="repeat calls within a round to last this long")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
     p.add_argument("--out", default=None, help="write speed-<tag>.json and speed-<tag>.md into this folder")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile each training cell's step: profile-<tag>.md and .json"
+    )
     p.add_argument("--tag", default=None, help="file name tag (default: from the device and flags)")
     p.add_argument(
-        "--smoke", action="store_true", help="CI check: tiny UNet, batch 2, DDIM-2, DDPM with T=10, 1 round, CPU-sized"
+        "--smoke",
+        action="store_true",
+        help="CI check: tiny UNet, batch 2, DDIM-2, DDPM with T=10, 1 round (other options still apply)",
     )
     args = p.parse_args(argv)
-    if args.smoke:
-        args.configs, args.tasks, args.num_timesteps = ["tiny"], ["train", "ddim2", "ddpm"], 10
-        args.train_batch, args.sample_batches, args.rounds, args.warmup, args.min_round_s = 2, [2], 1, 0, 0.0
     cuda = args.device.startswith("cuda")
+    if args.smoke:
+        args.num_timesteps, args.min_round_s = 10, 0.0
+    for key, value in (SMOKE if args.smoke else DEFAULTS["cuda" if cuda else "cpu"]).items():
+        if getattr(args, key) is None:  # not given
+            setattr(args, key, value)
     args.bf16 = cuda if args.bf16 is None else args.bf16
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.warmup = (2 if args.compile else 1) if args.warmup is None else args.warmup
@@ -389,6 +496,7 @@ def main(argv=None) -> None:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "num_timesteps": args.num_timesteps,
+        "runs": args.runs,
         "rounds": args.rounds,
         "warmup": args.warmup,
         "min_round_s": args.min_round_s,
@@ -400,26 +508,39 @@ def main(argv=None) -> None:
     tag += "-compile" if args.compile and not args.tag else ""
     tag += "-smoke" if args.smoke and not args.tag else ""
     rows = []
-    for name in args.configs:
-        for row in bench_config(name, args):
-            rows.append(row)
-            if args.out:  # every cell as it finishes: a run cut short by a time limit keeps them
-                write(Path(args.out), tag, meta, rows)
+    for run in range(1, args.runs + 1):
+        for name in args.configs:
+            for row in bench_config(name, args):
+                rows.append({"run": run} | row)
+                if args.out:  # every cell as it finishes: a run cut short by a time limit keeps them
+                    write(Path(args.out), f"speed-{tag}", {"meta": meta, "rows": rows}, markdown(meta, rows))
     print("\n" + markdown(meta, rows))
+    if args.profile and "train" in args.tasks:
+        profiles = []
+        for name in args.configs:
+            for batch in args.train_batches or [RECIPES.get(name, Recipe(model=name)).batch_size]:
+                profiles.append(profile_train(name, batch, args))
+                if args.out:
+                    write(
+                        Path(args.out),
+                        f"profile-{tag}",
+                        {"meta": meta, "profiles": profiles},
+                        profile_markdown(meta, profiles),
+                    )
+        print("\n" + profile_markdown(meta, profiles))
     if args.out:
-        print(f"wrote {Path(args.out) / f'speed-{tag}.json'} and .md")
+        print(
+            f"wrote speed-{tag}.json and .md{' and profile-' + tag + '.json and .md' if args.profile else ''} in {args.out}"
+        )
 
 
-def write(out: Path, tag: str, meta: dict, rows: list[dict]) -> None:
-    """speed-<tag>.json and .md with the rows so far, each file replaced whole (never half-written)."""
+def write(out: Path, name: str, data: dict, table: str) -> None:
+    """<name>.json and <name>.md, each file replaced whole (never half-written)."""
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in (
-        (".json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
-        (".md", markdown(meta, rows)),
-    ):
-        partial = out / f"speed-{tag}{suffix}.partial"
+    for suffix, text in ((".json", json.dumps(data, indent=2) + "\n"), (".md", table)):
+        partial = out / f"{name}{suffix}.partial"
         partial.write_text(text)
-        os.replace(partial, out / f"speed-{tag}{suffix}")
+        os.replace(partial, out / f"{name}{suffix}")
 
 
 if __name__ == "__main__":

@@ -79,11 +79,14 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 class RowwiseLinear(nn.Linear):
-    """A Linear computed as one small matmul per batch item, so that an item's output does
-    not depend on the batch size or its position in the batch (a (B, K) x (K, N) GEMM picks
-    kernels and tail handling by B). Used for the tiny time-embedding layers only."""
+    """A Linear that, in eval mode, computes one small matmul per batch item, so that a sample's
+    output does not depend on the batch size or its position in the batch (a (B, K) x (K, N)
+    GEMM picks kernels and tail handling by B). Training has no such guarantee to keep and takes
+    the one GEMM. Used for the tiny time-embedding layers only."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
         b = x.shape[0]
         return torch.baddbmm(self.bias.expand(b, 1, -1), x[:, None, :], self.weight.t().expand(b, -1, -1)).squeeze(1)
 
@@ -111,7 +114,10 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+    """Single-head self-attention over the H*W positions, with a residual connection. q, k, v and
+    the output projection are the reference's 1x1 convolutions, applied to the (B, HW, C) tokens
+    as the linear maps they are: one GEMM each, and q, k, v with their channels contiguous, which
+    SDPA's fused kernels (flash on CPU and CUDA) need; strided inputs fall back to its math kernel."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -121,9 +127,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C) each
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = qkv.view(b, 1, h * w, 3, c).unbind(3)  # (B, 1 head, HW, C) each
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

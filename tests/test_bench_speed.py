@@ -42,6 +42,44 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert data["meta"]["machine"]["cpu"] in table
 
 
+def test_runs_report_the_ratio_spread_and_the_profile_ranks_both_steps(tmp_path):
+    proc = run_main(
+        "bench/speed.py", "--smoke", "--tasks", "train", "--runs", "2", "--profile", "--out", tmp_path, "--tag", "smoke"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "speed-smoke.json").read_text())["rows"]
+    assert [(r["run"], r["task"]) for r in rows] == [(1, "train"), (2, "train")]
+    table = (tmp_path / "speed-smoke.md").read_text()
+    spread = f"| tiny | train | 2 | {rows[0]['ratio']:.3f}, {rows[1]['ratio']:.3f} |"
+    assert "The ratio over the runs:" in table and spread in table, table
+
+    (profile,) = json.loads((tmp_path / "profile-smoke.json").read_text())["profiles"]
+    assert (profile["config"], profile["batch"]) == ("tiny", 2)
+    for side in ("ours", "diffusers"):
+        ops = profile["ops_ms"][side]
+        assert ops["aten::convolution_backward"] > 0 and ops["aten::mkldnn_convolution"] > 0
+        assert 0 < speed.shared_ms(ops) < sum(ops.values())
+    ours = profile["ops_ms"]["ours"]
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ours  # the fused kernel, not the math one
+    assert "aten::_fused_adam_" in ours and "aten::bmm" not in ours  # fused Adam; no per-row time embedding
+    md = (tmp_path / "profile-smoke.md").read_text()
+    assert "## tiny, batch 2" in md and "| 1 | `aten::convolution_backward` |" in md
+    assert "would lead diffusers by at most" in md and "Largest differences:" in md
+
+
+def test_cpu_and_gpu_defaults():
+    cpu = speed.parse_args(["--device", "cpu"])
+    assert (cpu.configs, cpu.tasks, cpu.train_batches, cpu.sample_batches) == (
+        ["cifar10"],
+        ["train", "ddim10"],
+        [8, 32],
+        [8, 32],
+    )
+    assert (cpu.runs, cpu.rounds, cpu.bf16, cpu.channels_last) == (3, 3, False, False)
+    gpu = speed.parse_args(["--device", "cuda", "--rounds", "2"])
+    assert (gpu.configs, gpu.train_batches, gpu.runs, gpu.rounds, gpu.bf16) == (["cifar10", "stl10"], None, 1, 2, True)
+
+
 def test_a_run_cut_short_keeps_the_cells_it_finished(tmp_path, monkeypatch):
     """A GPU lease ends when it ends: every cell is in the JSON and table as soon as it is measured."""
     measured = []
