@@ -76,6 +76,8 @@ def test_cpu_and_gpu_defaults():
         [8, 32],
     )
     assert (cpu.runs, cpu.rounds, cpu.bf16, cpu.channels_last) == (3, 3, False, False)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--device", "cuda", "--profile"])  # CPU only: GPU kernels are not attributed to ops
     gpu = speed.parse_args(["--device", "cuda", "--rounds", "2"])
     assert (gpu.configs, gpu.train_batches, gpu.runs, gpu.rounds, gpu.bf16) == (["cifar10", "stl10"], None, 1, 2, True)
 
