@@ -222,13 +222,23 @@ def check_same_timesteps(scheduler: DDIMScheduler, num_timesteps: int, steps: in
         raise RuntimeError(f"diffusers DDIM-{steps} timesteps {scheduler.timesteps.tolist()} differ from ours {ours}")
 
 
+def recipe(name: str, args) -> Recipe:
+    """The named config's training recipe (its preset, else the defaults) with the benchmark's T."""
+    return RECIPES.get(name, Recipe(model=name)).replace(model=name, num_timesteps=args.num_timesteps)
+
+
+def train_batches(name: str, args) -> list[int]:
+    """--train-batches, else the config's preset batch."""
+    return args.train_batches or [recipe(name, args).batch_size]
+
+
 class Sides:
     """Both sides of one config on one device: our TrainState and the diffusers trainer, built
     from the same UNetConfig, with a fixed random batch of either side's input."""
 
     def __init__(self, name: str, args):
         self.device = torch.device(args.device)
-        self.config = RECIPES.get(name, Recipe(model=name)).replace(model=name, num_timesteps=args.num_timesteps)
+        self.config = recipe(name, args)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.state = build_state(self.config, self.device, channels_last=args.channels_last)  # model, Adam, EMA
         self.hf = DiffusersTrainer(self.state.model.config, self.config, self.device, args.bf16, args.channels_last)
@@ -286,7 +296,7 @@ def bench_config(name: str, args) -> Iterator[dict]:
 
     if "train" in args.tasks:
         nets = compiled(None)
-        for batch in args.train_batches or [config.batch_size]:
+        for batch in train_batches(name, args):
             yield record("train", batch, 1, sides.train_steps(nets, sides.batch(batch), args.bf16))
 
     sample_tasks = [t for t in args.tasks if t != "train"]
@@ -517,7 +527,7 @@ def main(argv=None) -> None:
     if args.profile and "train" in args.tasks:
         profiles = []
         for name in args.configs:
-            for batch in args.train_batches or [RECIPES.get(name, Recipe(model=name)).batch_size]:
+            for batch in train_batches(name, args):
                 profiles.append(profile_train(name, batch, args))
                 if args.out:
                     write(
