@@ -2,8 +2,8 @@
 DDIM sampler steps, for the cifar10 and stl10 configs, with MFU from a FLOP count.
 
     python bench/core.py --smoke                                  # tiny sizes, CPU, seconds
-    python bench/core.py --device cuda --bf16 --channels-last     # GPU
-    python bench/core.py --device cuda --bf16 --channels-last --compile --json bench/results/core-h100.json
+    python bench/core.py --device cuda --precision bf16 --channels-last     # GPU
+    python bench/core.py --device cuda --precision bf16 --channels-last --compile --json bench/results/core-h100.json
 
 MFU = achieved FLOP/s / peak FLOP/s, with FLOPs counted by torch.utils.flop_counter on one
 forward (a training step counts 3x the forward). Peak defaults to the dense bf16 peak of
@@ -23,7 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import ddim_sample
-from diffusion.config import Recipe
+from diffusion.config import Recipe, Speed
+from diffusion.platform.cli import add_options
+from diffusion.speed import use_bf16
 from diffusion.training import autocast, build_state, train_step
 
 # Dense bf16 tensor-core peaks, TFLOP/s.
@@ -159,9 +161,8 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+", default=["cifar10", "stl10"], help="UNet configs to time")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128], help="batch sizes to time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    add_options(p.add_argument_group("the UNet"), Speed)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps in the sampling timing")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations")
@@ -169,6 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny config, batch 2, 1 iteration: a CPU check that it runs")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
+    args.bf16 = use_bf16(args.precision, torch.device(args.device))
     if args.smoke:
         args.configs, args.batch_sizes, args.iters, args.warmup, args.sampler_steps = ["tiny"], [2], 1, 0, 2
 

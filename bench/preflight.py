@@ -27,8 +27,8 @@ import torch
 from core import machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import read_checkpoint, save_checkpoint
-from diffusion.config import RECIPES, SamplerSettings, SamplerSpeed
-from diffusion.sampling import Sampler
+from diffusion.config import RECIPES, SamplerSettings, Speed
+from diffusion.pipeline import Pipeline
 from diffusion.training import build_state, train_step
 
 
@@ -74,10 +74,10 @@ def perturbed(state) -> None:
 
 def check_graphs(state, batch: int, compile: bool) -> dict:
     settings, seeds = SamplerSettings("ddim", 10), list(range(batch))
-    eager = Sampler(state.model, state.schedule.betas.cpu(), batch, SamplerSpeed("fp32")).samples(seeds, settings)
-    speed = SamplerSpeed("fp32", compile=compile)
-    compiled = Sampler(state.model, state.schedule.betas.cpu(), batch, speed).samples(seeds, settings)
-    again = Sampler(state.model, state.schedule.betas.cpu(), batch, speed).samples(seeds, settings)
+    eager = Pipeline(state.model, state.schedule.betas.cpu(), batch, Speed("fp32")).samples(seeds, settings)
+    speed = Speed("fp32", compile=compile)
+    compiled = Pipeline(state.model, state.schedule.betas.cpu(), batch, speed).samples(seeds, settings)
+    again = Pipeline(state.model, state.schedule.betas.cpu(), batch, speed).samples(seeds, settings)
     diff = (compiled - eager).abs().max().item()
     return {
         "ok": diff < 1e-2 and torch.equal(compiled, again),
@@ -91,8 +91,8 @@ def check_round_trip(state, config, device) -> dict:
     settings, seeds = SamplerSettings("ddim", 10), [0, 1, 2, 3]
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, state, config)
-        loaded = Sampler.from_checkpoint(read_checkpoint(d), 4, ema=False, speed=SamplerSpeed("fp32"), device=device)
-    direct = Sampler(state.model, state.schedule.betas.cpu(), 4, SamplerSpeed("fp32")).samples(seeds, settings)
+        loaded = Pipeline.from_checkpoint(read_checkpoint(d), 4, ema=False, speed=Speed("fp32"), device=device)
+    direct = Pipeline(state.model, state.schedule.betas.cpu(), 4, Speed("fp32")).samples(seeds, settings)
     same = torch.equal(loaded.samples(seeds, settings), direct)
     return {"ok": same, "identical_samples": same}
 

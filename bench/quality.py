@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +42,9 @@ from diffusion.classifier import CLASSIFIER_SCORE_SPLITS, DigitsClassifier, conf
 from diffusion.config import SamplerSettings
 from diffusion.fid import FeatureStats, frechet_distance, inception_score
 from diffusion.images import save_grid, to_uint8
-from diffusion.platform.checkpoints import read_checkpoint
+from diffusion.pipeline import Pipeline
+from diffusion.platform.cli import add_checkpoint_options, checkpoint_options
 from diffusion.platform.settings import PRESETS
-from diffusion.sampling import Sampler
 from diffusion.unet import build_unet
 
 # FID of 50,000 CIFAR-10 samples, Song et al. 2021, Table 1 (quadratic tau for CIFAR-10);
@@ -115,9 +115,9 @@ class Scorer:
         }
 
 
-def generate(sampler: Sampler, settings: SamplerSettings, n: int, batch_size: int) -> torch.Tensor:
+def generate(pipeline: Pipeline, settings: SamplerSettings, n: int, batch_size: int) -> torch.Tensor:
     """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W)."""
-    return torch.cat([sampler.samples(range(i, min(i + batch_size, n)), settings) for i in range(0, n, batch_size)])
+    return torch.cat([pipeline.samples(range(i, min(i + batch_size, n)), settings) for i in range(0, n, batch_size)])
 
 
 def as_images(x: torch.Tensor) -> np.ndarray:
@@ -127,10 +127,10 @@ def as_images(x: torch.Tensor) -> np.ndarray:
 def train_preset(data: str, storage: str, train_steps: int | None) -> str:
     """Prepare the digits (if absent) and train the digits preset through Ray Train; returns
     the run folder."""
+    from diffusion.platform.ray_train import train_on_ray
     from diffusion.platform.shards import write_shards
     from diffusion.platform.sources import digits_source
     from diffusion.platform.storage import open_location
-    from diffusion.platform.train import fit
 
     location = open_location(data)
     if not location.exists("manifest.json"):
@@ -139,7 +139,7 @@ def train_preset(data: str, storage: str, train_steps: int | None) -> str:
     if train_steps:
         config = config.replace(max_steps=train_steps, name=f"digits-quality-{train_steps}")
     config = config.replace(name=config.settings.name or "digits-quality")
-    result = fit(config)
+    result = train_on_ray(config)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
     return f"{storage}/{config.settings.name}"
@@ -207,10 +207,7 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", default=None, help="digits checkpoint (run folder, file, runs:/, models:/); default: train"
-    )
-    p.add_argument("--which", default="latest", choices=["latest", "best"], help="checkpoint of a run folder")
+    add_checkpoint_options(p, required=False)  # without --checkpoint: the digits preset is trained here
     p.add_argument("--data", default="data/digits", help="the prepared digits (prepared here when absent)")
     p.add_argument("--storage", default="runs", help="where the preset trains when no --checkpoint is given")
     p.add_argument("--train-steps", type=int, default=None, help="train this many steps instead of the preset's")
@@ -236,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_cells(sampler: Sampler, scorer: Scorer, plan: list[Cell], args, out: Path, since: float):
+def run_cells(pipeline: Pipeline, scorer: Scorer, plan: list[Cell], args, out: Path, since: float):
     """Sample and score each cell of `plan` (skipping what would overrun the budget counted from
     `since`): (results with their samples under "_x", skipped cell names, whether ddim50.npz was written)."""
     done, skipped, per_call, wrote_npz = [], [], None, False
@@ -246,7 +243,7 @@ def run_cells(sampler: Sampler, scorer: Scorer, plan: list[Cell], args, out: Pat
             skipped.append(cell.name)
             continue
         t0 = time.time()
-        x = generate(sampler, cell.settings, args.n, args.batch_size)
+        x = generate(pipeline, cell.settings, args.n, args.batch_size)
         seconds = time.time() - t0
         per_call = seconds / cell.steps
         images = as_images(x)
@@ -290,22 +287,23 @@ def main(argv=None) -> int:
     start = time.time()
     checkpoint = args.checkpoint or train_preset(args.data, args.storage, args.train_steps)
     trained_at = time.time()
-    payload = read_checkpoint(checkpoint, which=args.which)
+    source = replace(checkpoint_options(args), checkpoint=checkpoint)
+    payload = source.read()
     shards = ShardSet.open(args.data)
     classifier = classifier_judge(shards).build()
     train = next(shards.iter_batches(len(shards), splits=["train"]))["image"]
     test = next(shards.iter_batches(len(shards), splits=["test"]))["image"]
     scorer = Scorer(classifier, train, test)
-    sampler = Sampler.from_checkpoint(payload, batch_size=args.batch_size, device="cpu")
+    pipeline = Pipeline.from_checkpoint(payload, batch_size=args.batch_size, ema=source.ema, device="cpu")
 
     torch.manual_seed(0)
-    untrained_sampler = Sampler(build_unet(unet_config_of(payload)), sampler.betas, args.batch_size)
-    untrained = scorer(as_images(generate(untrained_sampler, SamplerSettings(steps=50), args.n, args.batch_size)))
+    untrained_pipeline = Pipeline(build_unet(unet_config_of(payload)), pipeline.betas, args.batch_size)
+    untrained = scorer(as_images(generate(untrained_pipeline, SamplerSettings(steps=50), args.n, args.batch_size)))
 
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm)
-    done, skipped, wrote_npz = run_cells(sampler, scorer, plan, args, out, trained_at)
+    done, skipped, wrote_npz = run_cells(pipeline, scorer, plan, args, out, trained_at)
     anchor = add_consistency(done)
     report = {
         "checkpoint": str(checkpoint),

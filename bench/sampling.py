@@ -63,13 +63,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="model batch of the batched deployment")
     p.add_argument("--gpus", type=float, default=0, help="GPUs per replica and per batch-job worker")
     p.add_argument("--job-images", type=int, default=256, help="images for the batch-job measurement")
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
 
     import ray
     from ray import serve
 
-    from diffusion.platform.batch_sample import SamplingJob, run
+    from diffusion.platform.batch_sample import SamplingJob, sample_to
     from diffusion.platform.resources import Workers
     from diffusion.platform.serve import ServeArgs, build_app
 
@@ -78,11 +79,11 @@ def main(argv=None) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         checkpoint = write_checkpoint(args.model, Path(tmp) / "checkpoint")
         ray.init(log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         for mode, batch_size in (("batched", args.batch_size), ("unbatched", 1)):
             app = build_app(ServeArgs(checkpoint=checkpoint, batch_size=batch_size, batch_wait_s=0.01, gpus=args.gpus))
             serve.run(app, name=mode, route_prefix=f"/{mode}", blocking=False)
-            url = f"http://127.0.0.1:8000/{mode}/v1/samples"
+            url = f"http://127.0.0.1:{args.port}/{mode}/v1/samples"
             load(url, 1, 2, args.steps)  # warm-up
             for clients in args.clients:
                 row = {"mode": mode, "clients": clients, **load(url, clients, args.requests, args.steps)}
@@ -95,14 +96,14 @@ def main(argv=None) -> None:
             serve.delete(mode)
         serve.shutdown()
         job = SamplingJob(
-            checkpoint,
-            args.job_images,
+            checkpoint=checkpoint,
+            seeds=tuple(range(args.job_images)),
             settings=SamplerSettings("ddim", args.steps),
             batch_size=args.batch_size,
             workers=Workers(gpus=args.gpus),
         )
         start = time.perf_counter()
-        run(job, f"{tmp}/samples", fmt="npz")
+        sample_to(job, f"{tmp}/samples", fmt="npz")
         job_rate = args.job_images / (time.perf_counter() - start)
         print(f"batch job: {job_rate:.2f} img/s ({args.job_images} images, batch {args.batch_size}, end to end)")
         ray.shutdown()

@@ -6,7 +6,7 @@ stl10 configs.
     python bench/speed.py --smoke                                        # tiny CPU check, seconds
     python bench/speed.py --device cpu --profile --out bench/results/    # CPU: cifar10 train + DDIM-10, batch 8 and 32,
                                                                          # 3 runs (~25 min on 2 cores), profiled steps
-    python bench/speed.py --device cuda --out bench/results/             # bf16 + channels_last (CUDA defaults)
+    python bench/speed.py --device cuda --out bench/results/             # bf16 (precision auto) + channels_last
     python bench/speed.py --device cuda --compile --out bench/results/   # torch.compile, both sides
     python bench/speed.py --device cuda --configs cifar10 --tasks train ddim10 --rounds 9 --out bench/results/
 
@@ -51,9 +51,10 @@ from core import describe, forward_flops, machine, peak_tflops, timed  # bench/c
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion import UNET_CONFIGS, UNetConfig, ddim_sample, ddpm_sample, timesteps
-from diffusion.config import RECIPES, Recipe, SamplerSpeed
+from diffusion.config import RECIPES, Recipe, Speed
 from diffusion.convert import diffusers_unet_kwargs
-from diffusion.speed import sampling_model
+from diffusion.platform.cli import add_options
+from diffusion.speed import sampling_model, use_bf16
 from diffusion.training import autocast, build_state, fastest_adam, train_step
 
 try:
@@ -305,9 +306,7 @@ def bench_config(name: str, args) -> Iterator[dict]:
         for m in models.values():
             m.eval()
         # Ours as Serve and the batch job run it (diffusion.speed): the same precision and compile mode.
-        nets["ours"] = sampling_model(
-            state.model, SamplerSpeed("bf16" if args.bf16 and device.type == "cuda" else "fp32", args.compile)
-        )
+        nets["ours"] = sampling_model(state.model, Speed("bf16" if args.bf16 else "fp32", args.compile))
         schedulers = {"ddim": hf_scheduler("ddim", config), "ddpm": hf_scheduler("ddpm", config)}
         betas = state.schedule.betas
         for batch in args.sample_batches or DEFAULT_SAMPLE_BATCHES.get(name, [64]):
@@ -446,13 +445,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--num-timesteps", type=int, default=1000, help="diffusion steps T of both sides")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
-    )
+    add_options(p.add_argument_group("both sides' UNets"), Speed)
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last (default: on CUDA)"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile both UNets (sampling: reduce-overhead)")
     p.add_argument(
         "--runs", type=int, help="times to measure every cell, for the ratio's spread (default: CPU 3, GPU 1)"
     )
@@ -481,7 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (SMOKE if args.smoke else DEFAULTS["cuda" if cuda else "cpu"]).items():
         if getattr(args, key) is None:  # not given
             setattr(args, key, value)
-    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.bf16 = use_bf16(args.precision, torch.device(args.device))  # bf16 autocast, both sides
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.warmup = (2 if args.compile else 1) if args.warmup is None else args.warmup
     for t in args.tasks:
@@ -501,7 +497,7 @@ def main(argv=None) -> None:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "bf16": args.bf16 and args.device.startswith("cuda"),  # autocast is CUDA-only on both sides
+        "bf16": args.bf16,  # autocast on both sides
         "channels_last": args.channels_last,
         "compile": args.compile,
         "num_timesteps": args.num_timesteps,

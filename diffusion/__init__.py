@@ -15,7 +15,7 @@ import importlib
 
 _HOMES = {
     "checkpoint": ("CheckpointError", "load_checkpoint", "read_checkpoint"),
-    "config": ("RECIPES", "Recipe", "SamplerSettings", "SamplerSpeed"),
+    "config": ("RECIPES", "Recipe", "SamplerSettings", "Speed"),
     "ema": ("EMA",),
     "images": ("from_uint8", "random_flip", "save_grid", "to_model_input", "to_uint8"),
     "interpolate": ("ddim_interpolate", "ddim_interpolate_images", "ddpm_interpolate", "slerp"),
@@ -30,7 +30,7 @@ _HOMES = {
         "randn",
         "timesteps",
     ),
-    "sampling": ("Sampler",),
+    "pipeline": ("Pipeline",),
     "schedule": ("NoiseSchedule", "l_simple", "make_betas"),
     "unet": ("UNET_CONFIGS", "UNet", "UNetConfig", "build_unet"),
 }

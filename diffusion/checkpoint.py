@@ -21,7 +21,7 @@ training measures it), by which Ray Train keeps the best checkpoints. `read_chec
 checkpoint.pt, its folder or a run folder (its latest checkpoint, or its best) on a local disk
 with torch alone, and published weights in their own layouts (`diffusion.convert`: a diffusers
 folder, a DDPM reference state dict). URIs (s3://..., runs:/<id>, models:/<name>/<version>) are
-the platform's: `diffusion.platform.checkpoints.read_checkpoint` takes those and local paths.
+the platform's: `diffusion.platform.checkpoint_uris.read_checkpoint` takes those and local paths.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def read_checkpoint(path: str | Path, which: str = "latest") -> dict:
     state dict)."""
     if is_uri(str(path)):
         raise CheckpointError(
-            f"{path} is a URI: the core reads local files; read it with diffusion.platform.checkpoints.read_checkpoint"
+            f"{path} is a URI: the core reads local files; read it with diffusion.platform.checkpoint_uris.read_checkpoint"
         )
     path = Path(path).expanduser()
     from .convert import ConversionError, is_diffusers_folder, payload_from_diffusers

@@ -1,10 +1,10 @@
-"""The core's plain-dataclass configs: the training recipe (`Recipe` and its presets, `RECIPES`)
-and the sampler's settings (`SamplerSettings`, `SamplerSpeed`). Each field carries its help and
-its range in its metadata (`option`), from which the platform derives command-line flags and
-HTTP request models: a setting is defined here once. This module imports nothing heavy, so the
+"""The core's plain-dataclass configs: the training recipe (`Recipe` and its presets, `RECIPES`),
+the sampler's settings (`SamplerSettings`) and how the UNet is evaluated (`Speed`). Each field
+carries its help and its range in its metadata (`option`), from which the platform derives
+command-line flags and HTTP request models: a setting is defined here once. This module imports nothing heavy, so the
 command lines parse their options (and answer --help) before torch is imported.
 
-How and where a recipe is run (data, storage, workers, cadence, tracking, precision) is the
+How and where a recipe is run (data, storage, workers, cadence, tracking) is the
 platform's `diffusion.platform.settings.RunSettings`.
 """
 
@@ -23,10 +23,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 WHICH = ("latest", "best")  # of a run folder's checkpoints
 
 
-def option(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
-    """A dataclass field with its help and range: `choices`, or bounds ge/gt/le/lt."""
+def option(
+    default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None, required: bool = False
+):
+    """A dataclass field with its help and range: `choices`, or bounds ge/gt/le/lt; `required`: a
+    value must be given (the default stands for none), a required flag on the command line."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    return field(default=default, metadata={"help": help, "choices": choices, **bounds})
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required, **bounds})
 
 
 _RELATIONS = {
@@ -55,6 +58,9 @@ def out_of_range(obj) -> list[str]:
     problems = []
     for f in fields(obj):
         value, m = getattr(obj, f.name), f.metadata
+        if m.get("required") and value == f.default:
+            problems.append(f"{f.name} is required: {m['help']}")
+            continue
         if value is None and f.default is None:
             continue
         bounds = [k for k in _RELATIONS if k in m]
@@ -79,7 +85,11 @@ def check(obj, *extra: str):
 
 
 class Options:
-    """replace/to_dict/from_dict of an options dataclass, unknown names refused by name."""
+    """An options dataclass checked when made (`check`), and its replace/to_dict/from_dict,
+    unknown names refused by name."""
+
+    def __post_init__(self):
+        check(self)
 
     def replace(self, **changes):
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -97,7 +107,7 @@ class Options:
         return cls().replace(**values)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe(Options):
     """What a trained model is and the maths of its training: the network, the forward process,
     L_simple's optimisation. A checkpoint stores it; where and on what a run trained it (the
@@ -147,18 +157,24 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+DEFAULT_STEPS = 50  # of DDIM when none are given
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Everything but the seeds that decides a sample; requests with equal settings can share a batch.
 
-    The one definition of each sampler setting: its range is checked when settings are made (an
-    OptionError naming it), and the CLI flags and the HTTP request model are derived from these
-    fields. `variance` and `clip` left None take the checkpoint's sampling defaults for DDPM
-    (imported weights bring their scheduler's: DDPM's own CIFAR-10 release sampled with beta_t
+    The one definition of each sampler setting and of every rule between them: ranges and rules
+    are checked when settings are made (an OptionError naming the setting), the samplers check
+    their arguments by making settings, and the CLI flags and the HTTP request model are derived
+    from these fields. `variance` and `clip` left None take the checkpoint's sampling defaults for
+    DDPM (imported weights bring their scheduler's: DDPM's own CIFAR-10 release sampled with beta_t
     and clipping) and the DDIM paper's for DDIM (posterior, no clipping): `resolve` fills them in."""
 
     sampler: str = option("ddim", "DDIM (steps, eta) or DDPM (all T steps)", choices=SAMPLERS)
-    steps: int = option(50, "DDIM steps: the length of the sub-sequence tau, at most the model's T", ge=1)
+    steps: int | None = option(
+        None, f"DDIM steps: the length of the sub-sequence tau, at most the model's T (default: {DEFAULT_STEPS})", ge=1
+    )
     eta: float = option(0.0, "DDIM eta of eq. (16): 0 deterministic, 1 DDPM-like", ge=0, le=1)
     spacing: str = option("uniform", "DDIM tau spacing", choices=SPACINGS)
     variance: str | None = option(
@@ -172,11 +188,18 @@ class SamplerSettings:
     )
 
     def __post_init__(self):
-        sigma_hat = self.sampler == "ddim" and self.variance == "beta" and self.eta != 1
+        ddim = self.sampler == "ddim"
+        steps_for_ddpm = not ddim and self.steps is not None
+        sigma_hat = ddim and self.variance == "beta" and self.eta != 1
         check(
             self,
+            steps_for_ddpm
+            and "steps is for DDIM: DDPM always takes all T steps; for fewer steps of the DDPM-like sampler "
+            f"use sampler ddim with eta 1 and steps {self.steps}",
             sigma_hat and f"variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta {self.eta}",
         )
+        if ddim and self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)
 
     def resolve(self, defaults: dict) -> SamplerSettings:
         """These settings with None filled from a checkpoint's `defaults` ({"variance", "clip"})."""
@@ -205,12 +228,13 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
-class SamplerSpeed:
-    """How a sampler evaluates the UNet. It changes the arithmetic, not the method: bf16 images
-    differ slightly from fp32 ones, and each is reproducible per seed at one batch shape."""
+class Speed:
+    """How the UNet is evaluated, in training and in sampling alike. It changes the arithmetic,
+    not the method: bf16 images differ slightly from fp32 ones, and each is reproducible per seed
+    at one batch shape."""
 
-    precision: str = option("auto", "UNet precision (auto: bf16 on GPUs)", choices=PRECISIONS)
-    compile: bool = option(False, "torch.compile the UNet (CUDA graphs on GPUs)")
+    precision: str = option("auto", "UNet precision (auto: bf16 on GPUs, else fp32)", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the UNet (for sampling on a GPU: CUDA graphs)")
 
     def __post_init__(self):
         check(self)

@@ -1,4 +1,4 @@
-"""The papers' figures from a `Sampler`, as labelled PNGs:
+"""The papers' figures from a `Pipeline`, as labelled PNGs:
 
     ddim_consistency       DDIM fig. 5: one x_T per column, DDIM with S steps of tau per row
     ddim_interpolation     DDIM fig. 6: slerp of two x_T by lambda (columns), decoded with DDIM
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import SamplerSettings
 from .images import from_uint8, to_uint8
-from .sampling import Sampler, steps_of
+from .pipeline import Pipeline, steps_of
 
 CONSISTENCY_STEPS = (10, 20, 50, 100)  # S of DDIM fig. 5 (those <= T); full adds S = 1000
 INTERPOLATION_FRACTIONS = (0.1,)  # DDPM interpolation from t = T/10; full adds T/4 and T/2
@@ -143,7 +143,7 @@ class Figure:
         self.render().save(where, format="PNG")
 
 
-def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Iterator[Figure]:
+def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> Iterator[Figure]:
     """The four figures of `plan` (its seeds an even count, at least 2), each as soon as it is
     sampled. `pair`: two real images, uint8 (2, H, W, C), for the DDPM interpolation, else two
     DDIM samples of the first seeds."""
@@ -156,7 +156,7 @@ def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Ite
     yield Figure(
         "ddim_consistency",
         "DDIM consistency (DDIM fig. 5): one x_T a column; DDIM with S steps of tau a row",
-        torch.cat([sampler.samples(seeds, SamplerSettings("ddim", s)) for s in steps]),
+        torch.cat([pipeline.samples(seeds, SamplerSettings("ddim", s)) for s in steps]),
         [f"S={s}" for s in steps],
         [f"seed {s}" for s in seeds],
     )
@@ -165,13 +165,13 @@ def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Ite
     yield Figure(
         "ddim_interpolation",
         f"DDIM interpolation (DDIM fig. 6): slerp of two x_T by lambda, DDIM-{ddim_steps}",
-        torch.cat([sampler.ddim_interpolation(a, b, lambdas, ddim_steps, "uniform") for a, b in pairs]),
+        torch.cat([pipeline.ddim_interpolation(a, b, lambdas, ddim_steps, "uniform") for a, b in pairs]),
         [f"seeds {a}, {b}" for a, b in pairs],
         lambda_labels,
     )
 
     if pair is None:
-        a, b = sampler.samples(seeds[:2], SamplerSettings("ddim", ddim_steps))
+        a, b = pipeline.samples(seeds[:2], SamplerSettings("ddim", ddim_steps))
         between, source = f"two DDIM-{ddim_steps} samples", "sample"
     else:
         (a, b), between, source = (
@@ -180,8 +180,8 @@ def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Ite
             "image",
         )
     ts = plan.interpolation_ts
-    a, b = a.to(sampler.device), b.to(sampler.device)
-    rows = [torch.cat([a[None], sampler.ddpm_interpolation(a, b, t - 1, lambdas, seed=seeds[0]), b[None]]) for t in ts]
+    a, b = a.to(pipeline.device), b.to(pipeline.device)
+    rows = [torch.cat([a[None], pipeline.ddpm_interpolation(a, b, t - 1, lambdas, seed=seeds[0]), b[None]]) for t in ts]
     yield Figure(
         "ddpm_interpolation",
         f"DDPM interpolation (DDPM fig. 8): {between} (left, right) noised to t, mixed by lambda, denoised",
@@ -191,14 +191,14 @@ def figures(sampler: Sampler, plan: Plan, pair: np.ndarray | None = None) -> Ite
     )
 
     chain_seeds = seeds[:3]
-    record, x_t, pred_x0 = sampler.sequences(chain_seeds, plan.sequence, count=10)
+    record, x_t, pred_x0 = pipeline.sequences(chain_seeds, plan.sequence, count=10)
     per_seed = len(record)
     interleaved = [
         frames[i * per_seed : (i + 1) * per_seed] for i in range(len(chain_seeds)) for frames in (x_t, pred_x0)
     ]
     yield Figure(
         "ddpm_sequence",
-        f"Diffusion sequence (DDPM figs. 6-7), {plan.sequence.label(sampler.num_timesteps)}: "
+        f"Diffusion sequence (DDPM figs. 6-7), {plan.sequence.label(pipeline.num_timesteps)}: "
         "x_t and the predicted x_0 along one reverse chain",
         torch.cat(interleaved),
         [f"{name} seed {s}" for s in chain_seeds for name in ("x_t", "x_0 pred")],

@@ -60,7 +60,7 @@ def ddim_interpolate(
     """Decode slerp(z0, z1, lambda) for every lambda with DDIM (eta = 0): (len(lambdas), C, H, W)."""
     z0, z1 = _pair(z0, "z0"), _pair(z1, "z1")
     x_T = torch.cat([slerp(z0, z1, float(lam)) for lam in lambdas])
-    return ddim_sample(model, betas, x_T, steps, eta=0.0, spacing=spacing)
+    return ddim_sample(model, betas, x_T, steps=steps, eta=0.0, spacing=spacing)
 
 
 def ddim_interpolate_images(
@@ -73,7 +73,7 @@ def ddim_interpolate_images(
     spacing: str = "uniform",
 ) -> Tensor:
     """Interpolate two real images: encode both with DDIM inversion, then `ddim_interpolate`."""
-    z = ddim_invert(model, betas, torch.cat([_pair(x0_a, "x0_a"), _pair(x0_b, "x0_b")]), steps, spacing)
+    z = ddim_invert(model, betas, torch.cat([_pair(x0_a, "x0_a"), _pair(x0_b, "x0_b")]), steps=steps, spacing=spacing)
     return ddim_interpolate(model, betas, z[:1], z[1:], lambdas, steps, spacing)
 
 

@@ -6,6 +6,11 @@ papers' t=1). `betas` is the 1-D beta schedule. Update coefficients are computed
 float64 and applied as Python scalars, so every image of a batch follows exactly the
 arithmetic it would follow alone.
 
+Every sampler takes (model, betas, x_T) and then keywords only, in one order: the method's
+own (steps, eta, spacing), variance, clip_denoised, generator, record. Their ranges and the
+rules between them are `diffusion.config.SamplerSettings`'s, which checks them (an
+OptionError, a ValueError, naming the setting).
+
 Reproducibility: pass `generator` as a list with one torch.Generator per image (see
 `make_generators`) and the sampler's own arithmetic and noise for image i are the same
 whether it is sampled alone or in a batch. The model must match: PyTorch's kernels may
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import SPACINGS
+from .config import SamplerSettings
 from .schedule import NoiseSchedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -86,14 +91,11 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tenso
                numpy float64 arithmetic to the last bit (its rounding at exact squares decides
                a timestep), with the repeated small values dropped (the paper's choice for CIFAR-10).
     """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}] (the number of timesteps T), got {steps}")
+    SamplerSettings("ddim", steps, spacing=spacing).validate(num_timesteps)
     if spacing == "uniform":
         return torch.arange(0, num_timesteps, num_timesteps // steps, dtype=torch.long)
-    if spacing == "quadratic":
-        seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(int)
-        return torch.from_numpy(np.unique(seq)).long()  # unique() also sorts ascending
-    raise ValueError(f"unknown spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(int)  # quadratic
+    return torch.from_numpy(np.unique(seq)).long()  # unique() also sorts ascending
 
 
 def ddim_sigmas(betas: Tensor, tau: Tensor, eta: float) -> Tensor:
@@ -144,13 +146,14 @@ def ddim_sample(
     model: Model,
     betas: Tensor,
     x_T: Tensor,
+    *,
     steps: int,
     eta: float = 0.0,
     spacing: str = "uniform",
+    variance: str = "posterior",
     clip_denoised: bool = False,
     generator: Generators = None,
     record: Iterable[int] | None = None,
-    variance: str = "posterior",
 ) -> Tensor | tuple[Tensor, dict[int, Recorded]]:
     """DDIM sampling on the sub-sequence tau = timesteps(T, steps, spacing).
 
@@ -170,12 +173,8 @@ def ddim_sample(
     Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` lists
     timesteps of tau to keep (for diffusion-sequence figures).
     """
-    if not 0 <= eta <= 1:  # beyond 1, sigma^2 of eq. (16) can exceed 1 - abar_{tau_{i-1}} of eq. (12)
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    if variance not in ("posterior", "beta") or (variance == "beta" and eta != 1):
-        raise ValueError(
-            f"variance must be 'posterior', or 'beta' (sigma-hat) with eta = 1; got {variance!r}, eta {eta}"
-        )
+    # eta in [0, 1]: beyond 1, sigma^2 of eq. (16) can exceed 1 - abar_{tau_{i-1}} of eq. (12)
+    SamplerSettings("ddim", steps, eta, spacing, variance, clip_denoised).validate(len(betas))
     tau = timesteps(len(betas), steps, spacing)
     abar_t, abar_prev = _abar_pairs(betas, tau)
     sigmas = ddim_sigmas(betas, tau, eta)
@@ -199,7 +198,7 @@ def ddim_sample(
     return (x, recorded) if record is not None else x
 
 
-def ddim_invert(model: Model, betas: Tensor, x_0: Tensor, steps: int, spacing: str = "uniform") -> Tensor:
+def ddim_invert(model: Model, betas: Tensor, x_0: Tensor, *, steps: int, spacing: str = "uniform") -> Tensor:
     """Deterministic DDIM encoding x_0 -> x_T: each eta=0 step of `ddim_sample` run backwards.
 
     The decoding step from tau_i is DDIM eq. (12) with sigma=0 (the Euler step (13) of the
@@ -223,6 +222,7 @@ def ddpm_sample(
     model: Model,
     betas: Tensor,
     x_T: Tensor,
+    *,
     variance: str = "posterior",
     clip_denoised: bool = False,
     generator: Generators = None,
@@ -240,13 +240,9 @@ def ddpm_sample(
     `t_start` lets the chain start from an intermediate x_t (DDPM interpolation).
     Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` is given.
     """
+    SamplerSettings("ddpm", variance=variance, clip=clip_denoised)
     schedule = NoiseSchedule(betas)
-    if variance == "posterior":
-        variances = schedule.posterior_variance
-    elif variance == "beta":
-        variances = schedule.betas
-    else:
-        raise ValueError(f"unknown variance {variance!r}: choose 'posterior' (beta-tilde) or 'beta'")
+    variances = schedule.posterior_variance if variance == "posterior" else schedule.betas
     T = schedule.num_timesteps
     t_start = T - 1 if t_start is None else int(t_start)
     if not 0 <= t_start < T:

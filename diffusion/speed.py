@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import PRECISIONS, SamplerSpeed
+from .config import PRECISIONS, Speed
 from .samplers import Model
 
 
@@ -37,7 +37,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def sampling_model(model: nn.Module, speed: SamplerSpeed = SamplerSpeed()) -> Model:
+def sampling_model(model: nn.Module, speed: Speed = Speed()) -> Model:
     """`model` (in eval mode, on its device) as a sampler's model(x_t, t) -> eps in float32.
 
     On CUDA the weights and inputs are channels_last; with bf16 the network runs under bf16

@@ -1,17 +1,24 @@
-"""The training recipe in plain PyTorch: model/optimizer/EMA, the L_simple step (DDPM
-Algorithm 1), the held-out loss, EMA sample grids, and a training set held on the device.
-The recipe and its presets are `diffusion.config.Recipe` and `RECIPES`; precision (bf16
-autocast, channels_last) is an argument, as it changes the arithmetic, not the recipe.
+"""Training in plain PyTorch: model/optimizer/EMA (`build_state`), the L_simple step (DDPM
+Algorithm 1, `train_step`), the loop over a batch source (`train_loop`), the held-out loss, EMA
+sample grids, and a training set held on the device. The recipe and its presets are
+`diffusion.config.Recipe` and `RECIPES`; precision (bf16 autocast, channels_last) is an
+argument, as it changes the arithmetic, not the recipe.
 
-Ray Train drives these from `diffusion.platform.train`; benchmarks and notebooks call them
-directly on one device.
+One device, no Ray (a debugger steps through it):
+
+    state = build_state(RECIPES["digits"], torch.device("cpu"))
+    data = DeviceData(images)  # uint8 (N, H, W, C)
+    train_loop(state, RECIPES["digits"], lambda: data.epoch(128), max_steps=4000)
+
+`diffusion.platform.ray_train` runs the same loop on each Ray Train worker: DDP, Ray Data
+batches, and its maintenance (logs, evaluation, checkpoints) after each step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import Recipe
 from .ema import EMA
-from .images import random_flip
+from .images import random_flip, to_model_input
 from .samplers import ddim_sample, make_generators, randn
 from .schedule import NoiseSchedule, l_simple, make_betas
 from .speed import fast_cuda_kernels
@@ -66,10 +73,8 @@ def fastest_adam(device: torch.device) -> dict:
 
 
 def autocast(bf16: bool, device: torch.device):
-    """bf16 autocast on CUDA with `bf16`; elsewhere nothing (fp32)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on `device` with `bf16` (`diffusion.speed.use_bf16` decides), else nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -102,6 +107,33 @@ def train_step(
     state.ema.update(state.model)
     state.step += 1
     return loss.detach(), grad_norm.detach()
+
+
+def train_loop(
+    state: TrainState,
+    recipe: Recipe,
+    epochs: Callable[[], Iterable[Tensor]],
+    max_steps: int,
+    net: nn.Module | None = None,
+    bf16: bool = False,
+    after_step: Callable[[Tensor, Tensor], None] | None = None,
+) -> TrainState:
+    """Train from `state.step` to `max_steps`: `train_step` on each uint8 (B, H, W, C) batch of
+    `epochs()` (one pass over the data, called again for the next), through `net` (default
+    `state.model`; a DDP or compiled wrapper of it). `after_step(loss, grad_norm)` runs after
+    every step with the step's device tensors (`state.step` already counts it)."""
+    net = net or state.model
+    while state.step < max_steps:
+        start = state.step
+        for images in epochs():
+            loss, grad_norm = train_step(state, net, to_model_input(images), recipe, bf16)
+            if after_step:
+                after_step(loss, grad_norm)
+            if state.step >= max_steps:
+                break
+        if state.step == start:
+            raise ValueError("the batch source gave no full batch: give more images than the batch size")
+    return state
 
 
 class HeldoutSet:
@@ -137,7 +169,7 @@ def ddim_samples(model: nn.Module, schedule: NoiseSchedule, seeds, steps: int, b
     size, channels = model.config.image_size, model.config.in_channels
     x_T = randn((len(seeds), channels, size, size), make_generators(seeds, "cpu")).to(device)
     with autocast(bf16, device):
-        return ddim_sample(model, schedule.betas, x_T, min(steps, len(schedule.betas))).float()
+        return ddim_sample(model, schedule.betas, x_T, steps=min(steps, len(schedule.betas))).float()
 
 
 def fits_on_device(dataset_bytes: int, device: torch.device, fraction: float = 0.1) -> bool:

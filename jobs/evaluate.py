@@ -4,7 +4,7 @@ For the 8x8 digits: FD-digits, the classifier score and the share of confidently
 samples, in the features of a classifier trained on their train split (no Inception needed).
 
     python jobs/evaluate.py --checkpoint runs/cifar10-linear --data data/cifar10 --n 50000 --sampler ddim --steps 100 --spacing quadratic
-    python jobs/evaluate.py --checkpoint runs:/<mlflow run id> --data s3://bucket/cifar10 --splits train --raw
+    python jobs/evaluate.py --checkpoint runs:/<mlflow run id> --data s3://bucket/cifar10 --splits train --weights raw
 
     python jobs/evaluate.py --checkpoint runs/digits-linear --data data/digits --n 2000 --steps 50 --spacing uniform
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 
-from diffusion.platform.cli import add_sampling_options, parser, run, sampling_job
+from diffusion.platform.cli import add_options, add_sampling_options, parser, run, sampling_job
+from diffusion.platform.settings import FidWeights
 
 
 def main(argv=None) -> int:
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="prepared data set of the reference statistics (folder or s3://)")
     p.add_argument("--splits", nargs="+", default=["train"], help="reference splits (the papers: train)")
     p.add_argument("--out", default=None, help="also keep the samples here as npz shards (folder or s3://)")
-    p.add_argument("--inception-weights", default=None, help="FID Inception weights file (not for digits)")
+    add_options(p, FidWeights)
     args = p.parse_args(argv)
     job = sampling_job(args, p)
     if job.n < 2:

@@ -2,7 +2,7 @@
 default) and a DDPMScheduler carrying the checkpoint's betas, variance and clipping.
 
     python jobs/export.py --checkpoint runs/cifar10-linear --out exported/cifar10
-    python jobs/export.py --checkpoint runs:/<mlflow run id> --out exported/raw --raw
+    python jobs/export.py --checkpoint runs:/<mlflow run id> --out exported/raw --weights raw
 
 Then, anywhere diffusers runs: DDPMPipeline.from_pretrained("exported/cifar10")(batch_size=16).
 Needs diffusers: pip install 'ray-diffusion[diffusers]'.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion.platform.cli import add_checkpoint_options, parser, run
+from diffusion.platform.cli import add_checkpoint_options, checkpoint_options, parser, run
 
 
 def main(argv=None) -> int:
@@ -20,16 +20,15 @@ def main(argv=None) -> int:
     add_checkpoint_options(p)
     p.add_argument("--out", required=True, help="a new (or empty) folder for the DDPMPipeline")
     args = p.parse_args(argv)
+    source = checkpoint_options(args)
 
     from diffusion.checkpoint import betas_from, model_from, sampling_defaults
     from diffusion.convert import export_diffusers
-    from diffusion.platform.checkpoints import read_checkpoint
 
-    payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
-    model = model_from(payload, ema=not args.raw)
+    payload = source.read()
+    model = model_from(payload, ema=source.ema)
     out = export_diffusers(model, betas_from(payload), sampling_defaults(payload), Path(args.out))
-    weights = "raw" if args.raw else "EMA"
-    print(f"wrote {out}: DDPMPipeline of the {weights} weights of {args.checkpoint} (step {payload['step']})")
+    print(f"wrote {out}: DDPMPipeline of the {source.weights} weights of {args.checkpoint} (step {payload['step']})")
     return 0
 
 

@@ -16,7 +16,15 @@ data set) or --images (two files), else between two of the model's samples.
 
 from __future__ import annotations
 
-from diffusion.platform.cli import add_sampling_options, parser, run, sampler_settings, sampler_speed, seeds_of
+from diffusion.platform.cli import (
+    add_sampling_options,
+    checkpoint_options,
+    parser,
+    run,
+    sampler_settings,
+    sampler_speed,
+    seeds_of,
+)
 
 
 def main(argv=None) -> int:
@@ -25,7 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--images", nargs=2, default=None, metavar="PNG", help="two image files for the DDPM interpolation")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
-    seeds, settings = seeds_of(args, p), sampler_settings(args, p)
+    seeds, settings, source, speed = (
+        seeds_of(args, p),
+        sampler_settings(args),
+        checkpoint_options(args),
+        sampler_speed(args),
+    )
 
     import time
     from pathlib import Path
@@ -33,40 +46,39 @@ def main(argv=None) -> int:
     import torch
 
     from diffusion.images import png, save_grid
-    from diffusion.platform.checkpoints import read_checkpoint
+    from diffusion.pipeline import Pipeline, as_uint8_hwc, steps_of
     from diffusion.platform.progress import model_calls, sample_figures
-    from diffusion.sampling import Sampler, as_uint8_hwc, steps_of
 
-    payload = read_checkpoint(args.checkpoint, args.endpoint_url, which=args.which)
-    sampler = Sampler.from_checkpoint(payload, args.batch_size, not args.raw, sampler_speed(args), args.device)
-    settings = sampler.settings(settings)
-    label = settings.label(sampler.num_timesteps)
+    payload = source.read()
+    pipeline = Pipeline.from_checkpoint(payload, args.batch_size, source.ema, speed, args.device)
+    settings = pipeline.settings(settings)
+    label = settings.label(pipeline.num_timesteps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = [seeds[i : i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
     start, first_64 = time.perf_counter(), []
-    with model_calls(sampler, len(batches) * steps_of(settings, sampler.num_timesteps), f"sampling {label}"):
+    with model_calls(pipeline, len(batches) * steps_of(settings, pipeline.num_timesteps), f"sampling {label}"):
         for batch in batches:
-            images = sampler.samples(batch, settings).cpu()
+            images = pipeline.samples(batch, settings).cpu()
             for seed, image in zip(batch, as_uint8_hwc(images).numpy()):
                 (out / f"{seed:010d}.png").write_bytes(png(image))  # the file name jobs/sample.py gives it
             first_64.extend(images[: 64 - len(first_64)])
     save_grid(torch.stack(first_64), out / "samples.png")
     print(
         f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, in "
-        f"{time.perf_counter() - start:.1f} s on {sampler.device}"
+        f"{time.perf_counter() - start:.1f} s on {pipeline.device}"
     )
     if args.figures or args.full_figures:
         from diffusion.figures import Plan, batch_size
 
-        pair = real_pair(args, sampler.shape)
-        sampler = Sampler.from_checkpoint(  # the figures' own batch: no padding to --batch-size
-            payload, batch_size(args.figure_seeds), not args.raw, sampler_speed(args), args.device
+        pair = real_pair(args, pipeline.shape)
+        pipeline = Pipeline.from_checkpoint(  # the figures' own batch: no padding to --batch-size
+            payload, batch_size(args.figure_seeds), source.ema, speed, args.device
         )
         figure_seeds = tuple(range(seeds[0], seeds[0] + args.figure_seeds))
-        plan = Plan(sampler.num_timesteps, figure_seeds, pair is not None, args.full_figures)
+        plan = Plan(pipeline.num_timesteps, figure_seeds, pair is not None, args.full_figures)
         (out / "figures").mkdir(exist_ok=True)
-        for figure in sample_figures(sampler, plan, pair):
+        for figure in sample_figures(pipeline, plan, pair):
             figure.save(out / "figures" / f"{figure.name}.png")
             print(f"wrote {out / 'figures' / figure.name}.png: {figure.title}", flush=True)
     return 0

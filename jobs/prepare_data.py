@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffusion.platform.cli import parser, run
+from diffusion.platform.cli import add_options, parser, run
+from diffusion.platform.settings import Endpoint
 from diffusion.platform.sources import CIFAR10_SPLITS, DIGITS_SPLITS, STL10_SPLITS
 
 DATASETS = ["cifar10", "stl10", "digits", "imagefolder"]
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="imagefolder: resize and center-crop to SIZE x SIZE")
     p.add_argument("--md5", default=None, help="expected md5 of the archive (default: the official one)")
     p.add_argument("--cache-dir", default="~/.cache/ray-diffusion", help="where downloads are kept")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL, else AWS)")
+    add_options(p, Endpoint)
     p.add_argument("--shard-mb", type=float, default=32, help="target shard size in MiB")
     args = p.parse_args(argv)
     if args.dataset == "digits" and args.source:

@@ -15,9 +15,10 @@ the replicas get only the key's SHA-256.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 from diffusion.platform.cli import add_checkpoint_options, add_options, fail, given, parser, run
-from diffusion.platform.settings import API_KEY_ENV, SERVE_CHECKPOINT_FIELDS, ServeArgs, key_sha256
+from diffusion.platform.settings import API_KEY_ENV, CheckpointOptions, ServeArgs, key_sha256
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
             "serving", "Bounds are in UNet calls at the batch shape: ceil(images / batch size) x sampler steps."
         ),
         ServeArgs,
-        skip=(*SERVE_CHECKPOINT_FIELDS, "api_key_sha256"),
+        skip=(*(f.name for f in fields(CheckpointOptions)), "api_key_sha256"),
     )
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
     args = p.parse_args(argv)
@@ -42,22 +43,17 @@ def main(argv=None) -> int:
             f"--host {args.host} serves other machines: set {API_KEY_ENV} to a secret key that requests must send "
             "(Authorization: Bearer KEY), or bind 127.0.0.1"
         )
-    app_args = ServeArgs(  # out of range: named here, before Ray
-        **given(args, ServeArgs),
-        ema=not args.raw,
-        api_key_sha256=key_sha256(key),
-    )
+    app_args = ServeArgs(**given(args, ServeArgs), api_key_sha256=key_sha256(key))  # out of range: named here
 
     import signal
     import threading
 
     from ray import serve
 
-    from diffusion.platform.checkpoints import read_checkpoint
     from diffusion.platform.resources import connect
     from diffusion.platform.serve import build_app, deployment_failure
 
-    read_checkpoint(args.checkpoint, args.endpoint_url, args.which)  # a bad checkpoint is named here, before Ray
+    app_args.read()  # a bad checkpoint is named here, before Ray
     connect()
     serve.start(http_options={"host": args.host, "port": args.port})
     try:

@@ -26,9 +26,9 @@ def parse_args(argv=None) -> TrainJob:
 
 def main(argv=None) -> int:
     job = parse_args(argv)
-    from diffusion.platform.train import fit
+    from diffusion.platform.ray_train import train_on_ray
 
-    result = fit(job)
+    result = train_on_ray(job)
     if result.error:
         return fail(f"training failed: {result.error}")
     if result.checkpoint:  # as a URI the other jobs take (Ray's path drops the s3:// scheme)

@@ -171,12 +171,12 @@ def digits_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_digits(digits_shards, tmp_path_factory):
-    """The one trained model of the test run: the digits UNet, trained by the core alone for the
-    DIGITS_CI recipe (under 2 minutes on 2 cores)."""
-    from helpers import train_digits
+def trained_digits():
+    """The run folder of the tests' trained digits model (tests/fixtures/digits-ci, written by
+    tests/fixtures/make_digits_model.py; read only)."""
+    from helpers import DIGITS_MODEL
 
-    return train_digits(digits_shards, tmp_path_factory.mktemp("trained-digits") / "run")
+    return str(DIGITS_MODEL)
 
 
 @pytest.fixture(scope="session")

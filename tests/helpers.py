@@ -13,11 +13,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from diffusion.images import from_uint8
 from diffusion.platform.net import free_port  # noqa: F401 - re-exported for the tests
 from diffusion.platform.sources import CIFAR10_SPLITS
 
@@ -253,50 +253,46 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
     return str(path)
 
 
-@dataclass(frozen=True)
-class TrainedDigits:
-    checkpoint: str  # the run folder (its one checkpoint)
-    heldout_loss: dict  # held-out L_simple of the test split: {"initial", "final", "final_ema"}
-
-
-# The digits preset at a size CI affords (under 2 minutes on 2 cores): about a sixth of its steps, so
-# a shorter warm-up and EMA, and no dropout, which slows a short run down. What its EMA samples
-# measure: tests/test_quality.py.
+# The digits model of the tests' sample-quality claims (tests/test_quality.py): the digits data
+# on a smaller UNet (8 -> 4, one ResBlock a level, ch 32 and 64: 701K parameters, 0.6x the digits
+# UNet's cost a call), trained by the core alone for DIGITS_CI: the digits preset at a size CI
+# affords, so a shorter warm-up and EMA, and no dropout, which slows a short run down.
+# tests/fixtures/make_digits_model.py writes it to DIGITS_MODEL (EMA weights in fp16: 1.4 MB).
+# Measured on a 2-core machine after the same 700 steps, FD-digits of 360 DDIM-10 / DDIM-50 (eta 0)
+# samples: this UNet 74.7 / 39.8, the digits UNet 57.2 / 33.8; with ch_mult (1, 1) 358 / 468.
 DIGITS_CI = dict(max_steps=700, warmup_steps=50, ema_decay=0.98, dropout=0.0)
+DIGITS_CI_UNET = dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+DIGITS_MODEL = ROOT / "tests" / "fixtures" / "digits-ci"
 
 
-def train_digits(shards_uri: str, folder: Path, seed: int = 0) -> TrainedDigits:
-    """The digits UNet trained by the core alone (`diffusion.training.train_step` on the train
-    split held in memory; no Ray) with the DIGITS_CI recipe, checkpointed in `folder`."""
+def train_digits(shards_uri: str, max_steps: int = DIGITS_CI["max_steps"], seed: int = 0):
+    """The DIGITS_CI model trained by the core alone (`diffusion.training.train_loop` on the
+    train split held in memory; no Ray) for `max_steps`: (TrainState, recipe, held-out L_simple of
+    the test split {"initial", "final", "final_ema"})."""
     import torch
 
-    from diffusion.checkpoint import checkpoint_dir_name, save_checkpoint
     from diffusion.config import RECIPES
-    from diffusion.images import from_uint8, to_model_input
     from diffusion.platform.shards import ShardSet
-    from diffusion.training import DeviceData, HeldoutSet, build_state, train_step
+    from diffusion.training import DeviceData, HeldoutSet, build_state, train_loop
+    from diffusion.unet import UNetConfig
 
-    config = RECIPES["digits"].replace(**DIGITS_CI, seed=seed)
+    recipe = RECIPES["digits"].replace(**{**DIGITS_CI, "max_steps": max_steps}, seed=seed)
     shards = ShardSet.open(shards_uri)
     train, test = (
         torch.from_numpy(next(shards.iter_batches(len(shards), splits=[s]))["image"]) for s in ("train", "test")
     )
-    state = build_state(config, torch.device("cpu"))
-    heldout = HeldoutSet(from_uint8(test.permute(0, 3, 1, 2)), config.num_timesteps, config.seed)
+    unet = UNetConfig(**DIGITS_CI_UNET, dropout=recipe.dropout)
+    state = build_state(recipe, torch.device("cpu"), unet=unet)
+    heldout = HeldoutSet(from_uint8(test.permute(0, 3, 1, 2)), recipe.num_timesteps, recipe.seed)
     initial = heldout.loss(state.model, state.schedule)
     data = DeviceData(train)
-    while state.step < config.max_steps:
-        for images in data.epoch(config.batch_size):
-            train_step(state, state.model, to_model_input(images), config)
-            if state.step == config.max_steps:
-                break
+    train_loop(state, recipe, lambda: data.epoch(recipe.batch_size), recipe.max_steps)
     losses = {
         "initial": initial,
         "final": heldout.loss(state.model, state.schedule),
         "final_ema": heldout.loss(state.ema.ema_model, state.schedule),
     }
-    save_checkpoint(folder / checkpoint_dir_name(state.step), state, config)
-    return TrainedDigits(str(folder), losses)
+    return state, recipe, losses
 
 
 def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:
@@ -306,17 +302,18 @@ def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:
     from diffusion.checkpoint import read_checkpoint
     from diffusion.config import SamplerSettings
     from diffusion.images import grid
+    from diffusion.pipeline import Pipeline
     from diffusion.platform import tracking
-    from diffusion.sampling import Sampler
+    from diffusion.platform.settings import EXPERIMENT
 
     uri = f"sqlite:///{folder}/mlflow.db"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         checkpoint = Path(tiny_checkpoint(folder / "ckpt", num_timesteps=100)) / "checkpoint.pt"
-        run = tracking.Run.create("ray-diffusion", "registered", {"kind": "training"})
+        run = tracking.Run.create(EXPERIMENT, "registered", {"kind": "training"})
         tracking.register(name, "final", tracking.log_model(run, checkpoint, "model", (32, 32, 3)))
-        samples = Sampler.from_checkpoint(read_checkpoint(str(checkpoint)), 4).samples(
+        samples = Pipeline.from_checkpoint(read_checkpoint(str(checkpoint)), 4).samples(
             range(4), SamplerSettings(steps=3)
         )
         run.log_image(grid(samples).numpy(), "samples", step=3)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import RECIPES, Recipe, Sampler, SamplerSettings, SamplerSpeed, load_checkpoint, read_checkpoint
+from diffusion import RECIPES, Pipeline, Recipe, SamplerSettings, Speed, load_checkpoint, read_checkpoint
 from diffusion.checkpoint import restore_state, save_checkpoint, unet_config_of
 from diffusion.convert import is_diffusers_folder
 from diffusion.errors import OptionError
 from diffusion.images import to_model_input
-from diffusion.sampling import as_uint8_hwc
+from diffusion.pipeline import as_uint8_hwc
 from diffusion.training import build_state, train_step
 from helpers import run_main, tiny_checkpoint
 
@@ -32,7 +32,7 @@ def test_a_checkpoint_of_the_old_format_loads_its_recipe_and_leaves_its_run_sett
 
 
 def test_it_samples_what_the_version_that_wrote_it_sampled():
-    sampler = Sampler.from_checkpoint(read_checkpoint(OLD_RUN), 2, speed=SamplerSpeed("fp32"), device="cpu")
+    sampler = Pipeline.from_checkpoint(read_checkpoint(OLD_RUN), 2, speed=Speed("fp32"), device="cpu")
     images = as_uint8_hwc(sampler.samples([0, 1], SamplerSettings("ddim", 10))).numpy().astype(int)
     expected = np.load(FIXTURES / "samples-276a735-ddim10-seeds-0-1.npz")["images"].astype(int)
     # Equal where the CPU's float kernels are those that wrote the file; elsewhere within rounding.
@@ -73,7 +73,7 @@ def test_loading_needs_no_run_settings(tmp_path):
 
 
 def test_the_core_reads_local_files_and_names_the_platform_for_uris():
-    with pytest.raises(Exception, match="diffusion.platform.checkpoints.read_checkpoint"):
+    with pytest.raises(Exception, match="diffusion.platform.checkpoint_uris.read_checkpoint"):
         read_checkpoint("s3://bucket/runs/tiny")
 
 

@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from diffusion.platform.settings import EXPERIMENT
 from helpers import SHARED_CIFAR, cifar_subset_folder, free_port, mlflow_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def run_end_to_end(tmp_path: Path, env: dict, serve_port: int, monkeypatch) -> N
     sh(["serve", "shutdown", "--yes"], env)
 
     client = mlflow_client(env, monkeypatch)
-    runs_found = client.search_runs([client.get_experiment_by_name("ray-diffusion").experiment_id])
+    runs_found = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     by_kind = {r.data.tags["kind"]: r for r in runs_found}
     assert by_kind.keys() >= {"training", "sampling"}, [r.data.tags for r in runs_found]
     training, sampling = by_kind["training"], by_kind["sampling"]
@@ -363,9 +364,7 @@ def train_through_a_host_loss(tmp_path: Path, env: dict, stack: list, monkeypatc
     from_step = int(resumed_line.rsplit(" ", 1)[1])
 
     client = mlflow_client(env, monkeypatch)
-    training = client.search_runs(
-        [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'training'"
-    )
+    training = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'training'")
     assert len(training) == 1 and training[0].info.status == "FINISHED"  # the same run, resumed
     run = training[0]
     losses = client.get_metric_history(run.info.run_id, "loss")

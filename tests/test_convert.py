@@ -14,8 +14,8 @@ from diffusion import load_checkpoint, read_checkpoint
 from diffusion.checkpoint import CheckpointError, model_from, sampling_defaults
 from diffusion.config import SamplerSettings
 from diffusion.convert import diffusers_unet_kwargs
+from diffusion.pipeline import Pipeline
 from diffusion.samplers import ddim_sample, make_generators, randn
-from diffusion.sampling import Sampler
 from diffusion.unet import UNET_CONFIGS, UNetConfig, build_unet
 from helpers import cli, tiny_checkpoint
 
@@ -221,7 +221,7 @@ def test_export_gives_diffusers_our_network_and_sampler_and_reads_back(source, t
     with torch.no_grad():
         for step in scheduler.timesteps:
             x = scheduler.step(pipeline.unet(x, step).sample, step, x, eta=0.0).prev_sample
-        expected = ddim_sample(ours, read_checkpoint(checkpoint)["betas"], x_T, 10)
+        expected = ddim_sample(ours, read_checkpoint(checkpoint)["betas"], x_T, steps=10)
     # Untrained weights leave the images far outside [-1, 1]: 1e-4 of their scale.
     torch.testing.assert_close(x, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=0)
 
@@ -289,11 +289,11 @@ def test_a_checkpoint_from_before_the_padding_field_keeps_its_padding(tmp_path):
 def test_the_importers_sampling_defaults_reach_the_sampler(tmp_path, google_unet):
     google_unet.save_pretrained(tmp_path / "unet")
     write_json(tmp_path / "scheduler" / "scheduler_config.json", {**GOOGLE_SCHEDULER, "num_train_timesteps": 20})
-    sampler = Sampler.from_checkpoint(read_checkpoint(tmp_path), batch_size=2)
-    assert sampler.num_timesteps == 20
-    assert sampler.settings(SamplerSettings("ddpm")) == SamplerSettings("ddpm", variance="beta", clip=True)
-    assert sampler.settings(SamplerSettings("ddim", 10)) == SamplerSettings(
+    pipeline = Pipeline.from_checkpoint(read_checkpoint(tmp_path), batch_size=2)
+    assert pipeline.num_timesteps == 20
+    assert pipeline.settings(SamplerSettings("ddpm")) == SamplerSettings("ddpm", variance="beta", clip=True)
+    assert pipeline.settings(SamplerSettings("ddim", 10)) == SamplerSettings(
         "ddim", 10, variance="posterior", clip=False
     )
     with pytest.raises(ValueError, match="steps must be in \\[1, 20\\]"):
-        sampler.settings(SamplerSettings("ddim", 50))
+        pipeline.settings(SamplerSettings("ddim", 50))

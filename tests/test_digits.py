@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from diffusion.platform.settings import EXPERIMENT
 from helpers import run_main, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
@@ -111,9 +112,7 @@ def test_evaluate_measures_fd_digits_with_the_floor_and_logs_them(digits_shards,
         assert Path(digits, name).is_file(), name
 
     client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'evaluation'"
-    )
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'evaluation'")
     assert run.data.metrics["fd_digits"] == pytest.approx(results["fd_digits"])
     assert run.data.metrics["fd_digits_floor"] == pytest.approx(results["fd_digits_floor"])
     assert len(run.data.params["classifier_weights_sha256"]) == 64 and run.info.run_name.startswith("fd_digits-")

@@ -69,7 +69,11 @@ def test_generate_rejects_bad_arguments(tmp_path):
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--seeds", "0-3", "--n", "4")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--sampler", "ddpm", "--steps", "20")
-    assert proc.returncode == 2 and "use --sampler ddim --eta 1 --steps 20" in proc.stderr
+    assert (
+        proc.returncode == 1
+        and "steps is for DDIM" in proc.stderr
+        and "sampler ddim with eta 1 and steps 20" in proc.stderr
+    )
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--figure-seeds", "3")
     assert proc.returncode == 2 and "--figure-seeds must be an even number" in proc.stderr
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from diffusion.platform.settings import EXPERIMENT
 from helpers import cli, run_main, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
@@ -38,9 +39,7 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
         assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["n"]) == 100
 
     client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'evaluation'"
-    )
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'evaluation'")
     assert run.data.tags["training_run_id"] == "training-run-7"
     assert run.data.metrics["fid"] == pytest.approx(results["fid"])
     params = run.data.params
@@ -57,7 +56,10 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
 
     # Again with the raw weights: the reference statistics come from the cache, the FID differs.
     proc = run_main(
-        "jobs/evaluate.py", *evaluate_args(checkpoint, cifar_shards, random_inception, "--raw"), ray=True, **env
+        "jobs/evaluate.py",
+        *evaluate_args(checkpoint, cifar_shards, random_inception, "--weights", "raw"),
+        ray=True,
+        **env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])

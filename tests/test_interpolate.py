@@ -46,9 +46,9 @@ def test_ddim_inversion_then_decoding_returns_the_input(oracle):
     x0 = MU + S * torch.randn(256, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = {}
     for steps in (100, 1000):
-        z = ddim_invert(model, betas, x0, steps)
+        z = ddim_invert(model, betas, x0, steps=steps)
         assert z.std().item() == pytest.approx(1.0, abs=0.1)  # the latent looks like N(0, I)
-        errors[steps] = (ddim_sample(model, betas, z, steps) - x0).abs().max().item()
+        errors[steps] = (ddim_sample(model, betas, z, steps=steps) - x0).abs().max().item()
     assert errors[1000] < 0.01 and errors[1000] < errors[100] / 5
 
 
@@ -59,9 +59,9 @@ def test_ddim_interpolation_decodes_slerped_noise(oracle):
     z0, z1 = torch.randn(1, 2, 2, generator=g), torch.randn(1, 2, 2, generator=g)
     out = ddim_interpolate(model, betas, z0, z1, [0.0, 0.5, 1.0], steps=20)
     assert out.shape == (3, 1, 2, 2)
-    assert torch.allclose(out[0], ddim_sample(model, betas, z0[None], 20)[0], atol=1e-6)
-    assert torch.allclose(out[2], ddim_sample(model, betas, z1[None], 20)[0], atol=1e-6)
-    assert torch.allclose(out[1], ddim_sample(model, betas, slerp(z0[None], z1[None], 0.5), 20)[0], atol=1e-6)
+    assert torch.allclose(out[0], ddim_sample(model, betas, z0[None], steps=20)[0], atol=1e-6)
+    assert torch.allclose(out[2], ddim_sample(model, betas, z1[None], steps=20)[0], atol=1e-6)
+    assert torch.allclose(out[1], ddim_sample(model, betas, slerp(z0[None], z1[None], 0.5), steps=20)[0], atol=1e-6)
 
 
 def test_ddim_interpolation_of_real_images_goes_through_inversion(oracle):

@@ -3,6 +3,7 @@ platform layer (`diffusion/platform/`), the package has no import cycle, MLflow 
 one module only, and no function is longer than 100 lines."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,14 +61,14 @@ sys.meta_path.insert(0, Block())
 for name in {core!r}:
     importlib.import_module(name)
 import torch
-from diffusion import RECIPES, Sampler, SamplerSettings, load_checkpoint, read_checkpoint, save_grid
+from diffusion import RECIPES, Pipeline, SamplerSettings, load_checkpoint, read_checkpoint, save_grid
 from diffusion.checkpoint import save_checkpoint
 from diffusion.training import build_state
 config = RECIPES["tiny"]
 state = build_state(config, torch.device("cpu"))
 save_checkpoint(r"{tmp_path}/run/checkpoint-000000007", state, config)
 model, ema_model, loaded = load_checkpoint(r"{tmp_path}/run")
-sampler = Sampler.from_checkpoint(read_checkpoint(r"{tmp_path}/run"), batch_size=2)
+sampler = Pipeline.from_checkpoint(read_checkpoint(r"{tmp_path}/run"), batch_size=2)
 x = sampler.samples([1, 2], SamplerSettings("ddim", 3))
 save_grid(x, r"{tmp_path}/grid.png")
 print(loaded.model, tuple(x.shape), sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
@@ -92,9 +93,12 @@ def test_the_core_never_imports_the_platform():
 
 
 def test_the_core_check_finds_a_planted_edge(monkeypatch):
-    planted = {**graph(), "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoints"}}
+    planted = {
+        **graph(),
+        "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoint_uris"},
+    }
     monkeypatch.setattr(sys.modules[__name__], "graph", lambda: planted)
-    with pytest.raises(AssertionError, match="diffusion.checkpoint -> diffusion.platform.checkpoints"):
+    with pytest.raises(AssertionError, match="diffusion.checkpoint -> diffusion.platform.checkpoint_uris"):
         test_the_core_never_imports_the_platform()
 
 
@@ -125,10 +129,15 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
 
 
 def test_the_cycle_check_finds_the_cycle_a_core_to_platform_edge_would_close(monkeypatch):
-    """The edge that was allowed until the split: checkpoint -> platform.checkpoints -> ... -> checkpoint."""
-    planted = {**graph(), "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoints"}}
+    """The edge that was allowed until the split: checkpoint -> platform.checkpoint_uris -> ... -> checkpoint."""
+    planted = {
+        **graph(),
+        "diffusion.checkpoint": graph()["diffusion.checkpoint"] | {"diffusion.platform.checkpoint_uris"},
+    }
     monkeypatch.setattr(sys.modules[__name__], "graph", lambda: planted)
-    with pytest.raises(AssertionError, match="import cycle: .*diffusion.checkpoint -> diffusion.platform.checkpoints"):
+    with pytest.raises(
+        AssertionError, match="import cycle: .*diffusion.checkpoint -> diffusion.platform.checkpoint_uris"
+    ):
         test_the_package_has_no_import_cycle()
 
 
@@ -157,3 +166,94 @@ def test_only_the_tracking_module_imports_mlflow():
             if any(n.split(".")[0] == "mlflow" for n in names):
                 importers.add(module_name(path))
     assert importers == {"diffusion.platform.tracking"}
+
+
+# ---------------------------------------------------------------------------- one definition per setting
+
+COMMANDS = [PACKAGE.parent / d for d in ("jobs", "tune", "bench", "cluster", "diffusion")]
+# Two options of one name that mean different things, each defined once in its own dataclass.
+HOMONYMS = {
+    "batch_size": "a recipe's global training batch (Recipe) vs a replica's fixed model batch (ServeArgs)",
+    "name": "a training run's name (RunSettings) vs a sweep's (SweepConfig)",
+}
+# Hand-written flags named like a shared setting that mean something else.
+NOT_THE_SETTING = {
+    ("bench/quality.py", "steps"): "the grid's S values, many at once",
+    ("bench/sampling.py", "steps"): "the DDIM steps of the requests it sends over HTTP",
+    ("bench/scaling.py", "steps"): "training steps per measurement",
+}
+
+
+def option_definitions() -> dict[str, list[str]]:
+    """Every option field (`name: type = option(...)` in a class body) of the package: name -> ["module:Class"]."""
+    found: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for item in node.body:
+                call = item.value if isinstance(item, ast.AnnAssign) else None
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "option":
+                    found.setdefault(item.target.id, []).append(f"{module_name(path)}:{node.name}")
+    return found
+
+
+def hand_written_flags(roots=COMMANDS, base=PACKAGE.parent) -> list[tuple[str, str]]:
+    """(script, option name) of every `add_argument("--flag", ...)` written by hand in a command line."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                    for arg in node.args:
+                        if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
+                            found.append((str(path.relative_to(base)), arg.value[2:].replace("-", "_")))
+    return found
+
+
+def shared_settings() -> set[str]:
+    """The options several commands take: each is a field of one dataclass their flags come from."""
+    from dataclasses import fields
+
+    from diffusion.config import SamplerSettings, Speed
+    from diffusion.platform.settings import CheckpointOptions, Endpoint, FidWeights, Tracking
+
+    return {
+        f.name
+        for cls in (CheckpointOptions, Endpoint, Tracking, FidWeights, Speed, SamplerSettings)
+        for f in fields(cls)
+    }
+
+
+def test_every_setting_is_defined_once():
+    twice = {name: where for name, where in option_definitions().items() if len(where) > 1 and name not in HOMONYMS}
+    assert twice == {}, f"settings defined more than once (make one dataclass that both inherit): {twice}"
+
+
+def test_no_command_writes_a_shared_settings_flag_by_hand():
+    shared = shared_settings()
+    by_hand = sorted((s, n) for s, n in hand_written_flags() if n in shared and (s, n) not in NOT_THE_SETTING)
+    assert by_hand == [], f"flags written by hand for shared settings (use cli.add_options): {by_hand}"
+
+
+def test_the_setting_checks_find_a_planted_second_definition(tmp_path, monkeypatch):
+    """A hand-written --which in a script and a second `which` option field both fail."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "planted.py").write_text('p.add_argument("--which", default="latest")\n')
+    planted_flags = [*hand_written_flags(), *hand_written_flags([tmp_path / "jobs"], tmp_path)]
+    monkeypatch.setattr(sys.modules[__name__], "hand_written_flags", lambda: planted_flags)
+    with pytest.raises(AssertionError, match=r"\('jobs/planted.py', 'which'\)"):
+        test_no_command_writes_a_shared_settings_flag_by_hand()
+    planted = {**option_definitions(), "which": ["diffusion.platform.settings:CheckpointOptions", "bench.quality:Args"]}
+    monkeypatch.setattr(sys.modules[__name__], "option_definitions", lambda: planted)
+    with pytest.raises(AssertionError, match="'which'"):
+        test_every_setting_is_defined_once()
+
+
+def test_the_sweeps_search_flags_are_the_searchable_options():
+    from diffusion.platform.settings import SEARCHABLE
+    from helpers import run_main
+
+    help_text = run_main("tune/sweep.py", "--help").stdout
+    flags = set(re.findall(r"--search-([a-z-]+)", help_text)) - {"seed"}  # --search-seed: the search's own seed
+    assert flags == {name.replace("_", "-") for name in SEARCHABLE}

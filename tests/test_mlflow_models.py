@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from diffusion.errors import OptionError
-from diffusion.platform.checkpoints import read_checkpoint
+from diffusion.platform.checkpoint_uris import read_checkpoint
 from helpers import cli, mlflow_images, registered_tiny_model, run_main
 
 

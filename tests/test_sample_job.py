@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from diffusion.platform.settings import EXPERIMENT
 from helpers import cli, run_main, tiny_checkpoint, tiny_diffusers_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,7 +39,7 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_
     assert summary["n"] == 20 and summary["sampler"] == "ddim" and summary["steps"] == 5
 
     client = MlflowClient(mlflow_uri)
-    run = client.search_runs([client.get_experiment_by_name("ray-diffusion").experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["training_run_id"] == "training-run-123"
     assert run.data.metrics["images"] == 20 and run.data.metrics["images_per_s"] > 0
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}

@@ -46,9 +46,9 @@ def test_quadratic_timesteps_are_the_ddim_references_for_every_length():
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((1000, 0, "uniform"), r"steps must be in \[1, 1000\]"),
-        ((1000, 1001, "uniform"), r"steps must be in \[1, 1000\]"),
-        ((1000, 10, "log"), "unknown spacing 'log': choose one of uniform, quadratic"),
+        ((1000, 0, "uniform"), r"steps must be >= 1, got 0"),
+        ((1000, 1001, "uniform"), r"steps must be in \[1, 1000\] \(the model's T\), got 1001"),
+        ((1000, 10, "log"), "spacing must be one of uniform, quadratic, got 'log'"),
     ],
 )
 def test_bad_timesteps_are_named(args, match):
@@ -115,7 +115,7 @@ def ddim_linear_map(betas, tau, mu, s):
 def test_ddim_with_fewer_steps_is_the_exact_linear_map(oracle, steps, spacing):
     betas = make_betas("linear")
     x_T = draws(64)
-    got = ddim_sample(oracle(betas, MU, S), betas, x_T, steps, eta=0.0, spacing=spacing)
+    got = ddim_sample(oracle(betas, MU, S), betas, x_T, steps=steps, eta=0.0, spacing=spacing)
     slope, offset = ddim_linear_map(betas, timesteps(1000, steps, spacing).tolist(), MU, S)
     assert torch.allclose(got, slope * x_T + offset, rtol=1e-10, atol=1e-12)
 
@@ -123,7 +123,13 @@ def test_ddim_with_fewer_steps_is_the_exact_linear_map(oracle, steps, spacing):
 def test_ddim_last_step_returns_the_predicted_x0_without_noise(oracle):
     betas = make_betas("linear")
     x, rec = ddim_sample(
-        oracle(betas, MU, S), betas, draws(16), 20, eta=1.0, generator=torch.Generator().manual_seed(0), record=[0]
+        oracle(betas, MU, S),
+        betas,
+        draws(16),
+        steps=20,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        record=[0],
     )
     assert torch.equal(x, rec[0].pred_x0)
 
@@ -147,10 +153,10 @@ def test_record_returns_the_trajectory(oracle):
     assert sorted(rec) == [0, 500, 999]
     assert torch.equal(rec[999].x_t, x_T)
     assert rec[500].x_t.shape == x_T.shape and rec[500].pred_x0.shape == x_T.shape
-    x0, rec = ddim_sample(oracle(betas, MU, S), betas, x_T, 10, record=[900, 0])
+    x0, rec = ddim_sample(oracle(betas, MU, S), betas, x_T, steps=10, record=[900, 0])
     assert sorted(rec) == [0, 900] and torch.equal(x0, rec[0].pred_x0)
     with pytest.raises(ValueError, match=r"record asks for timesteps \[999\]"):
-        ddim_sample(oracle(betas, MU, S), betas, x_T, 10, record=[999])
+        ddim_sample(oracle(betas, MU, S), betas, x_T, steps=10, record=[999])
 
 
 def test_clip_denoised_keeps_predictions_in_range(oracle):
@@ -158,7 +164,7 @@ def test_clip_denoised_keeps_predictions_in_range(oracle):
     model = oracle(betas, 0.0, 3.0)  # data far outside [-1, 1]
     x_T = draws(32)
     for x0, rec in [
-        ddim_sample(model, betas, x_T, 20, clip_denoised=True, record=[500]),
+        ddim_sample(model, betas, x_T, steps=20, clip_denoised=True, record=[500]),
         ddpm_sample(model, betas, x_T, clip_denoised=True, record=[500], generator=torch.Generator().manual_seed(0)),
     ]:
         assert rec[500].pred_x0.abs().max() <= 1
@@ -176,7 +182,7 @@ def test_per_seed_samples_do_not_depend_on_the_batch(oracle, sampler):
     model = oracle(betas, MU, S)
     fn = {
         "ddpm": lambda x, g: ddpm_sample(model, betas, x, generator=g),
-        "ddim-eta1": lambda x, g: ddim_sample(model, betas, x, 50, eta=1.0, generator=g),
+        "ddim-eta1": lambda x, g: ddim_sample(model, betas, x, steps=50, eta=1.0, generator=g),
     }[sampler]
     seeds = [11, 12, 13, 14, 15]
     batched = per_seed(fn, seeds)
@@ -194,7 +200,7 @@ def test_unet_samples_are_bit_identical_alone_or_batched_with_fixed_batch():
     model = fixed_batch(unet, 4)
     betas = make_betas("linear", num_timesteps=40, beta_end=0.3)  # a short chain keeps DDPM fast
     fns = [
-        lambda x, g: ddim_sample(model, betas, x, 5, eta=0.5, generator=g),
+        lambda x, g: ddim_sample(model, betas, x, steps=5, eta=0.5, generator=g),
         lambda x, g: ddpm_sample(model, betas, x, generator=g),
     ]
     seeds = [3, 1, 4, 1, 5, 9]
@@ -226,10 +232,10 @@ def test_sigma_hat_over_all_steps_is_ddpm_with_beta_variance(oracle):
     betas = make_betas("linear", 100)
     model = oracle(betas, MU, S)
     x_T = draws(16)
-    hat = ddim_sample(model, betas, x_T, 100, eta=1.0, variance="beta", generator=make_generators(range(16)))
+    hat = ddim_sample(model, betas, x_T, steps=100, eta=1.0, variance="beta", generator=make_generators(range(16)))
     ddpm = ddpm_sample(model, betas, x_T, variance="beta", generator=make_generators(range(16)))
     torch.testing.assert_close(hat, ddpm, atol=1e-10, rtol=0)
-    eta_one = ddim_sample(model, betas, x_T, 100, eta=1.0, generator=make_generators(range(16)))
+    eta_one = ddim_sample(model, betas, x_T, steps=100, eta=1.0, generator=make_generators(range(16)))
     assert not torch.allclose(hat, eta_one)  # the posterior std is the smaller one
 
 
@@ -240,7 +246,9 @@ def test_sigma_hat_on_a_subsequence_has_the_larger_noise(oracle):
     hat = (1 - abar[1:] / abar[:-1]).sqrt()
     assert (hat > ddim_sigmas(betas, tau, 1.0)[1:]).all()
     model = oracle(betas, MU, S)
-    x = ddim_sample(model, betas, draws(), 10, eta=1.0, variance="beta", generator=torch.Generator().manual_seed(0))
+    x = ddim_sample(
+        model, betas, draws(), steps=10, eta=1.0, variance="beta", generator=torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(x).all()
 
 
@@ -250,10 +258,12 @@ def test_bad_sampler_arguments_are_named(oracle):
     x_T = draws(4)
     for eta in (-0.1, 1.5):  # eq. (16) spans eta in [0, 1]; beyond 1 the step's square root goes negative
         with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
-            ddim_sample(model, betas, x_T, 10, eta=eta)
-    with pytest.raises(ValueError, match="'beta' \\(sigma-hat\\) with eta = 1"):
-        ddim_sample(model, betas, x_T, 10, eta=0.5, variance="beta")
-    with pytest.raises(ValueError, match="unknown variance 'fixed'"):
+            ddim_sample(model, betas, x_T, steps=10, eta=eta)
+    with pytest.raises(
+        ValueError, match="variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta 0.5"
+    ):
+        ddim_sample(model, betas, x_T, steps=10, eta=0.5, variance="beta")
+    with pytest.raises(ValueError, match="variance must be one of posterior, beta, got 'fixed'"):
         ddpm_sample(model, betas, x_T, variance="fixed")
     with pytest.raises(ValueError, match=r"t_start must be in \[0, 999\]"):
         ddpm_sample(model, betas, x_T, t_start=1000)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from diffusion import build_unet, make_betas
-from diffusion.config import SamplerSettings, SamplerSpeed
-from diffusion.sampling import Sampler
+from diffusion.config import SamplerSettings, Speed
+from diffusion.pipeline import Pipeline
 from diffusion.speed import sampling_model, use_bf16
 from diffusion.training import DeviceData, fits_on_device
 
@@ -32,8 +32,8 @@ def test_fp32_is_the_model_and_bf16_is_close(unet):
     x, t = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
     with torch.no_grad():
         reference = unet(x, t)
-        assert torch.equal(sampling_model(unet, SamplerSpeed("fp32"))(x, t), reference)
-        bf16 = sampling_model(unet, SamplerSpeed("bf16"))(x, t)
+        assert torch.equal(sampling_model(unet, Speed("fp32"))(x, t), reference)
+        bf16 = sampling_model(unet, Speed("bf16"))(x, t)
     assert bf16.dtype == torch.float32  # the sampler's arithmetic stays float32
     assert 0 < (bf16 - reference).norm() / reference.norm() < 2e-2
 
@@ -41,8 +41,8 @@ def test_fp32_is_the_model_and_bf16_is_close(unet):
 def test_a_compiled_sampler_gives_the_eager_samples(unet):
     """torch.compile (CUDA graphs on a GPU) changes the kernels, not the samples; about a minute on 2 CPU cores."""
     betas, settings = make_betas("linear"), SamplerSettings("ddim", 3)
-    eager = Sampler(unet, betas, 2).samples([5, 6, 7], settings)
-    compiled = Sampler(unet, betas, 2, SamplerSpeed("fp32", compile=True)).samples([5, 6, 7], settings)
+    eager = Pipeline(unet, betas, 2).samples([5, 6, 7], settings)
+    compiled = Pipeline(unet, betas, 2, Speed("fp32", compile=True)).samples([5, 6, 7], settings)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from diffusion import load_checkpoint
+from diffusion.platform.settings import EXPERIMENT
 from diffusion.platform.tracking import SWEEP_TAG
 from helpers import cli, cli_popen, run_main
 
@@ -24,7 +25,7 @@ def sweep_args(data, tmp_path, *extra):
     options = (
         f"--preset tiny --data {data} --storage {tmp_path / 'runs'} --name lr-sched --num-samples 3 --max-steps 10 "
         "--log-every 5 --grace-steps 5 --max-concurrent 1 --num-workers 1 --cpus-per-worker 0.25 --heldout-size 16 "
-        "--sample-n 4 --sample-steps 4 --lr-range 1e-5 3e-3 --schedules linear cosine --search-seed 10"
+        "--sample-n 4 --sample-steps 4 --search-lr 1e-5 3e-3 --search-schedule linear cosine --search-seed 10"
     )
     return [*options.split(), *extra]
 
@@ -102,7 +103,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
     assert len(done_first) >= 2 and not done_first & done_second  # nothing finished is run again
     assert len(done_first | done_second) == 3
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     for trial in done_first:  # their training ran once: no step of their curves was logged twice
         (run,) = client.search_runs([experiment], f"tags.`ray_diffusion.trial_id` = '{trial}'")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -114,7 +115,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(swept):
 def test_mlflow_holds_the_sweep_and_its_trials_side_by_side(swept):
     _, uri, *_ = swept
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     (parent,) = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = 'lr-sched' and tags.kind = 'sweep'")
     trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert parent.info.status == "FINISHED" and len(trials) == 3
@@ -138,7 +139,7 @@ def test_mlflow_holds_the_sweep_and_its_trials_side_by_side(swept):
 def test_the_best_trials_checkpoint_loads(swept):
     _, uri, *_ = swept
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     (parent,) = client.search_runs([experiment], "tags.kind = 'sweep'")
     model, ema_model, config = load_checkpoint(parent.data.tags["best_checkpoint_uri"])
     best = client.get_run(parent.data.tags["best_run_id"])
@@ -156,7 +157,7 @@ def test_the_compare_page_screenshot_shows_the_trials(swept):
     proc = cli("tune/screenshot.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ray-diffusion").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     (parent,) = client.search_runs([experiment], "tags.kind = 'sweep'")
     names = [
         r.info.run_name for r in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -181,7 +182,5 @@ def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_incepti
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(re.findall(r"^trial \S+ finished 5 steps, fid \d", proc.stdout, re.M)) == 1
     client = MlflowClient(uri)
-    (parent,) = client.search_runs(
-        [client.get_experiment_by_name("ray-diffusion").experiment_id], "tags.kind = 'sweep'"
-    )
+    (parent,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'sweep'")
     assert parent.data.metrics["best_fid"] > 0

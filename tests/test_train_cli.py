@@ -127,7 +127,7 @@ def test_ray_trains_line_for_every_report_shows_with_verbose_only(caplog):
     file, outside `ray.train`'s level) unless --verbose; a worker's root logger is at INFO."""
     from ray.train.v2._internal.execution import context
 
-    from diffusion.platform.train import quiet_reports
+    from diffusion.platform.ray_train import quiet_reports
 
     assert train_cli.parse_args(["--preset", "tiny", "--verbose"]).settings.verbose
     assert not train_cli.parse_args(["--preset", "tiny"]).settings.verbose

@@ -4,9 +4,7 @@ draw their own flips, t, noise and dropout, a resumed run draws what an uninterr
 and the step reads nothing from the host."""
 
 import os
-import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from diffusion.checkpoint import checkpoint_dir_name, read_checkpoint, restore_state, save_checkpoint
 from diffusion.config import RECIPES
 from diffusion.schedule import NoiseSchedule
-from diffusion.speed import fast_cuda_kernels
+from diffusion.speed import fast_cuda_kernels, use_bf16
 from diffusion.training import build_state, train_step
 from helpers import free_port
 
@@ -104,15 +102,17 @@ def test_the_training_step_reads_nothing_from_the_host():
     assert any("_to_copy" in op for op in traffic.ops), traffic.ops
 
 
-def test_bf16_on_a_cpu_says_once_that_it_trains_in_fp32():
-    from diffusion.platform.train import warn_fp32
-
-    with pytest.warns(UserWarning, match="bf16 autocast runs on CUDA only: this cpu run trains in fp32"):
-        warn_fp32(True, torch.device("cpu"), 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_fp32(True, torch.device("cpu"), 1)  # rank 0 alone says it
-        warn_fp32(False, torch.device("cpu"), 0)
+def test_precision_decides_the_autocast_of_a_training_step_on_any_device():
+    """--precision auto is bf16 on CUDA and fp32 elsewhere; bf16 asked for trains under bf16
+    autocast on a CPU too (its convolutions in bf16), and fp32 without."""
+    assert (use_bf16("auto", torch.device("cuda")), use_bf16("auto", torch.device("cpu"))) == (True, False)
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("fp32", torch.device("cuda"))
+    seen = []
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        state = build_state(CONFIG, torch.device("cpu"))
+        state.model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        loss, _ = train_step(state, state.model, torch.zeros(4, 1, 8, 8), CONFIG, bf16)
+        assert seen.pop() == dtype and not seen and torch.isfinite(loss)
 
 
 def test_fast_cuda_kernels_turns_on_autotuning_and_tf32():

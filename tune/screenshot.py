@@ -22,8 +22,9 @@ import tempfile
 import urllib.parse
 from contextlib import contextmanager
 
-from diffusion.platform.cli import parser
+from diffusion.platform.cli import add_options, parser
 from diffusion.platform.net import free_port, wait_for_http
+from diffusion.platform.settings import Tracking
 
 # Browser window heights (1600 wide): a run's overview reaches down to its logged models (name, step, metrics).
 COMPARE_PAGE_HEIGHT, RUN_PAGE_HEIGHT = 1400, 2200
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--dom-out", default=None, help="also write the rendered page's HTML here")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--server", default=None, help="a running MLflow server to use instead of starting one")
-    p.add_argument("--experiment", default="ray-diffusion", help="MLflow experiment of the sweep")
+    add_options(p, Tracking)
     args = p.parse_args(argv)
 
     import mlflow

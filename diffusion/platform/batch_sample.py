@@ -18,32 +18,29 @@ import ray
 import torch
 
 from ..checkpoint import sampling_defaults
-from ..config import SamplerSettings, SamplerSpeed
+from ..config import SamplerSettings, Speed
 from ..figures import Plan
 from ..figures import batch_size as figures_batch_size
 from ..images import from_uint8, grid, png
-from ..sampling import Sampler, as_uint8_hwc
+from ..pipeline import Pipeline, as_uint8_hwc
 from . import tracking
-from .checkpoints import read_checkpoint
 from .progress import progress, sample_figures
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
+from .settings import CheckpointOptions, Tracking
 from .shards import ShardSet
 from .storage import open_location
 
 
 @dataclass(frozen=True)
-class SamplingJob:
-    """What to sample: a checkpoint's images for `seeds` (one image each), and how."""
+class SamplingJob(CheckpointOptions, Tracking):
+    """What to sample: a checkpoint's images for `seeds` (one image each), and how; the MLflow
+    experiment its run goes to."""
 
-    checkpoint: str
-    which: str = "latest"  # of a run folder's checkpoints: the latest or the best
     seeds: tuple[int, ...] = tuple(range(64))
     settings: SamplerSettings = SamplerSettings()
-    speed: SamplerSpeed = SamplerSpeed()
-    ema: bool = True  # the EMA weights (else the raw ones)
+    speed: Speed = Speed()
     batch_size: int = 64  # images per model batch: the fixed batch shape
     workers: Workers = field(default_factory=Workers)
-    endpoint_url: str | None = None
 
     @property
     def n(self) -> int:
@@ -56,7 +53,7 @@ class SamplingJob:
             "which": self.which,
             "n": self.n,
             "seeds": seeds_text(self.seeds),
-            "weights": "ema" if self.ema else "raw",
+            "weights": self.weights,
             "batch_size": self.batch_size,
             "workers": self.workers.count,
             **asdict(self.settings),
@@ -80,14 +77,14 @@ class SampleWriter:
 
     def __init__(self, job: SamplingJob, out: str | None, fmt: str):
         use_assigned_resources()
-        payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)
-        self.sampler = Sampler.from_checkpoint(payload, job.batch_size, job.ema, job.speed)
+        payload = job.read()
+        self.pipeline = Pipeline.from_checkpoint(payload, job.batch_size, job.ema, job.speed)
         self.settings, self.fmt = job.settings, fmt
         self.location = open_location(out, job.endpoint_url, check=False) if out else None
 
     def __call__(self, batch: dict) -> dict:
         seeds = batch["seed"].tolist()
-        images = as_uint8_hwc(self.sampler.samples(seeds, self.settings)).numpy()
+        images = as_uint8_hwc(self.pipeline.samples(seeds, self.settings)).numpy()
         if self.location is not None:
             self._write(seeds, images)
         return {"seed": batch["seed"], "image": images}
@@ -124,14 +121,13 @@ def sample_to(
     figure_seeds: int = 0,
     full_figures: bool = False,
     figure_data: str | None = None,
-    experiment: str = "ray-diffusion",
 ) -> str:
     """Sample the job's seeds to `out` with a grid of the first 64 (samples.png), and the papers'
     figures from `figure_seeds` seeds (from the first; `full_figures`: with their most expensive
     rows), if any, under out/figures/ (the DDPM interpolation between two images of the prepared
     data set `figure_data`, when given); all of it also to an MLflow run; sampling.json comes
     last. Returns the MLflow run id."""
-    payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)  # bad input fails before Ray starts
+    payload = job.read()  # bad input fails before Ray starts
     job = resolved(job, payload)
     location = open_location(out, job.endpoint_url)
     location.fs.create_dir(location.path, recursive=True)
@@ -141,7 +137,7 @@ def sample_to(
     T = len(payload["betas"])
     params = {**job.params(), "format": fmt, "out": out, "checkpoint_step": payload["step"]}
     tags = {"kind": "sampling", "checkpoint": job.checkpoint, "training_run_id": payload.get("mlflow_run_id", "")}
-    mlflow_run = tracking.Run.create(experiment, f"sample-{job.settings.label(T)}-{job.n}", tags, params)
+    mlflow_run = tracking.Run.create(job.experiment, f"sample-{job.settings.label(T)}-{job.n}", tags, params)
 
     start, done, preview = time.time(), 0, {}  # preview: the first 64 seeds' images, for the grid
     first_64 = set(job.seeds[:64])
@@ -164,7 +160,7 @@ def sample_to(
     mlflow_run.log_image(samples, "samples")
     location.write_bytes("samples.png", png(samples))
     if figure_seeds:
-        local = Sampler.from_checkpoint(payload, figures_batch_size(figure_seeds), speed=job.speed)
+        local = Pipeline.from_checkpoint(payload, figures_batch_size(figure_seeds), speed=job.speed)
         pair = ShardSet.open(figure_data, job.endpoint_url, verify="size").first_images(2) if figure_data else None
         plan = Plan(T, tuple(range(job.seeds[0], job.seeds[0] + figure_seeds)), pair is not None, full_figures)
         with tempfile.TemporaryDirectory() as d:

@@ -19,8 +19,19 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import WHICH, Recipe, SamplerSettings, SamplerSpeed, range_text
-from .settings import PRESETS, RECIPE_FIELDS, RUN_FIELDS, RunSettings, TrainJob, job_from
+from ..config import Recipe, SamplerSettings, Speed, range_text
+from .settings import (
+    DEFAULT_SPACE,
+    PRESETS,
+    RECIPE_FIELDS,
+    RUN_FIELDS,
+    SEARCHABLE,
+    CheckpointOptions,
+    RunSettings,
+    Tracking,
+    TrainJob,
+    job_from,
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -98,13 +109,17 @@ def exit_code(main: Callable[[], int]) -> int:
         return 130
 
 
-def add_options(parser: argparse._ActionsContainer, cls, skip=(), defaults: dict | None = None, given_only=False):
+def add_options(
+    parser: argparse._ActionsContainer, cls, skip=(), defaults: dict | None = None, given_only=False, optional=()
+):
     """One flag per field of dataclass `cls` (but those in `skip`), typed, with the help, range
-    and default of the field's metadata (`diffusion.config.option`), or of `defaults`. With
-    `given_only`, a flag not given leaves no attribute (argparse.SUPPRESS), so that only the
-    flags given override what comes before them (a preset, a file)."""
+    and default of the field's metadata (`diffusion.config.option`), or of `defaults`; a required
+    field's flag is required unless named in `optional`. With `given_only`, a flag not given
+    leaves no attribute (argparse.SUPPRESS), so that only the flags given override what comes
+    before them (a preset, a file)."""
     types = typing.get_type_hints(cls)
-    for f in fields(cls):
+    own = vars(cls).get("__annotations__", {})  # the class's own fields first, then those it inherits
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -115,6 +130,8 @@ def add_options(parser: argparse._ActionsContainer, cls, skip=(), defaults: dict
         if given_only and "default" not in help:
             help += f" (default: {default!r})"
         extra = {"default": argparse.SUPPRESS if given_only else default, "help": help}
+        if f.metadata.get("required") and f.name not in optional:
+            extra = {"required": True, "help": f.metadata["help"]}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         else:
@@ -186,43 +203,69 @@ def read_options_file(path: Path, parser: argparse.ArgumentParser, flag: str, kn
     return values
 
 
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """A flag per searchable recipe option (SEARCHABLE): --search-lr LOW HIGH for a continuous
+    one, --search-schedule linear cosine for one chosen among values; and --space FILE."""
+    group = parser.add_argument_group(
+        "search space",
+        "Each flag sets one option's distribution over the default space "
+        + ", ".join(f"{k} {next(iter(v))} {next(iter(v.values()))}" for k, v in DEFAULT_SPACE.items())
+        + "; --space FILE replaces them all.",
+    )
+    types, recipe_fields = typing.get_type_hints(Recipe), {f.name: f for f in fields(Recipe)}
+    for name, distribution in SEARCHABLE.items():
+        f, flag = recipe_fields[name], "--search-" + name.replace("_", "-")
+        if distribution in ("loguniform", "uniform"):
+            group.add_argument(
+                flag, type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"{f.metadata['help']}: {distribution}"
+            )
+        else:
+            kind = types[name]
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, type=kind, nargs="+", choices=choices, help=f"{f.metadata['help']}: choose among")
+    group.add_argument("--space", default=None, help="YAML/JSON search space (replaces the flags above)")
+
+
+def search_space(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The space the options give: --space FILE, or the default space with each --search-* flag's."""
+    if args.space:
+        return read_options_file(Path(args.space), parser, "--space", known=set(SEARCHABLE))
+    space = dict(DEFAULT_SPACE)
+    for name, distribution in SEARCHABLE.items():
+        values = getattr(args, "search_" + name)
+        if values is not None:
+            space[name] = {distribution: values}
+    return space
+
+
 def add_sampler_options(parser: argparse.ArgumentParser, **defaults) -> None:
     """A flag per SamplerSettings field (--sampler, --steps, --eta, ...; `defaults` override
-    theirs) and per SamplerSpeed field (--precision, --compile)."""
+    theirs) and per Speed field (--precision, --compile)."""
     group = parser.add_argument_group("sampler")
     add_options(group, SamplerSettings, defaults=defaults)
-    add_options(group, SamplerSpeed)
+    add_options(group, Speed)
 
 
-def sampler_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplerSettings:
+def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
     """The settings the flags give, checked as far as they can be before the model's T is known
-    (an OptionError naming each setting out of range); --steps with DDPM, which takes all T
-    steps, is a parser error that says how to take fewer."""
-    if args.sampler == "ddpm" and args.steps != parser.get_default("steps"):
-        parser.error(
-            "--steps is for DDIM: DDPM always takes all T steps; for fewer steps of the DDPM-like "
-            f"sampler use --sampler ddim --eta 1 --steps {args.steps}"
-        )
+    (an OptionError naming each setting out of range or in conflict)."""
     return SamplerSettings(**given(args, SamplerSettings))
 
 
-def sampler_speed(args: argparse.Namespace) -> SamplerSpeed:
-    return SamplerSpeed(**given(args, SamplerSpeed))
+def sampler_speed(args: argparse.Namespace) -> Speed:
+    return Speed(**given(args, Speed))
 
 
-def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint (anything a checkpoint can be), --which, --raw, --endpoint-url."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a run folder, a checkpoint (folder or .pt), s3://..., runs:/<run id>[/<artifact path>], "
-        "models:/<name>/<version or @alias>, a diffusers folder or DDPM reference weights",
+def add_checkpoint_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """A flag per CheckpointOptions field: --checkpoint (anything a checkpoint can be; unless
+    `required`, it may be left out), --which, --weights, --endpoint-url."""
+    add_options(
+        parser.add_argument_group("checkpoint"), CheckpointOptions, optional=() if required else ("checkpoint",)
     )
-    parser.add_argument(
-        "--which", default="latest", choices=WHICH, help="of a run folder's checkpoints: the latest, or the best"
-    )
-    parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+
+
+def checkpoint_options(args: argparse.Namespace) -> CheckpointOptions:
+    return CheckpointOptions(**given(args, CheckpointOptions))
 
 
 def seed_list(text: str) -> tuple[int, ...]:
@@ -243,9 +286,9 @@ def add_sampling_options(
     parser: argparse.ArgumentParser, n: int, batch_size: int, workers: bool, output: bool = True, **sampler_defaults
 ) -> None:
     """What jobs/generate.py, jobs/sample.py and jobs/evaluate.py share: the checkpoint, the
-    seeds (--seeds, or --n for 0 .. n-1), the model batch, with `workers` the Ray actors, the
-    sampler (`sampler_defaults` override its defaults); with `output`, the output folder and
-    the papers' figures."""
+    seeds (--seeds, or --n for 0 .. n-1), the model batch, with `workers` the Ray actors and
+    the MLflow experiment, the sampler (`sampler_defaults` override its defaults); with
+    `output`, the output folder and the papers' figures."""
     add_checkpoint_options(parser)
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument(
@@ -253,8 +296,9 @@ def add_sampling_options(
     )
     seeds.add_argument("--n", type=int, default=None, help="number of images: seeds 0 .. n-1 (instead of --seeds)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per model batch")
-    if workers:
+    if workers:  # a Ray job, tracked in MLflow
         parser.add_argument("--workers", type=int, default=0, help="Ray actors (0: one per GPU, or 1)")
+        add_options(parser, Tracking)
     add_sampler_options(parser, **sampler_defaults)
     if not output:
         return
@@ -288,19 +332,17 @@ def seeds_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
 
 def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The SamplingJob the options describe (a parser error names a bad option)."""
-    settings = sampler_settings(args, parser)
+    settings = sampler_settings(args)
     seeds = seeds_of(args, parser)
     from .batch_sample import SamplingJob
     from .resources import Workers
 
     return SamplingJob(
-        checkpoint=args.checkpoint,
-        which=args.which,
+        **given(args, CheckpointOptions),
+        **given(args, Tracking),
         seeds=seeds,
         settings=settings,
         speed=sampler_speed(args),
-        ema=not args.raw,
         batch_size=args.batch_size,
         workers=Workers(count=args.workers),
-        endpoint_url=args.endpoint_url,
     )

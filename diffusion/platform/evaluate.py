@@ -30,7 +30,6 @@ from ..fid import FeatureStats, frechet_distance, inception_score
 from ..speed import default_device
 from . import tracking
 from .batch_sample import SamplingJob, resolved, sample_dataset
-from .checkpoints import read_checkpoint
 from .progress import progress
 from .resources import Workers, connect, map_with_actors, use_assigned_resources
 from .shards import ShardSet
@@ -162,13 +161,12 @@ def evaluate(
     splits: list[str] | None = None,
     inception_weights: str | None = None,
     out: str | None = None,
-    experiment: str = "ray-diffusion",
 ) -> dict:
     """The job's samples against the reference statistics of `data`'s `splits`: FID and IS
     (Inception), or for the digits FD-digits, the classifier score, the share of confidently
     classified samples and the floor (the test split against the reference); logged to an
     MLflow run linked to the training run. Returns the results and settings."""
-    payload = read_checkpoint(job.checkpoint, job.endpoint_url, job.which)  # bad input fails before Ray starts
+    payload = job.read()  # bad input fails before Ray starts
     job = resolved(job, payload)
     shards = ShardSet.open(data, job.endpoint_url, verify="size")
     judge = judge_for(shards, inception_weights)
@@ -204,7 +202,7 @@ def evaluate(
     results = {**metrics, **params}
     T = len(payload["betas"])
     tags = {"kind": "evaluation", "training_run_id": payload.get("mlflow_run_id", "")}
-    run = tracking.Run.create(experiment, f"{judge.metric}-{job.settings.label(T)}-{stats.n}", tags, params)
+    run = tracking.Run.create(job.experiment, f"{judge.metric}-{job.settings.label(T)}-{stats.n}", tags, params)
     run.log_metrics(metrics)
     run.log_text(json.dumps(results, indent=2), "evaluation.json")
     run.finish()

@@ -1,7 +1,7 @@
 """Progress of the long-running parts (downloads, preparing data, sampling, Inception features):
 a tqdm bar on a terminal, and in a log (no terminal: `ray job submit`, CI, a file) a plain line
 every `log_every_s` seconds and at the end, instead of a bar's carriage returns.
-`model_calls` counts a Sampler's model calls (its steps); `sample_figures` prints what the
+`model_calls` counts a Pipeline's model calls (its steps); `sample_figures` prints what the
 papers' figures will cost before it samples them, and counts their calls."""
 
 from __future__ import annotations
@@ -47,25 +47,25 @@ def progress(total: int | None, desc: str, unit: str = "it", log_every_s: float 
 
 
 @contextmanager
-def model_calls(sampler, total: int, desc: str):
-    """A progress bar of `total` model calls that `sampler` makes in this thread."""
-    with progress(total, desc, unit="call") as bar, sampler.observed(lambda: bar.update(1)):
+def model_calls(pipeline, total: int, desc: str):
+    """A progress bar of `total` model calls that `pipeline` makes in this thread."""
+    with progress(total, desc, unit="call") as bar, pipeline.observed(lambda: bar.update(1)):
         yield bar
 
 
-def sample_figures(sampler, plan, pair=None) -> Iterator:
+def sample_figures(pipeline, plan, pair=None) -> Iterator:
     """The figures of `plan` (diffusion.figures), each as soon as it is sampled, after a line
     of what they cost (model calls, and time at a call's speed measured here) and the rows
     chosen; a progress bar counts the calls."""
     from ..figures import figures
 
     calls = plan.calls()
-    total, seconds = sum(calls.values()), sampler.call_seconds()
+    total, seconds = sum(calls.values()), pipeline.call_seconds()
     print(
-        f"figures: {total} model calls on batches of {sampler.batch_size} "
+        f"figures: {total} model calls on batches of {pipeline.batch_size} "
         f"({', '.join(f'{name} {n}' for name, n in calls.items())}), about {total * seconds / 60:.1f} min "
-        f"at {seconds:.3f} s a call on {sampler.device}; rows: {plan.describe()}",
+        f"at {seconds:.3f} s a call on {pipeline.device}; rows: {plan.describe()}",
         flush=True,
     )
-    with model_calls(sampler, total, "figures"):
-        yield from figures(sampler, plan, pair)
+    with model_calls(pipeline, total, "figures"):
+        yield from figures(pipeline, plan, pair)

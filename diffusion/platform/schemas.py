@@ -40,12 +40,7 @@ def model_of(cls, config: ConfigDict, only: tuple[str, ...] = ()) -> type[BaseMo
 class Settings(model_of(SamplerSettings, STRICT)):
     @model_validator(mode="after")
     def _settings(self):
-        if self.sampler == "ddpm" and "steps" in self.model_fields_set:  # the default is DDIM's, not asked for
-            raise ValueError(
-                "steps: DDPM always takes all T steps of the model; for fewer, DDIM with eta 1 is the DDPM-like "
-                'sampler on a sub-sequence of N steps: {"sampler": "ddim", "steps": N, "eta": 1}'
-            )
-        self.key()  # the checks across settings (sigma-hat needs eta 1): a 422 naming them
+        self.key()  # the rules between settings (steps are DDIM's, sigma-hat needs eta 1): a 422 naming them
         return self
 
     def key(self) -> SamplerSettings:

@@ -65,8 +65,7 @@ from ray import serve
 
 from ..checkpoint import recipe_of
 from ..config import SamplerSettings
-from ..sampling import Sampler, as_uint8_hwc, steps_of
-from .checkpoints import read_checkpoint
+from ..pipeline import Pipeline, as_uint8_hwc, steps_of
 from .http import ApiKeyGuard, decode_png, encode, harden, images_json, sse
 from .resources import Workers, use_assigned_resources
 from .schemas import InterpolationRequest, SamplesRequest, SequenceRequest, model_of
@@ -107,8 +106,8 @@ class Lanes:
     calls its jobs still have to run, which admission bounds, and the requests running there; work
     whose callers are all gone stops after its next model call."""
 
-    def __init__(self, sampler: Sampler, long_request_calls: int, max_request_calls: int, max_queued_calls: int):
-        self.sampler = sampler
+    def __init__(self, pipeline: Pipeline, long_request_calls: int, max_request_calls: int, max_queued_calls: int):
+        self.pipeline = pipeline
         self.long, self.max_request, self.max_queued = long_request_calls, max_request_calls, max_queued_calls
         self.threads = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"{lane}-lane") for lane in ("short", "long")}
         self.queued = {"short": 0, "long": 0}
@@ -118,7 +117,7 @@ class Lanes:
 
     def batches(self, images: int) -> int:
         """UNet calls of one model call on `images` images at the fixed batch shape."""
-        return -(-images // self.sampler.batch_size)
+        return -(-images // self.pipeline.batch_size)
 
     def admit(self, job: Job) -> Job:
         """`job`, now in the lane it runs in, its UNet calls counted there as still to run."""
@@ -192,7 +191,7 @@ class Lanes:
         try:
             if not live:
                 raise Stopped
-            with self.sampler.observed(on_call):
+            with self.pipeline.observed(on_call):
                 return fn(*args)
         finally:
             with self.lock:
@@ -213,11 +212,11 @@ class DiffusionService:
         use_assigned_resources()
         ApiKeyGuard.sha256 = args.api_key_sha256 or key_sha256(os.environ.get(API_KEY_ENV, ""))
         self.node = ray.util.get_node_ip_address()
-        payload = read_checkpoint(args.checkpoint, args.endpoint_url, args.which)
-        self.sampler = Sampler.from_checkpoint(payload, args.batch_size, args.ema, args.speed)
+        payload = args.read()
+        self.pipeline = Pipeline.from_checkpoint(payload, args.batch_size, args.ema, args.speed)
         self.model_name = recipe_of(payload).model
-        self.weights = "ema" if args.ema else "raw"
-        self.lanes = Lanes(self.sampler, args.long_request_calls, args.max_request_calls, args.max_queued_calls)
+        self.weights = args.weights
+        self.lanes = Lanes(self.pipeline, args.long_request_calls, args.max_request_calls, args.max_queued_calls)
         self.batchers = {"short": self._short_batch, "long": self._long_batch}
         for batcher in self.batchers.values():
             batcher.set_max_batch_size(args.batch_size)
@@ -225,20 +224,20 @@ class DiffusionService:
 
     def check(self, settings: SamplerSettings) -> SamplerSettings:
         try:
-            return self.sampler.settings(settings)
+            return self.pipeline.settings(settings)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
 
     @app.get("/healthz")
     def healthz(self) -> dict:
-        c, h, w = self.sampler.shape
+        c, h, w = self.pipeline.shape
         with self.lanes.lock:
             queued, running, calls = dict(self.lanes.queued), dict(self.lanes.running), self.lanes.unet_calls
         return {
             "status": "ok",
             "model": self.model_name,
             "image_shape": [h, w, c],
-            "num_timesteps": self.sampler.num_timesteps,
+            "num_timesteps": self.pipeline.num_timesteps,
             "weights": self.weights,
             "queued_unet_calls": queued,  # still to run, of the requests waiting and running in each lane
             "running_requests": running,
@@ -249,7 +248,7 @@ class DiffusionService:
     @app.post("/v1/samples", responses=STREAMED)
     async def samples(self, request: SamplesRequest, accept: Accept = "") -> Response:
         settings, seeds = self.check(request.key()), request.resolved_seeds()
-        job = self.lanes.admit(Job(len(seeds), steps_of(settings, self.sampler.num_timesteps)))
+        job = self.lanes.admit(Job(len(seeds), steps_of(settings, self.pipeline.num_timesteps)))
         if EVENT_STREAM in accept:  # sampled alone: each model call is this request's progress
             return self.stream(job, self._samples, seeds, settings)
         result = await self.lanes.outcome(job, self.batchers[job.lane]((settings, seeds, job)))
@@ -292,7 +291,7 @@ class DiffusionService:
         return results
 
     def _samples(self, seeds: list[int], settings: SamplerSettings) -> tuple[np.ndarray, dict]:
-        return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy(), self.sample_headers(seeds, 1, len(seeds))
+        return as_uint8_hwc(self.pipeline.samples(seeds, settings)).numpy(), self.sample_headers(seeds, 1, len(seeds))
 
     def sample_headers(self, seeds: list[int], batch_requests: int, batch_images: int) -> dict:
         return {
@@ -305,18 +304,18 @@ class DiffusionService:
     @app.post("/v1/interpolations", responses=STREAMED)
     async def interpolations(self, request: InterpolationRequest, accept: Accept = "") -> Response:
         lambdas = request.resolved_lambdas()
-        T = self.sampler.num_timesteps
+        T = self.pipeline.num_timesteps
         if request.mode == "ddim":
             settings = self.check(SamplerSettings("ddim", request.steps, spacing=request.spacing))
             job = Job(len(lambdas), steps_of(settings, T))
-            work = (self.sampler.ddim_interpolation, request.seeds[0], request.seeds[1], lambdas, request.steps)
+            work = (self.pipeline.ddim_interpolation, request.seeds[0], request.seeds[1], lambdas, request.steps)
             work += (request.spacing,)
         else:
             if request.t >= T:
                 raise HTTPException(422, f"t must be a 0-based timestep below the model's T = {T}, got {request.t}")
-            a, b = (decode_png(img, self.sampler.shape, f"images[{i}]") for i, img in enumerate(request.images))
+            a, b = (decode_png(img, self.pipeline.shape, f"images[{i}]") for i, img in enumerate(request.images))
             job = Job(len(lambdas), request.t + 1)
-            work = (self.sampler.ddpm_interpolation, a, b, request.t, lambdas, request.seed)
+            work = (self.pipeline.ddpm_interpolation, a, b, request.t, lambdas, request.seed)
         headers = {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)}
         return await self.answer(self.lanes.admit(job), request.format, accept, self._interpolation, headers, *work)
 
@@ -326,7 +325,7 @@ class DiffusionService:
     @app.post("/v1/sequences", responses=STREAMED)
     async def sequences(self, request: SequenceRequest, accept: Accept = "") -> Response:
         settings = self.check(request.key())
-        job = self.lanes.admit(Job(1, steps_of(settings, self.sampler.num_timesteps)))
+        job = self.lanes.admit(Job(1, steps_of(settings, self.pipeline.num_timesteps)))
         work = (request.seed, settings, request.record, request.show)
         return await self.answer(job, request.format, accept, self._sequence, *work)
 
@@ -334,7 +333,7 @@ class DiffusionService:
         self, seed: int, settings: SamplerSettings, record: list[int] | None, show: str
     ) -> tuple[np.ndarray, dict]:
         try:
-            record, x_t, pred_x0 = self.sampler.sequences([seed], settings, record)
+            record, x_t, pred_x0 = self.pipeline.sequences([seed], settings, record)
         except ValueError as e:
             raise HTTPException(422, f"record: {e}") from None
         frames = x_t if show == "x_t" else pred_x0

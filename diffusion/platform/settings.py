@@ -1,11 +1,17 @@
 """The platform's options, each defined once with its help and range (`diffusion.config.option`),
-from which the command lines derive their flags:
+from which the command lines derive their flags. A setting that several commands take is a field
+of one small dataclass that their options inherit:
 
-    RunSettings   how and where a recipe is trained: data, storage, workers, cadence, tracking,
-                  precision and compile (the core's `Recipe` is what is trained)
-    TrainJob      a Recipe and its RunSettings; PRESETS; `job_from` resolves preset < file < flags
-    SweepConfig   a Ray Tune sweep over recipes; its search space (`validate_space`)
-    ServeArgs     the Serve application's options
+    Endpoint           the S3 endpoint (every command that reads or writes storage)
+    Tracking           the MLflow experiment (every command that writes to MLflow)
+    FidWeights         the FID Inception weights (training's FID, evaluation)
+    CheckpointOptions  which weights to load: checkpoint, which, weights, endpoint (every command
+                       that loads a checkpoint)
+    RunSettings        how and where a recipe is trained: data, storage, workers, cadence, tracking,
+                       precision and compile (the core's `Speed`; the core's `Recipe` is what is trained)
+    TrainJob           a Recipe and its RunSettings; PRESETS; `job_from` resolves preset < file < flags
+    SweepConfig        a Ray Tune sweep over recipes; its search space (SEARCHABLE, `validate_space`)
+    ServeArgs          the Serve application's options
 
 Only the standard library and `diffusion.config` are imported here, so that every --help answers
 before torch, Ray or MLflow is imported.
@@ -17,19 +23,75 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, fields
 
-from ..config import RECIPE_FIELDS, RECIPES, WHICH, Options, Recipe, SamplerSpeed, check, option
+from ..config import RECIPE_FIELDS, RECIPES, WHICH, Options, Recipe, Speed, check, option
 from ..errors import OptionError
 
-SEARCHABLE = ("lr", "schedule", "beta_end", "batch_size", "ema_decay", "warmup_steps", "dropout", "grad_clip")
+# The recipe's options a sweep can search, each with the distribution its flag draws from
+# (tune/sweep.py --search-lr LOW HIGH, --search-schedule linear cosine, ...).
+SEARCHABLE = {
+    "lr": "loguniform",
+    "schedule": "choice",
+    "beta_end": "choice",
+    "batch_size": "choice",
+    "ema_decay": "choice",
+    "warmup_steps": "choice",
+    "dropout": "choice",
+    "grad_clip": "choice",
+}
+DEFAULT_SPACE = {"lr": {"loguniform": [1e-5, 1e-3]}, "schedule": {"choice": ["linear", "cosine"]}}
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")  # of a sweep's search space
 METRICS = ("heldout_loss", "heldout_loss_ema", "fid")  # a sweep ranks trials by one
-
+EXPERIMENT = "ray-diffusion"  # the MLflow experiment every command writes to unless told otherwise
+WEIGHTS = ("ema", "raw")  # of a checkpoint: the EMA weights (for sampling) or the raw ones
 
 PLACEMENTS = {"pack": "PACK", "spread": "STRICT_SPREAD"}  # Ray placement group strategies
 
 
-@dataclass
-class RunSettings(Options):
+@dataclass(frozen=True)
+class Endpoint:
+    endpoint_url: str | None = option(None, "S3 endpoint (default: AWS_ENDPOINT_URL)")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    experiment: str = option(EXPERIMENT, "MLflow experiment")
+
+
+@dataclass(frozen=True)
+class FidWeights:
+    inception_weights: str | None = option(
+        None, "FID Inception weights file (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)"
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointOptions(Endpoint, Options):
+    """Which weights a command loads: the one definition of the checkpoint options of Serve, the
+    batch jobs and every command line that reads a checkpoint."""
+
+    _kind = "checkpoint"
+    checkpoint: str = option(
+        "",
+        "a run folder, a checkpoint (folder or .pt), s3://..., runs:/<run id>[/<artifact path>], "
+        "models:/<name>/<version or @alias>, a diffusers folder or DDPM reference weights",
+        required=True,
+    )
+    which: str = option("latest", "of a run folder's checkpoints: the latest, or the best", choices=WHICH)
+    weights: str = option("ema", "the EMA weights (for sampling), or the raw ones", choices=WEIGHTS)
+
+    @property
+    def ema(self) -> bool:
+        return self.weights == "ema"
+
+    def read(self) -> dict:
+        """The checkpoint's checked payload (`diffusion.platform.checkpoint_uris.read_checkpoint`)."""
+        from .checkpoint_uris import read_checkpoint  # torch: after option parsing
+
+        return read_checkpoint(self.checkpoint, self.which, endpoint_url=self.endpoint_url)
+
+
+@dataclass(frozen=True)
+class RunSettings(Tracking, Speed, Endpoint, FidWeights, Options):
     """How and where a recipe is trained. A checkpoint records them as information; loading one
     never needs them."""
 
@@ -39,7 +101,6 @@ class RunSettings(Options):
     heldout_split: str = option("test", "split used for the held-out loss and not trained on")
     heldout_size: int = option(1000, "images in the fixed held-out (image, t, noise) set", ge=1)
     storage: str = option("runs", "where runs and checkpoints go (folder or s3://bucket/prefix)")
-    endpoint_url: str = option("", "S3 endpoint (default: AWS_ENDPOINT_URL)")
     name: str = option("", "run name; the same name resumes (default: derived from model and schedule)")
     # cadence
     log_every: int = option(100, "steps between progress lines and metrics", ge=1)
@@ -54,9 +115,6 @@ class RunSettings(Options):
     fid_every: int = option(0, "steps between FIDs of fid_n EMA DDIM samples (sample_steps) in training (0: off)", ge=0)
     fid_n: int = option(5000, "samples per in-training FID, spread over the workers", ge=2)
     fid_splits: str = option("train", "reference splits of the in-training FID, e.g. train or test+train")
-    inception_weights: str = option(
-        "", "FID Inception weights (default: $FID_INCEPTION_WEIGHTS or the torch hub cache)"
-    )
     # resources and speed
     num_workers: int = option(0, "Ray Train workers (0: one per GPU, or 1 without GPUs)", ge=0)
     gpus_per_worker: float = option(-1.0, "GPUs per worker (-1: 1 if the cluster has GPUs, else 0)", ge=-1)
@@ -68,16 +126,13 @@ class RunSettings(Options):
         "where Ray puts the workers: pack (as few nodes as fit) or spread (one per node, waiting for enough nodes)",
         choices=tuple(PLACEMENTS),
     )
-    bf16: bool = option(True, "bf16 autocast (on GPU only)")
     channels_last: bool = option(True, "channels_last memory format")
-    compile: bool = option(False, "torch.compile the UNet")
     data_on_device: str = option(
         "auto",
         "keep each worker's training images in device memory: auto (on a GPU, when they fit), on, off",
         choices=("auto", "on", "off"),
     )
     max_failures: int = option(3, "worker failures Ray Train recovers from", ge=0)
-    experiment: str = option("ray-diffusion", "MLflow experiment")
     register_model: str = option("", "register the final and best weights in the MLflow Model Registry under this name")
     system_metrics: bool = option(
         False, "log CPU, memory, disk, network (and GPU) metrics of rank 0's machine to MLflow"
@@ -182,9 +237,6 @@ class SweepConfig(Options):
     search_seed: int = option(0, "seed of the random search over the space")
     resume: bool = option(False, "continue the interrupted sweep of this name and storage")
 
-    def __post_init__(self):
-        check(self)
-
 
 def validate_space(space: dict) -> dict:
     """Check a search space {param: {distribution: args} | value} and return it.
@@ -211,7 +263,6 @@ def validate_space(space: dict) -> dict:
     return space
 
 
-SERVE_CHECKPOINT_FIELDS = ("checkpoint", "which", "endpoint_url", "ema")  # jobs/serve.py: the checkpoint flags
 API_KEY_ENV = "RAY_DIFFUSION_API_KEY"  # the Serve endpoint's key: from the environment, never a flag or a file
 
 
@@ -221,16 +272,12 @@ def key_sha256(key: str) -> str:
 
 
 @dataclass(frozen=True)
-class ServeArgs(SamplerSpeed, Options):
+class ServeArgs(CheckpointOptions, Speed):
     """The Serve application's options, checked when made: `build_app`'s, a Serve config's
-    `args:`, and jobs/serve.py's flags (those of SERVE_CHECKPOINT_FIELDS are the checkpoint
-    flags every job shares). The replicas' `precision` and `compile` are a SamplerSpeed's."""
+    `args:`, and jobs/serve.py's flags: the checkpoint options every job shares, the replicas'
+    Speed, and the serving bounds."""
 
     _kind = "serve"
-    checkpoint: str = option("", "run folder, checkpoint, URI (s3://, runs:/, models:/), diffusers folder, ...")
-    which: str = option("latest", "of a run folder's checkpoints: the latest, or the best", choices=WHICH)
-    endpoint_url: str | None = option(None, "S3 endpoint (default: AWS_ENDPOINT_URL)")
-    ema: bool = option(True, "serve the EMA weights (else the raw ones)")
     batch_size: int = option(16, "images per model batch (the fixed batch shape)", ge=1)
     batch_wait_s: float = option(0.05, "how long a batch waits for more requests", ge=0)
     replicas: int = option(1, "model replicas (the minimum when autoscaling)", ge=1)
@@ -245,9 +292,6 @@ class ServeArgs(SamplerSpeed, Options):
     max_request_calls: int = option(1000, "UNet calls above which a request gets a 422 (a batch of DDPM-1000)", ge=1)
     max_queued_calls: int = option(4000, "UNet calls a lane may hold before a request gets a 503", ge=1)
 
-    def __post_init__(self):
-        check(self, "" if self.checkpoint else "checkpoint is required: a run folder, checkpoint or URI")
-
     @property
-    def speed(self) -> SamplerSpeed:
-        return SamplerSpeed(self.precision, self.compile)
+    def speed(self) -> Speed:
+        return Speed(self.precision, self.compile)

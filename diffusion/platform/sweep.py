@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over the training of `diffusion.platform.train`, compared in MLflow.
+"""Ray Tune sweeps over the training of `diffusion.platform.ray_train`, compared in MLflow.
 
     run_sweep(base, space, SweepConfig(...))  ->  Tuner(trial)  ->  per trial: train.Training(job).fit() on Ray Train
 
@@ -29,12 +29,12 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..errors import OptionError
 from . import tracking
+from .ray_train import Training, resolve
 from .resources import cluster_gpus, connect
 from .settings import SweepConfig, TrainJob, validate_space
 from .shards import ShardSet
 from .storage import open_location
 from .tracking import RUN_NAME_TAG, SWEEP_TAG
-from .train import Training, resolve
 
 TRIAL_TAG = "ray_diffusion.trial_id"
 
@@ -60,7 +60,7 @@ def trial_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
 
 
-def _run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str, tracking_uri: str) -> None:
+def _run_trial(params: dict, base: TrainJob, sweep_name: str, parent_run_id: str, tracking_uri: str) -> None:
     """One trial: the sampled params over the base job, trained with its reports forwarded to
     Tune; its MLflow run is closed by CloseTrialRuns. The run name is the trial's, so a restored trial resumes its checkpoint.
     It runs in a Ray worker, which need not share the driver's environment: the driver's MLflow
@@ -68,7 +68,7 @@ def _run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str, tr
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # this trial's own process
 
     trial_id = tune.get_context().get_trial_id()
-    job = TrainJob.from_dict(base).replace(**params, name=trial_name(sweep_name, trial_id))
+    job = base.replace(**params, name=trial_name(sweep_name, trial_id))
     tags = {"mlflow.parentRunId": parent_run_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id}
     Training(job, mlflow_tags=tags).fit(callbacks=[TuneReportCallback()])
 
@@ -141,21 +141,21 @@ def run_sweep(base: TrainJob, space: dict, sweep: SweepConfig):
         )
     )
     s, max_steps = base.settings, base.recipe.max_steps
-    storage = open_location(s.storage, s.endpoint_url or None)
+    storage = open_location(s.storage, s.endpoint_url)
     experiment_path = f"{storage.path}/{sweep.name}"
     restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage.fs)
     if sweep.resume and not restorable:
         raise OptionError(f"--resume: no sweep named {sweep.name!r} under {s.storage}; drop --resume to start it")
     if restorable and not sweep.resume:
         raise OptionError(f"a sweep named {sweep.name!r} exists under {s.storage}: pass --resume or another --name")
-    ShardSet.open(s.data, s.endpoint_url or None, verify="size")  # a bad data URI fails here, not per trial
+    ShardSet.open(s.data, s.endpoint_url, verify="size")  # a bad data URI fails here, not per trial
     connect()
     # CPU-only: concurrent trials starve each other's Ray Data reads of CPUs (a hang).
     max_concurrent = sweep.max_concurrent or (0 if cluster_gpus() else 1)
     parent = _parent_run(sweep, base, space)
 
     trainable = tune.with_parameters(
-        _run_trial, base=base.to_dict(), sweep_name=sweep.name, parent_run_id=parent.id, tracking_uri=parent.uri
+        _run_trial, base=base, sweep_name=sweep.name, parent_run_id=parent.id, tracking_uri=parent.uri
     )
     # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})

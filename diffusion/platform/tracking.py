@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..config import SamplerSettings
 from ..errors import OptionError
-from ..sampling import Sampler, as_uint8_hwc
+from ..pipeline import Pipeline, as_uint8_hwc
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
 SWEEP_TAG = "ray_diffusion.sweep"
@@ -285,25 +285,28 @@ class SamplerModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        self.sampler = Sampler.from_checkpoint(read_checkpoint(context.artifacts["checkpoint"]), batch_size=16)
+        self.pipeline = Pipeline.from_checkpoint(read_checkpoint(context.artifacts["checkpoint"]), batch_size=16)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         params = {**PARAM_DEFAULTS, **(params or {})}
         clip = {"": None, "true": True, "false": False}[str(params["clip"]).lower()]
         settings = SamplerSettings(
             params["sampler"],
-            int(params["steps"]),
+            int(params["steps"]) or None,
             float(params["eta"]),
             params["spacing"],
             params["variance"] or None,
             clip,
         )
         seeds = [int(seed) for seed in model_input["seed"]]
-        return as_uint8_hwc(self.sampler.samples(seeds, settings)).numpy()
+        return as_uint8_hwc(self.pipeline.samples(seeds, settings)).numpy()
 
 
-# The sampler params of SamplerModel.predict: SamplerSettings' ("" for None: the checkpoint's defaults).
-PARAM_DEFAULTS = {f.name: "" if f.default is None else f.default for f in fields(SamplerSettings)}
+# The sampler params of SamplerModel.predict: SamplerSettings' (for None, the checkpoint's defaults or
+# DDIM's steps: "", or 0 for the steps).
+PARAM_DEFAULTS = {
+    f.name: f.default if f.default is not None else (0 if f.name == "steps" else "") for f in fields(SamplerSettings)
+}
 # A logged model is code, not a pickle (MLflow's "models from code"): this file builds it on load.
 MODEL_CODE = (
     "import mlflow\nfrom diffusion.platform.tracking import SamplerModel\n\nmlflow.models.set_model(SamplerModel())\n"

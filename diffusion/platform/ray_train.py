@@ -1,14 +1,15 @@
-"""Distributed training on Ray Train: DDP across workers fed by Ray Data, checkpoints in the
-run's storage that survive worker failures and resubmission, and MLflow tracking.
+"""The core's training loop (`diffusion.training.train_loop`) on Ray Train: DDP across workers
+fed by Ray Data, checkpoints in the run's storage that survive worker failures and
+resubmission, and MLflow tracking.
 
-    fit(job)  ->  Training(job).fit()  ->  TorchTrainer(train_loop_per_worker)  ->  ray.train.Result
+    train_on_ray(job)  ->  Training(job).fit()  ->  TorchTrainer(train_loop_per_worker)  ->  ray.train.Result
 
-The driver (`fit`, through `Training`) checks the job, resolves paths and resources, reads the
-held-out set, creates or reuses the MLflow run and starts the trainer. Each worker runs
-`train_loop_per_worker`: a flat loop of training steps (`diffusion.training.train_step`, on the
-job's recipe) with one maintenance point per step, where
-`Due.at(step)` decides together what this step also does: log, evaluate, FID, sample grid,
-checkpoint, and the report to Ray Train that carries them. Rank 0 alone writes to MLflow.
+The driver (`train_on_ray`, through `Training`) checks the job, resolves paths and resources,
+reads the held-out set, creates or reuses the MLflow run and starts the trainer. Each worker
+runs `train_loop_per_worker`: the core's loop on its share of the batches, with one maintenance
+point after each step, where `Due.at(step)` decides together what this step also does: log,
+evaluate, FID, sample grid, checkpoint, and the report to Ray Train that carries them. Rank 0
+alone writes to MLflow.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,20 +35,12 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
 from ..errors import OptionError
 from ..fid import FeatureStats, InceptionFeatures, frechet_distance, inception_weights
-from ..images import from_uint8, grid, to_model_input
-from ..sampling import as_uint8_hwc
-from ..training import (
-    DeviceData,
-    HeldoutSet,
-    TrainState,
-    build_state,
-    ddim_samples,
-    fits_on_device,
-    lr_at,
-    train_step,
-)
+from ..images import from_uint8, grid
+from ..pipeline import as_uint8_hwc
+from ..speed import use_bf16
+from ..training import DeviceData, HeldoutSet, TrainState, build_state, ddim_samples, fits_on_device, train_loop
 from . import tracking
-from .checkpoints import read_checkpoint
+from .checkpoint_uris import read_checkpoint
 from .evaluate import inception_judge, reference_stats
 from .resources import Workers, connect, use_assigned_resources
 from .settings import PLACEMENTS, RunSettings, TrainJob
@@ -102,13 +94,13 @@ def heldout_images(shards: ShardSet, settings: RunSettings) -> tuple[np.ndarray,
 def fid_reference(settings: RunSettings, shards: ShardSet, run: tracking.Run):
     """For in-training FID: the data set's reference statistics (cached beside its shards) and
     the Inception weights, in the object store for the workers; the settings go to MLflow."""
-    weights = inception_weights(settings.inception_weights or None)
+    weights = inception_weights(settings.inception_weights)
     reference = reference_stats(shards, settings.fid_splits.split("+"), inception_judge(str(weights)))
     run.set_tags({f"fid_reference_{key}": reference[key] for key in ("n", "manifest_sha256", "weights_sha256")})
     return ray.put({"mu": reference["mu"], "sigma": reference["sigma"], "weights": weights.read_bytes()})
 
 
-def fit(job: TrainJob) -> ray.train.Result:
+def train_on_ray(job: TrainJob) -> ray.train.Result:
     """Train with Ray Train on the current Ray cluster (a local one is started if none is
     connected); the same name and storage resume the latest checkpoint. The MLflow run ends
     FINISHED, or FAILED when training raised; then where the MLflow UI shows it is printed."""
@@ -131,7 +123,7 @@ class Training:
     def __init__(self, job: TrainJob, mlflow_tags: dict | None = None):
         job = resolve(job)
         s = job.settings
-        self.shards = ShardSet.open(s.data, s.endpoint_url or None, verify="size")  # before starting Ray
+        self.shards = ShardSet.open(s.data, s.endpoint_url, verify="size")  # before starting Ray
         if s.fid_every and self.shards.manifest["dataset"] == "digits":
             raise OptionError(
                 "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
@@ -158,12 +150,12 @@ class Training:
 
     def trainer(self, callbacks: list | None = None) -> TorchTrainer:
         job, s, manifest = self.job, self.job.settings, self.shards.manifest
-        storage = open_location(s.storage, s.endpoint_url or None)
+        storage = open_location(s.storage, s.endpoint_url)
         image_bytes = math.prod(manifest[k] for k in ("height", "width", "channels"))
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "job": job.to_dict(),
+                "job": job,
                 "tracking_uri": self.run.uri,
                 "run_id": self.run.id,
                 "heldout": ray.put(self.heldout),
@@ -213,7 +205,7 @@ def log_models(settings: RunSettings, run: tracking.Run, image_shape: tuple[int,
     with tempfile.TemporaryDirectory() as d:
         for which, alias in (("latest", "final"), ("best", "best")):
             name = tracking.MODEL_NAMES[alias]
-            payload = read_checkpoint(run_folder, settings.endpoint_url or None, which)
+            payload = read_checkpoint(run_folder, which, endpoint_url=settings.endpoint_url)
             path = Path(d) / name / CHECKPOINT_FILE
             path.parent.mkdir()
             torch.save({k: v for k, v in payload.items() if k != "optimizer"}, path)  # for sampling
@@ -287,8 +279,8 @@ class Window:
 class Chief:
     """Rank 0's part: the MLflow run, the fixed held-out set, sample grids and progress lines."""
 
-    def __init__(self, loop_config: dict, job: TrainJob, start_step: int):
-        self.job = job
+    def __init__(self, loop_config: dict, job: TrainJob, start_step: int, bf16: bool):
+        self.job, self.bf16 = job, bf16
         self.run = tracking.Run(loop_config["run_id"], loop_config["tracking_uri"], safe=True)
         images = torch.from_numpy(np.array(ray.get(loop_config["heldout"])))  # a writable copy
         self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), job.recipe.num_timesteps, job.recipe.seed)
@@ -296,17 +288,16 @@ class Chief:
         self.monitor = tracking.system_metrics(self.run, "rank0") if job.settings.system_metrics else None
 
     def evaluate(self, state: TrainState) -> dict:
-        bf16 = self.job.settings.bf16
         return {
-            "heldout_loss": self.heldout.loss(state.model, state.schedule, bf16),
-            "heldout_loss_ema": self.heldout.loss(state.ema.ema_model, state.schedule, bf16),
+            "heldout_loss": self.heldout.loss(state.model, state.schedule, self.bf16),
+            "heldout_loss_ema": self.heldout.loss(state.ema.ema_model, state.schedule, self.bf16),
         }
 
     def log_sample_grid(self, state: TrainState) -> None:
         """EMA samples from seeds 0..sample_n-1 as an MLflow image at this step: the same x_T at
         every step, so that the UI steps through the run's progress."""
         s = self.job.settings
-        x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, s.bf16)
+        x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, self.bf16)
         self.run.log_image(grid(x).numpy(), "samples", state.step)
 
     def progress(self, step: int, metrics: dict) -> str:
@@ -330,10 +321,10 @@ class FidProbe:
     """In-training FID: each rank samples its share of fid_n EMA images, Inception statistics
     are summed across ranks, rank 0 compares them with the data set's reference."""
 
-    def __init__(self, reference_ref, device: torch.device):
+    def __init__(self, reference_ref, device: torch.device, bf16: bool):
         self.reference = ray.get(reference_ref)
         self.net = InceptionFeatures(io.BytesIO(self.reference["weights"])).to(device)
-        self.device = device
+        self.device, self.bf16 = device, bf16
 
     def measure(self, state: TrainState, job: TrainJob, rank: int, world: int) -> dict:
         s = job.settings
@@ -341,7 +332,7 @@ class FidProbe:
         per_worker = job.recipe.batch_size // world
         for start in range(0, len(seeds), per_worker):
             x = ddim_samples(
-                state.ema.ema_model, state.schedule, seeds[start : start + per_worker], s.sample_steps, s.bf16
+                state.ema.ema_model, state.schedule, seeds[start : start + per_worker], s.sample_steps, self.bf16
             )
             stats.add(self.net(as_uint8_hwc(x))[0].cpu().numpy())
         if world > 1:
@@ -420,12 +411,6 @@ def fingerprint(state: TrainState) -> str:
     return digest.hexdigest()
 
 
-def warn_fp32(bf16: bool, device: torch.device, rank: int) -> None:
-    """--bf16 (on by default) off CUDA: rank 0 says that this run trains in fp32."""
-    if bf16 and device.type != "cuda" and rank == 0:
-        warnings.warn(f"bf16 autocast runs on CUDA only: this {device.type} run trains in fp32", stacklevel=2)
-
-
 def quiet_reports(verbose: bool) -> None:
     """Unless `verbose`, hide Ray Train's INFO line for every report of this worker ('Reporting
     training result N: TrainingReport(...)', beside every progress line). Its logger is named by
@@ -436,25 +421,26 @@ def quiet_reports(verbose: bool) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    job = TrainJob.from_dict(loop_config["job"])
+    job: TrainJob = loop_config["job"]
     recipe, s = job.recipe, job.settings
     quiet_reports(s.verbose)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
     threads = use_assigned_resources()
-    warn_fp32(s.bf16, device, rank)
+    bf16 = use_bf16(s.precision, device)
     state = build_state(recipe, device, rank, s.channels_last)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
     if s.compile:
         net = torch.compile(net)
-    chief = Chief(loop_config, job, state.step) if rank == 0 else None
-    fid = FidProbe(loop_config["fid_reference"], device) if s.fid_every else None
+    chief = Chief(loop_config, job, state.step, bf16) if rank == 0 else None
+    fid = FidProbe(loop_config["fid_reference"], device, bf16) if s.fid_every else None
     epoch = epochs(job, device, world, loop_config["dataset_bytes"], chief)
     if chief:
-        chief.run.set_tags({"torch_threads_per_worker": threads})
-        log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each")
+        precision = "bf16" if bf16 else "fp32"
+        chief.run.set_tags({"torch_threads_per_worker": threads, "precision_used": precision})
+        log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each, {precision}")
     if chief and resumed:
         log.info(f"resumed from checkpoint at step {state.step}")
         chief.run.log_metrics({"resumed_from_step": state.step}, state.step)
@@ -462,29 +448,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
         chief.run.log_metrics(chief.evaluate(state), 0)
 
     window = Window(device)
-    while state.step < recipe.max_steps:
-        for images in epoch():
-            loss, grad_norm = train_step(state, net, to_model_input(images), recipe, s.bf16)
-            window.add(loss, grad_norm)
-            due = Due.at(state.step, job)
-            if due.any:
-                # Every rank takes part in FID and the report; rank 0 alone evaluates and logs.
-                metrics = {**window.close(recipe.batch_size), "lr": lr_at(recipe, state.step - 1)}
-                if due.fid:
-                    metrics.update(fid.measure(state, job, rank, world))
-                if chief:
-                    if due.evaluate:
-                        metrics.update(chief.evaluate(state))
-                    chief.run.log_metrics(metrics, state.step)
-                    log.info(chief.progress(state.step, metrics))
-                    if due.samples:
-                        chief.log_sample_grid(state)
-                report({**metrics, "step": state.step}, state, job, rank, loop_config["run_id"], due.checkpoint)
-                if chief and due.checkpoint:  # `runs:/<run_id>` stands for the latest checkpoint
-                    uri = f"{s.storage}/{s.name}/{checkpoint_dir_name(state.step)}"
-                    chief.run.set_tags({tracking.CHECKPOINT_TAG: uri})
-            if state.step >= recipe.max_steps:
-                break
+
+    def maintenance(loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        window.add(loss, grad_norm)
+        due = Due.at(state.step, job)
+        if not due.any:
+            return
+        # Every rank takes part in FID and the report; rank 0 alone evaluates and logs.
+        metrics = {**window.close(recipe.batch_size), "lr": state.optimizer.param_groups[0]["lr"]}
+        if due.fid:
+            metrics.update(fid.measure(state, job, rank, world))
+        if chief:
+            if due.evaluate:
+                metrics.update(chief.evaluate(state))
+            chief.run.log_metrics(metrics, state.step)
+            log.info(chief.progress(state.step, metrics))
+            if due.samples:
+                chief.log_sample_grid(state)
+        report({**metrics, "step": state.step}, state, job, rank, loop_config["run_id"], due.checkpoint)
+        if chief and due.checkpoint:  # `runs:/<run_id>` stands for the latest checkpoint
+            uri = f"{s.storage}/{s.name}/{checkpoint_dir_name(state.step)}"
+            chief.run.set_tags({tracking.CHECKPOINT_TAG: uri})
+
+    train_loop(state, recipe, epoch, recipe.max_steps, net, bf16, after_step=maintenance)
 
     fingerprints = [fingerprint(state)] * world
     if world > 1:

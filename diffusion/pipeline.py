@@ -13,14 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import SAMPLING_DEFAULTS, betas_from, model_from, sampling_defaults
-from .config import SamplerSettings, SamplerSpeed
+from .config import SamplerSettings, Speed
 from .images import to_uint8
 from .interpolate import ddim_interpolate, ddpm_interpolate
 from .samplers import ddim_sample, ddpm_sample, fixed_batch, make_generators, randn, timesteps
 from .speed import default_device, sampling_model
 
 
-class Sampler:
+class Pipeline:
     """A model ready to sample: eval mode, on its device, evaluated at one batch shape, in
     the precision and compilation of `speed` (default: bf16 on CUDA, not compiled).
 
@@ -33,7 +33,7 @@ class Sampler:
         model: nn.Module,
         betas: Tensor,
         batch_size: int = 16,
-        speed: SamplerSpeed = SamplerSpeed(),
+        speed: Speed = Speed(),
         defaults: dict = SAMPLING_DEFAULTS,
     ):
         self.model = model.eval()
@@ -42,7 +42,7 @@ class Sampler:
         self.defaults = defaults  # the checkpoint's DDPM variance and clipping
         self.batch_size = batch_size
         self.batched = fixed_batch(sampling_model(model, speed), batch_size)
-        self.observers = threading.local()  # callbacks per thread: two server lanes share a Sampler
+        self.observers = threading.local()  # callbacks per thread: two server lanes share a Pipeline
         self.shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
 
     @classmethod
@@ -51,10 +51,10 @@ class Sampler:
         payload: dict,
         batch_size: int = 16,
         ema: bool = True,
-        speed: SamplerSpeed = SamplerSpeed(),
+        speed: Speed = Speed(),
         device: torch.device | str | None = None,
-    ) -> Sampler:
-        """A Sampler of a checkpoint payload's EMA (or raw) weights on `device` (default: this
+    ) -> Pipeline:
+        """A Pipeline of a checkpoint payload's EMA (or raw) weights on `device` (default: this
         process's GPU, else the CPU), with the schedule it was trained with."""
         model = model_from(payload, ema).to(device or default_device())
         return cls(model, betas_from(payload), batch_size, speed, sampling_defaults(payload))
@@ -110,9 +110,20 @@ class Sampler:
         x_T, generators = self.noise(seeds)
         if s.sampler == "ddim":
             return ddim_sample(
-                self.net, self.betas, x_T, s.steps, s.eta, s.spacing, s.clip, generators, record, s.variance
+                self.net,
+                self.betas,
+                x_T,
+                steps=s.steps,
+                eta=s.eta,
+                spacing=s.spacing,
+                variance=s.variance,
+                clip_denoised=s.clip,
+                generator=generators,
+                record=record,
             )
-        return ddpm_sample(self.net, self.betas, x_T, s.variance, s.clip, generator=generators, record=record)
+        return ddpm_sample(
+            self.net, self.betas, x_T, variance=s.variance, clip_denoised=s.clip, generator=generators, record=record
+        )
 
     @torch.no_grad()
     def sequences(

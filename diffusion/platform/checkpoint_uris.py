@@ -1,6 +1,6 @@
-"""Checkpoints wherever they are: `read_checkpoint` takes what the core's does (a local file or
-folder, published weights) and URIs. The format is `diffusion.checkpoint`; for a URI this module
-only finds the bytes:
+"""Checkpoints at a URI: `read_checkpoint` takes what the core's does (a local file or folder,
+published weights) and URIs. The format is `diffusion.checkpoint`; for a URI this module only
+finds the bytes:
 
 s3://bucket/prefix              a checkpoint.pt, its folder or a run folder, as on a local disk
 runs:/<run_id>                  the latest checkpoint a training run recorded (best: its run folder's best)
@@ -21,11 +21,12 @@ from .storage import open_location
 MODEL_CHECKPOINT = Path("artifacts") / CHECKPOINT_FILE  # inside an MLflow Model folder of this project
 
 
-def read_checkpoint(location: str | Path, endpoint_url: str | None = None, which: str = "latest") -> dict:
+def read_checkpoint(location: str | Path, which: str = "latest", *, endpoint_url: str | None = None) -> dict:
     """The checked payload of a checkpoint file, checkpoint folder, run folder (its latest or
-    best checkpoint, by `which`), s3:// URI or MLflow URI (runs:/<run_id>[/<path>],
-    models:/<name>/<version or @alias>), or published weights (a diffusers folder, a DDPM
-    reference state dict)."""
+    best checkpoint, by `which`), s3:// URI (at `endpoint_url`, default AWS_ENDPOINT_URL) or
+    MLflow URI (runs:/<run_id>[/<path>], models:/<name>/<version or @alias>), or published
+    weights (a diffusers folder, a DDPM reference state dict). The core's
+    `diffusion.checkpoint.read_checkpoint(path, which)` reads the local ones alone."""
     uri = str(location)
     if not is_uri(uri):
         return local.read_checkpoint(uri, which)
@@ -33,7 +34,8 @@ def read_checkpoint(location: str | Path, endpoint_url: str | None = None, which
 
     if uri.startswith("runs:/") and "/" not in uri[len("runs:/") :].strip("/"):
         checkpoint = tracking.checkpoint_of_run(uri[len("runs:/") :].strip("/"))
-        return read_checkpoint(checkpoint if which == "latest" else posixpath.dirname(checkpoint), endpoint_url, which)
+        folder = checkpoint if which == "latest" else posixpath.dirname(checkpoint)
+        return read_checkpoint(folder, which, endpoint_url=endpoint_url)
     if uri.startswith(("runs:/", "models:/")):
         with tempfile.TemporaryDirectory() as d:
             downloaded = tracking.download(uri, d)

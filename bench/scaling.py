@@ -1,8 +1,8 @@
 """Training throughput through Ray Train: images/s in total and per worker at 1 and 2 (or
 more) workers, on the same data, side by side; the steady-state rate is the last logged window.
 
-    python bench/train.py                                       # tiny UNet on CPU workers, synthetic 32x32 data
-    python bench/train.py --model cifar10 --workers 1 --batch-size 128 --steps 200 --gpus-per-worker 1
+    python bench/scaling.py                                       # tiny UNet on CPU workers, synthetic 32x32 data
+    python bench/scaling.py --model cifar10 --workers 1 --batch-size 128 --steps 200 --gpus-per-worker 1
 
 For the UNet alone, without Ray, see bench/core.py (same train_step).
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 from core import machine  # bench/core.py, beside this script
 from data import synthetic_source  # bench/data.py, beside this script
 
+from diffusion.platform.ray_train import train_on_ray
 from diffusion.platform.settings import PRESETS
 from diffusion.platform.shards import write_shards
 from diffusion.platform.storage import open_location
-from diffusion.platform.train import fit
 
 
 def main(argv=None) -> None:
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
                 heldout_size=16,
                 gpus_per_worker=args.gpus_per_worker,
             )
-            result = fit(config)
+            result = train_on_ray(config)
             rate = result.metrics["images_per_s"]
             rows.append(
                 {
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
                 }
             )
             print(
-                f"{workers} worker(s), global batch {config.batch_size}: {rate:8.1f} img/s, "
+                f"{workers} worker(s), global batch {config.recipe.batch_size}: {rate:8.1f} img/s, "
                 f"{rate / workers:8.1f} per worker",
                 flush=True,
             )
