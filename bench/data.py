@@ -26,6 +26,7 @@ import torch
 from core import machine  # bench/core.py, beside this script
 
 from diffusion.images import to_model_input
+from diffusion.platform.resources import connect
 from diffusion.platform.shards import ShardSet, write_shards
 from diffusion.platform.sources import Source, imagefolder_source
 from diffusion.platform.storage import open_location
@@ -85,7 +86,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import boto3
-    import ray
 
     endpoint = args.s3_endpoint or start_moto()
     os.environ["AWS_ENDPOINT_URL"] = endpoint
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         uris = {"local": f"{tmp}/shards", "s3": f"s3://{args.bucket}/bench-shards"}
         for uri in uris.values():
             write_shards(source(), open_location(uri), quiet=True)
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+        connect()  # RAY_ADDRESS's cluster, or a local Ray, as the jobs do
         rows = []
         for storage, uri in uris.items():
             shards = ShardSet.open(uri, verify="size")
@@ -120,7 +120,6 @@ def main(argv=None) -> None:
                 print(
                     f"{storage:5s} {reader:8s}: {n} images in {seconds:6.2f} s = {n / seconds:9.0f} img/s", flush=True
                 )
-        ray.shutdown()
     base = rows[0]["img_per_s"]
     for row in rows:
         row["ratio_to_local_plain"] = row["img_per_s"] / base

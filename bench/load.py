@@ -144,13 +144,13 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
-    import ray
     import torch
     from ray import serve
 
     from diffusion.checkpoint import save_checkpoint
     from diffusion.config import RECIPES
     from diffusion.platform.net import free_port, wait_for_http
+    from diffusion.platform.resources import connect
     from diffusion.platform.serve import build_app
     from diffusion.platform.settings import ServeArgs
     from diffusion.training import build_state
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = RECIPES[args.model].replace(num_timesteps=args.num_timesteps)
         save_checkpoint(Path(tmp) / "checkpoint", build_state(config, torch.device("cpu")), config)
-        ray.init(log_to_driver=False)
+        connect()  # RAY_ADDRESS's cluster, or a local Ray, as the jobs do
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve_args = ServeArgs(checkpoint=str(Path(tmp) / "checkpoint"), batch_size=args.batch_size, gpus=args.gpus)
@@ -167,7 +167,6 @@ def main(argv=None) -> None:
         wait_for_http(f"{url}/healthz", 120, any_status=False)
         records, rss = run(url, args.clients, args.seconds, args.seed)
         serve.shutdown()
-        ray.shutdown()
     result = {
         "model": args.model,
         "num_timesteps": args.num_timesteps,

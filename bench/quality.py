@@ -157,7 +157,8 @@ def markdown(report: dict) -> str:
         for row, paper in PAPER_CIFAR10.items():
             cells_ = [results.get(f"ddim-{s}-{row}-{spacing}") for s in shown]
             if any(cells_):
-                text = [value(c, paper[s]) if c else "-" for c, s in zip(cells_, shown)]
+                # paper.get: S outside Table 1's columns (e.g. --steps 2) has no paper value
+                text = [value(c, paper.get(s)) if c else "-" for c, s in zip(cells_, shown)]
                 lines.append(f"| {row} | " + " | ".join(text) + " |")
         return lines
 
@@ -174,7 +175,7 @@ def markdown(report: dict) -> str:
         if not any(r["spacing"] == spacing for r in report["cells"]):
             continue
         lines += ["", f"## {spacing} tau", ""]
-        lines += table(spacing, lambda c, paper: f"{c['fd']:.2f} ({paper})")
+        lines += table(spacing, lambda c, paper: f"{c['fd']:.2f}" + (f" ({paper})" if paper else ""))
         if report["consistency_anchor"]:
             lines += [
                 "",

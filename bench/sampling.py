@@ -67,18 +67,17 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
 
-    import ray
     from ray import serve
 
     from diffusion.platform.batch_sample import SamplingJob, sample_to
-    from diffusion.platform.resources import Workers
+    from diffusion.platform.resources import Workers, connect
     from diffusion.platform.serve import ServeArgs, build_app
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         checkpoint = write_checkpoint(args.model, Path(tmp) / "checkpoint")
-        ray.init(log_to_driver=False)
+        connect()  # RAY_ADDRESS's cluster, or a local Ray, as the jobs do
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         for mode, batch_size in (("batched", args.batch_size), ("unbatched", 1)):
             app = build_app(ServeArgs(checkpoint=checkpoint, batch_size=batch_size, batch_wait_s=0.01, gpus=args.gpus))
@@ -106,7 +105,6 @@ def main(argv=None) -> None:
         sample_to(job, f"{tmp}/samples", fmt="npz")
         job_rate = args.job_images / (time.perf_counter() - start)
         print(f"batch job: {job_rate:.2f} img/s ({args.job_images} images, batch {args.batch_size}, end to end)")
-        ray.shutdown()
     for clients in args.clients:
         batched, unbatched = (
             next(r for r in rows if r["mode"] == m and r["clients"] == clients) for m in ("batched", "unbatched")

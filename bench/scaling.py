@@ -35,14 +35,11 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
 
-    import ray
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         data = f"{tmp}/data"
         write_shards(synthetic_source(args.images), open_location(data), quiet=True)
-        ray.init(log_to_driver=False)
         for workers in args.workers:
             config = PRESETS[args.model].replace(
                 data=data,
@@ -73,7 +70,6 @@ def main(argv=None) -> None:
                 f"{rate / workers:8.1f} per worker",
                 flush=True,
             )
-        ray.shutdown()
     base = rows[0]["img_per_s"]
     for row in rows:
         row["speedup"] = row["img_per_s"] / base

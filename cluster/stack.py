@@ -31,11 +31,13 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hosts
@@ -55,6 +57,21 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
         wait_for_http(url, timeout, proc)
     except (TimeoutError, ChildProcessError) as e:
         raise RuntimeError(f"{e}; the end of {log}:\n{log_tail(log)}") from None
+
+
+def wait_port(address: str, port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll until `address:port` accepts a connection; fail with the service's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.settimeout(2)
+            if s.connect_ex((address, port)) == 0:
+                return
+        exited = proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            why = f"exited with code {proc.returncode}" if exited else f"not open within {timeout:.0f} s"
+            raise RuntimeError(f"{address}:{port} {why}; the end of {log}:\n{log_tail(log)}")
+        time.sleep(0.25)
 
 
 def log_tail(log: Path) -> str:
@@ -180,6 +197,13 @@ def stop_service(svc: dict, marker: str | None, timeout: float = 60) -> None:
         psutil.wait_procs(procs, timeout=5)
 
 
+def stop_and_remove(svc: dict) -> None:
+    """stop_service, then remove its temp dir (a Ray node's)."""
+    stop_service(svc, svc.get("temp_dir"))
+    if svc.get("temp_dir"):
+        shutil.rmtree(svc["temp_dir"], ignore_errors=True)
+
+
 def env_lines(state: dict) -> list[str]:
     return [f"export {key}={value}" for key, value in state["client_env"].items()]
 
@@ -259,7 +283,9 @@ def start_all(stack: Stack, args) -> None:
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
         base.pop(key, None)
 
-    services_env = {**start_s3(stack, args, base, head), **start_mlflow(stack, args, base, head)}
+    services_env = start_s3(stack, args, base, head)
+    mlflow_env, mlflow = start_mlflow(stack, args, base, head)  # it gets ready while Ray starts
+    services_env.update(mlflow_env)
     token_path = stack.dir / "ray-token"
     private_file(token_path, secrets.token_hex(32))
     dashboard = f"http://{head}:{args.dashboard_port}"
@@ -284,9 +310,11 @@ def start_all(stack: Stack, args) -> None:
     private_file(stack.dir / "env", "\n".join(env_lines(stack.state)) + "\n")
 
     proc = start_ray_node(stack, 0)
-    wait_http(f"{dashboard}/api/version", proc, stack.dir / "logs" / "ray.log", 180)
+    wait_port(head, args.ray_port, proc, stack.dir / "logs" / "ray.log", 180)  # the GCS: nodes can join
     for i in range(1, args.hosts):
         start_ray_node(stack, i)
+    wait_http(f"{dashboard}/api/version", proc, stack.dir / "logs" / "ray.log", 180)
+    wait_http(f"{services_env['MLFLOW_TRACKING_URI']}/health", mlflow, stack.dir / "logs" / "mlflow.log", 120)
     wait_for_nodes(stack, range(args.hosts), 180)
 
 
@@ -309,9 +337,9 @@ def start_s3(stack: Stack, args, base: dict, head: str) -> dict:
     return s3_env
 
 
-def start_mlflow(stack: Stack, args, base: dict, head: str) -> dict:
-    """MLflow's tracking server with its basic-auth app, artifacts proxied to the bucket; the
-    MLflow part of the client environment."""
+def start_mlflow(stack: Stack, args, base: dict, head: str) -> tuple[dict, subprocess.Popen]:
+    """MLflow's tracking server with its basic-auth app, artifacts proxied to the bucket, started
+    (ready once {MLFLOW_TRACKING_URI}/health answers); the MLflow part of the client environment."""
     password = secrets.token_urlsafe(24)
     auth_db = stack.dir / "mlflow-auth.db"
     auth_db.unlink(missing_ok=True)  # the admin is made on first start: with this stack's password
@@ -335,8 +363,7 @@ def start_mlflow(stack: Stack, args, base: dict, head: str) -> dict:
         MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
     )
     proc = stack.start("mlflow", cmd, env, port=args.mlflow_port)
-    wait_http(f"{uri}/health", proc, stack.dir / "logs" / "mlflow.log", 120)
-    return {
+    client_env = {
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_TRACKING_USERNAME": "stack",
         "MLFLOW_TRACKING_PASSWORD": password,
@@ -345,6 +372,7 @@ def start_mlflow(stack: Stack, args, base: dict, head: str) -> dict:
         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
     }
+    return client_env, proc
 
 
 def service_name(host: int) -> str:
@@ -452,15 +480,13 @@ def print_summary(stack: Stack) -> None:
 
 
 def stop_all(stack: Stack) -> None:
-    """Stop every recorded service (Ray nodes first: clients before the services they use), then
-    remove the network and the stack's secrets."""
+    """Stop every recorded service (the Ray nodes first, at once: clients before the services they
+    use; then MLflow and S3), then remove the network and the stack's secrets."""
     services = stack.state["services"]
-    for name in sorted((n for n in services if n.startswith("ray")), reverse=True) + ["mlflow", "s3"]:
-        svc = services.get(name)
-        if svc:
-            stop_service(svc, svc.get("temp_dir"))
-            if svc.get("temp_dir"):
-                shutil.rmtree(svc["temp_dir"], ignore_errors=True)
+    ray_nodes = [svc for name, svc in services.items() if name.startswith("ray")]
+    for group in (ray_nodes, [services[name] for name in ("mlflow", "s3") if name in services]):
+        with ThreadPoolExecutor(max(1, len(group))) as pool:
+            list(pool.map(stop_and_remove, group))
     if stack.network:
         stack.network.remove(stack.hosts)
     stack.state_path.unlink(missing_ok=True)

@@ -132,10 +132,13 @@ class Recipe(Options):
     seed: int = option(0, "seed of initialisation, held-out set and sample grids", ge=0)
 
     def validate(self) -> Recipe:
-        from .unet import UNET_CONFIGS  # torch: after option parsing, never for --help
+        """This recipe, once its model is known to be a UNet config (which needs torch: after option
+        parsing, never for --help); its ranges were checked when it was made."""
+        from .unet import UNET_CONFIGS
 
-        known = self.model in UNET_CONFIGS
-        return check(self, "" if known else f"model must be one of {', '.join(UNET_CONFIGS)}, got {self.model!r}")
+        if self.model not in UNET_CONFIGS:
+            raise OptionError(f"model must be one of {', '.join(UNET_CONFIGS)}, got {self.model!r}")
+        return self
 
 
 RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))

@@ -23,6 +23,10 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 # watcher; polled every 0.25 s, a tiny test fit ends about 3 s sooner (the fits are the same).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The quick tier runs in pytest-xdist processes: each takes its share of the cores for torch, as
+# oversubscribed threads (2 processes x 2 threads on 2 cores) slow both.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 class GaussianOracle:

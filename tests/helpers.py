@@ -48,7 +48,7 @@ def run_main(script: str, *args, ray: bool = False, **env: str) -> subprocess.Co
 
     from diffusion.platform.cli import exit_code
 
-    module = _script_module(script)
+    module = script_module(script)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_environ(cli_env(**env)))
@@ -64,7 +64,7 @@ def run_main(script: str, *args, ray: bool = False, **env: str) -> subprocess.Co
     return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
-def _script_module(script: str):
+def script_module(script: str):
     """A script of the project (jobs/train.py, ...) imported once as a module (its main is not run);
     its folder is importable while it loads, as when it runs (bench/ scripts import bench/core.py)."""
     import importlib.util

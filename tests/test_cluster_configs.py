@@ -10,11 +10,9 @@ autoscaler (which derives its config from them as the autoscaler sidecar does) a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import re
-import shlex
 import shutil
 import subprocess
 import zipfile
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from test_documented_commands import markdown_commands, parse_command, shell_commands, starts_a_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -385,17 +384,18 @@ def test_every_pod_runs_the_project_image_built_from_the_dockerfile():
     assert {"diffusion/", "jobs/", "tune/"} <= {p for line in copied for p in line.split()}
 
 
-def test_rayjob_runs_training_on_a_cluster_it_creates_and_deletes(monkeypatch, capsys):
+def test_rayjob_runs_training_on_a_cluster_it_creates_and_deletes():
     job = one("rayjob-train.yaml", "RayJob")["spec"]
     assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
     assert job["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
-    (command,) = commands_in(job["entrypoint"])
-    assert command[0] == "jobs/train.py"
-    parsed = parse_command(command, monkeypatch, capsys)
+    (command,) = shell_commands(job["entrypoint"])
+    script, args = command.script
+    assert script == "jobs/train.py"
+    parsed = parse_command(script, args)
     config, recipe = parsed.settings, parsed.recipe
-    assert config.data.startswith("s3://") and config.storage.startswith("s3://") and "--name" in command[1]
+    assert config.data.startswith("s3://") and config.storage.startswith("s3://") and "--name" in args
     # Explicit, as the cluster's GPUs may not have joined when the job starts; and they must fit.
-    assert {"--num-workers", "--gpus-per-worker"} <= set(command[1]), command
+    assert {"--num-workers", "--gpus-per-worker"} <= set(args), command
     cluster_gpus = sum(
         g["replicas"] * gpus(g["template"]["spec"]["containers"][0]) for g in job["rayClusterSpec"]["workerGroupSpecs"]
     )
@@ -436,30 +436,14 @@ def test_no_credentials_in_any_config():
     assert not re.search(r"(?i)aws_(access_key_id|secret_access_key|session_token)", launcher)
 
 
-# --- the jobs/ and tune/ commands in these files -------------------------------------------------
-
-SCRIPT = re.compile(r"\bpython3?\s+(?:/home/ray/ray-diffusion/)?((?:jobs|tune)/\w+\.py)\b([^#\n;&|>`]*)")
-PLACEHOLDER = re.compile(r"<[^<>\n]*>")  # runs:/<mlflow run id>
-
-
-def commands_in(text: str) -> list[tuple[str, tuple[str, ...]]]:
-    return [(m[1], user_files_dropped(shlex.split(m[2]))) for m in SCRIPT.finditer(PLACEHOLDER.sub("ID", text))]
-
-
-def user_files_dropped(argv: list[str]) -> tuple[str, ...]:
-    """Without `--config FILE` where FILE is the reader's own (absent here), e.g. my.yaml."""
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "--config" and not (ROOT / argv[i + 1]).exists():
-            return tuple(argv[:i] + argv[i + 2 :])
-    return tuple(argv)
+# --- the commands in these files ----------------------------------------------------------------
 
 
 def config_commands() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every `python jobs/... | tune/...` command in cluster/ (YAML comments and string values, its
-    README), in the main README and in docs/, backslash continuations joined."""
+    """Every `python SCRIPT` command in cluster/: its YAML files' comments and string values (each
+    line that is a command) and its README (as tests/test_documented_commands.py reads the docs)."""
     found = {}
-    readmes = [CLUSTER / "README.md", ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
-    for path in sorted([*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), *readmes]):
+    for path in sorted([*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), CLUSTER / "README.md"]):
         text = path.read_text()
         if path.suffix == ".yaml":
             strings = [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
@@ -472,40 +456,14 @@ def config_commands() -> dict[str, tuple[str, tuple[str, ...]]]:
                     docs.extend(item)
                 elif isinstance(item, str):
                     strings.append(item)
-            text = "\n".join(strings)
-        for i, command in enumerate(commands_in(text.replace("\\\n", " "))):
-            found[f"{path.name}:{Path(command[0]).name}:{i}"] = command
+            lines = [line for string in strings for line in string.splitlines() if starts_a_command(line)]
+            commands = shell_commands("\n".join(lines))
+        else:
+            commands = markdown_commands(text)
+        scripts = [c.script for c in commands if c.script and c.script[0].endswith(".py")]
+        for i, script in enumerate(scripts):
+            found[f"{path.name}:{Path(script[0]).name}:{i}"] = script
     return found
-
-
-class _Parsed(Exception):
-    pass
-
-
-def parse_command(command, monkeypatch, capsys):
-    """The command's arguments through its own CLI: jobs/train.py's parse_args (with the config's
-    validation), or any other script's main() stopped right after its parser accepted them."""
-    script, argv = command
-    spec = importlib.util.spec_from_file_location(f"_cli_{Path(script).stem}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parse = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(parser, args=None, namespace=None):
-        raise _Parsed(parse(parser, args, namespace))
-
-    try:
-        if script == "jobs/train.py":
-            return module.parse_args(list(argv)).validate()  # the job, checked as `fit` checks it
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-        module.main(list(argv))
-    except _Parsed as parsed:
-        return parsed.args[0]
-    except SystemExit as e:
-        if e.code == 0 and "--help" in argv:
-            return None
-        pytest.fail(f"{script} rejects {' '.join(argv)}:\n{capsys.readouterr().err}")
-    pytest.fail(f"{script} ran past its argument parsing")
 
 
 def test_config_commands_cover_every_entry_point():
@@ -514,14 +472,5 @@ def test_config_commands_cover_every_entry_point():
 
 
 @pytest.mark.parametrize("where", sorted(config_commands()))
-def test_config_commands_use_flags_the_cli_accepts(where, monkeypatch, capsys):
-    parse_command(config_commands()[where], monkeypatch, capsys)
-
-
-def test_a_wrong_flag_fails_the_command_check(monkeypatch, capsys):
-    with pytest.raises(pytest.fail.Exception, match="rejects"):
-        parse_command(("jobs/train.py", ("--preset", "cifar10", "--workers", "8")), monkeypatch, capsys)
-    with pytest.raises(pytest.fail.Exception, match="rejects"):
-        parse_command(
-            ("jobs/sample.py", ("--checkpoint", "s3://b/r", "--out", "o", "--gpus", "1")), monkeypatch, capsys
-        )
+def test_config_commands_use_flags_the_cli_accepts(where):
+    parse_command(*config_commands()[where])

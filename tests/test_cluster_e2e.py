@@ -1,8 +1,11 @@
 """The whole design card on one machine, through the commands a user runs: cluster/stack.py up
-(a Ray head, an S3 endpoint and an MLflow server on 127.0.0.1), a CIFAR-10 subset into S3,
-`ray job submit` of a training run that checkpoints to S3 and logs to the MLflow server, of
-the batch sampling job, and of the Serve app deployed from the checkpoint, a PNG over HTTP,
-the runs and their images in MLflow (artifacts in S3), and `down` leaving nothing behind."""
+(Ray, an S3 endpoint and an MLflow server), a CIFAR-10 subset into S3, `ray job submit` of a
+training run that checkpoints to S3 and logs to the MLflow server, of the batch sampling job and
+of the Serve app deployed from its checkpoint, PNGs over HTTP, the runs and their images in MLflow
+(artifacts in S3), and `down` leaving nothing behind. The pipeline runs once, on one stack and one
+training run (these are the suite's slowest tests): on two hosts where network namespaces can be
+made, the training and Serve each losing a host and getting it back; elsewhere on one host
+(127.0.0.1), whose stack is checked from `up` to `down` either way."""
 
 import importlib
 import io
@@ -15,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -29,6 +34,11 @@ from helpers import SHARED_CIFAR, cifar_subset_folder, free_port, mlflow_images
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "ray-diffusion"
+DATA, RUNS, SAMPLES = f"s3://{BUCKET}/data/cifar10", f"s3://{BUCKET}/runs", f"s3://{BUCKET}/samples/e2e"
+SUBMIT = ["ray", "job", "submit", "--working-dir", ROOT]
+# Ray's GCS checks every node's health every 3 s and marks it DEAD after 5 failed checks; checked
+# every 0.5 s, a lost host is marked DEAD after about 3 s instead of 15 (the same detection, sooner).
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500"}
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
@@ -66,15 +76,34 @@ def secrets_of(env: dict) -> list[str]:
 
 
 def stack_processes(state_dir: Path) -> list[psutil.Process]:
-    """Every process the stack started, with their descendants and every Ray process of its temp dir."""
-    state = json.loads((state_dir / "stack.json").read_text())
+    """Every process the stack started, with their descendants and every Ray process of its temp dirs."""
+    services = json.loads((state_dir / "stack.json").read_text())["services"].values()
     procs = []
-    for svc in state["services"].values():
+    for svc in services:
         leader = psutil.Process(svc["pid"])
         procs += [leader, *leader.children(recursive=True)]
-    temp_dir = state["services"]["ray"]["temp_dir"]
-    procs += [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
-    return procs
+    return procs + marked_processes([svc["temp_dir"] for svc in services if "temp_dir" in svc])
+
+
+def marked_processes(temp_dirs: list[str]) -> list[psutil.Process]:
+    """The processes whose command line names one of `temp_dirs` (every Ray process of those nodes)."""
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if any(d in a for d in temp_dirs for a in p.info["cmdline"] or [])
+    ]
+
+
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def concurrently(*calls):
+    """The calls' results, run at once in threads: commands and HTTP polls, whose work is in other processes."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
 
 
 def test_up_refuses_a_busy_port_and_starts_nothing(tmp_path):
@@ -120,15 +149,27 @@ def test_up_with_hosts_where_namespaces_cannot_be_made_says_why(tmp_path, monkey
     assert "--hosts must be at least 1, got 0" in capsys.readouterr().err
 
 
-def running(p: psutil.Process) -> bool:
+def namespaces_unavailable() -> str:
+    """Why network namespaces cannot be made here ('' when they can)."""
+    hosts = cluster_module("hosts")
+
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        hosts.check_possible()
+    except hosts.NamespaceError as e:
+        return str(e)
+    return ""
 
 
-def test_cluster_end_to_end(tmp_path, monkeypatch):
-    if not SHARED_CIFAR.exists():
+# ------------------------------------------------------------------ one host
+
+
+def test_one_host_stack(tmp_path, monkeypatch):
+    """up on 127.0.0.1 at the ports given: the MLflow URL printed and no secret, the env file 0600,
+    three services running; `down` leaves no process, open port or state. Where network namespaces
+    cannot be made, the end-to-end pipeline runs on it in between (one_host_end_to_end); where they
+    can, it runs on two hosts (test_two_hosts_end_to_end_with_one_lost_and_back)."""
+    pipeline = bool(namespaces_unavailable())
+    if pipeline and not SHARED_CIFAR.exists():
         pytest.skip(f"end-to-end check skipped: {SHARED_CIFAR} is absent (it exists on developer machines and CI)")
     state_dir = tmp_path / "stack"
     ports = {flag: free_port() for flag in ("--ray-port", "--dashboard-port", "--s3-port", "--mlflow-port")}
@@ -137,19 +178,19 @@ def test_cluster_end_to_end(tmp_path, monkeypatch):
     out = sh(stack + ["up", *up_args], dict(os.environ), timeout=300)
     assert f"http://127.0.0.1:{ports['--mlflow-port']}" in out and "source" in out
     assert (state_dir / "env").stat().st_mode & 0o077 == 0 and not any(s in out for s in stack_secrets(state_dir))
+    serve_port = free_port()
     try:
         env = stack_env(state_dir)
         assert sh(stack + ["status"], env).count("running") == 3
-        serve_port = free_port()
-        run_end_to_end(tmp_path, env, serve_port, monkeypatch)
+        if pipeline:
+            one_host_end_to_end(tmp_path, env, serve_port, monkeypatch)
         started = stack_processes(state_dir)
         assert len(started) > 5  # moto, mlflow, and Ray's head daemons and workers
         temp_dir = json.loads((state_dir / "stack.json").read_text())["services"]["ray"]["temp_dir"]
     finally:
         down = subprocess.run([str(c) for c in stack + ["down"]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
-    started += [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
-    alive = [p for p in started if running(p)]
+    alive = [p for p in started + marked_processes([temp_dir]) if running(p)]
     assert not alive, f"left running after down: {[(p.pid, p.name()) for p in alive]}"
     for port in [*ports.values(), serve_port]:
         with socket.socket() as s:
@@ -157,37 +198,53 @@ def test_cluster_end_to_end(tmp_path, monkeypatch):
     assert not (state_dir / "stack.json").exists() and not (state_dir / "env").exists()
 
 
-def run_end_to_end(tmp_path: Path, env: dict, serve_port: int, monkeypatch) -> None:
-    data, runs, samples = f"s3://{BUCKET}/data/cifar10", f"s3://{BUCKET}/runs", f"s3://{BUCKET}/samples/e2e"
-    folder = cifar_subset_folder(tmp_path / "images", {"train": 20, "test": 5})
-    sh([sys.executable, "jobs/prepare_data.py", "--dataset", "imagefolder", "--source", folder, "--out", data], env)
+def one_host_end_to_end(tmp_path: Path, env: dict, serve_port: int, monkeypatch) -> None:
+    """Data into S3; a 1-worker training run; from its checkpoint the batch sampling job and the
+    Serve app on 127.0.0.1 (deployed at once); the runs in MLflow."""
+    prepare_data(cifar_subset_folder(tmp_path / "images", {"train": 20, "test": 5}), env)
+    out = sh(SUBMIT + ["--", "python", *train_args("e2e", steps=8, checkpoint_every=8, workers=1)], env)
+    assert "succeeded" in out
+    assert_trained(out, "e2e", 8)
+    s3 = s3_client(env)
+    assert checkpoints(s3, "runs/e2e/") == [8]
 
-    submit = ["ray", "job", "submit", "--working-dir", ROOT, "--", "python"]
-    train = ["jobs/train.py", "--preset", "tiny", "--data", data, "--storage", runs, "--name", "e2e"]
-    train += ["--num-workers", "1", "--max-steps", "8", "--checkpoint-every", "8", "--eval-every", "8"]
-    train += [
-        "--sample-every",
-        "8",
-        "--log-every",
-        "4",
-        "--heldout-size",
-        "16",
-        "--sample-n",
-        "4",
-        "--sample-steps",
-        "4",
-    ]
-    out = sh(submit + train, env)
-    assert "succeeded" in out and "step 8/8" in out
-    assert f"latest checkpoint: {runs}/e2e/checkpoint-000000008" in out  # a URI the next jobs take
+    serve = ["jobs/serve.py", "--checkpoint", f"{RUNS}/e2e", "--port", serve_port, "--batch-size", "2", "--detach"]
+    sampled, served = concurrently(lambda: sample_job(env, "e2e"), lambda: sh(SUBMIT + ["--", "python", *serve], env))
+    assert "succeeded" in sampled and "succeeded" in served
+    png = post_until_served(f"http://127.0.0.1:{serve_port}/v1/samples", SERVE_BODY, env["RAY_DIFFUSION_API_KEY"])
+    assert_two_images(png)
+    assert_samples_written(s3)
+    concurrently(
+        lambda: sh(["serve", "shutdown", "--yes"], env), lambda: assert_tracked(env, monkeypatch, s3, "e2e", 8)
+    )
 
-    s3 = boto3.Session(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
-    s3 = s3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-    assert any(k.startswith("runs/e2e/checkpoint-") and k.endswith("checkpoint.pt") for k in keys), keys
 
-    sample = ["jobs/sample.py", "--checkpoint", f"{runs}/e2e", "--n", "6", "--steps", "4", "--batch-size", "3"]
-    assert "succeeded" in sh(submit + sample + ["--out", samples], env)
+# ------------------------------------------------------------------ the pipeline's parts
+
+
+def prepare_data(folder: Path, env: dict) -> None:
+    sh([sys.executable, "jobs/prepare_data.py", "--dataset", "imagefolder", "--source", folder, "--out", DATA], env)
+
+
+def train_args(name: str, steps: int, checkpoint_every: int, workers: int) -> list:
+    """jobs/train.py on the tiny preset: a held-out evaluation at every checkpoint, a sample grid at the end."""
+    cmd = ["jobs/train.py", "--preset", "tiny", "--data", DATA, "--storage", RUNS, "--name", name]
+    cmd += ["--num-workers", workers, "--max-steps", steps, "--checkpoint-every", checkpoint_every]
+    cmd += ["--eval-every", checkpoint_every, "--log-every", "4", "--heldout-size", "16", "--sample-every", steps]
+    return cmd + ["--sample-n", "4", "--sample-steps", "4"]
+
+
+def assert_trained(logs: str, name: str, steps: int) -> None:
+    assert f"step {steps}/{steps}" in logs
+    assert f"latest checkpoint: {RUNS}/{name}/checkpoint-{steps:09d}" in logs  # a URI the next jobs take
+
+
+def sample_job(env: dict, name: str) -> str:
+    sample = ["jobs/sample.py", "--checkpoint", f"{RUNS}/{name}", "--n", "6", "--steps", "4", "--batch-size", "3"]
+    return sh(SUBMIT + ["--", "python", *sample, "--out", SAMPLES], env)
+
+
+def assert_samples_written(s3) -> None:
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="samples/e2e/")["Contents"]]
     assert sorted(k for k in keys if k.endswith(".png")) == [
         *(f"samples/e2e/{seed:010d}.png" for seed in range(6)),
@@ -195,24 +252,28 @@ def run_end_to_end(tmp_path: Path, env: dict, serve_port: int, monkeypatch) -> N
     ]
     assert "samples/e2e/sampling.json" in keys
 
-    serve = ["jobs/serve.py", "--checkpoint", f"{runs}/e2e", "--port", serve_port, "--batch-size", "2", "--detach"]
-    assert "succeeded" in sh(submit + serve, env)
-    url, key = f"http://127.0.0.1:{serve_port}/v1/samples", env["RAY_DIFFUSION_API_KEY"]
-    png = post_until_served(url, {"n": 2, "seed": 0, "steps": 4}, key)
-    assert Image.open(io.BytesIO(png)).size == (70, 36)  # two 32x32 images in a row, 2-px padding
-    sh(["serve", "shutdown", "--yes"], env)
 
+SERVE_BODY = {"n": 2, "seed": 0, "steps": 4}
+
+
+def assert_two_images(png: bytes) -> None:
+    assert Image.open(io.BytesIO(png)).size == (70, 36)  # two 32x32 images in a row, 2-px padding
+
+
+def assert_tracked(env: dict, monkeypatch, s3, name: str, steps: int) -> None:
+    """In MLflow: the training run (one: a resumed run continues its own) FINISHED, with its grid
+    at its last step, and the sampling run linked to it; their images in S3."""
     client = mlflow_client(env, monkeypatch)
     runs_found = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    by_kind = {r.data.tags["kind"]: r for r in runs_found}
-    assert by_kind.keys() >= {"training", "sampling"}, [r.data.tags for r in runs_found]
-    training, sampling = by_kind["training"], by_kind["sampling"]
-    assert training.info.status == "FINISHED" and training.data.tags["checkpoint_uri"].startswith(f"{runs}/e2e")
+    kinds = [r.data.tags["kind"] for r in runs_found]
+    assert kinds.count("training") == 1 and kinds.count("sampling") == 1, [r.data.tags for r in runs_found]
+    training, sampling = (next(r for r in runs_found if r.data.tags["kind"] == k) for k in ("training", "sampling"))
+    assert training.info.status == "FINISHED" and training.data.tags["checkpoint_uri"].startswith(f"{RUNS}/{name}")
     assert training.data.tags["ray_job_id"] and training.data.metrics["replicas_identical"] == 1.0
     assert sampling.data.tags["training_run_id"] == training.info.run_id
     grids = mlflow_images(client, training.info.run_id, "samples")
-    assert list(grids) == [8], grids  # the EMA grid at its step, as an MLflow image
-    Image.open(grids[8]).verify()  # a real PNG, served back by the tracking server
+    assert list(grids) == [steps], grids  # the EMA grid at its step, as an MLflow image
+    Image.open(grids[steps]).verify()  # a real PNG, served back by the tracking server
     assert list(mlflow_images(client, sampling.info.run_id, "samples")) == [0]
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]
     assert sum(k.endswith(".png") for k in stored) >= 2  # the artifacts live in the S3 bucket
@@ -227,7 +288,7 @@ def mlflow_client(env: dict, monkeypatch) -> MlflowClient:
 
 
 def post_until_served(url: str, body: dict, key: str, timeout: float = 180, node: str = "") -> bytes:
-    """The PNG of the first answer (from the replica on `node`, when given), polled once a second."""
+    """The PNG of the first answer (from the replica on `node`, when given), polled twice a second."""
     deadline = time.time() + timeout
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     while True:
@@ -242,21 +303,10 @@ def post_until_served(url: str, body: dict, key: str, timeout: float = 180, node
             problem = str(e)
         if time.time() > deadline:
             raise AssertionError(f"{url} did not answer{' from ' + node if node else ''} within {timeout} s: {problem}")
-        time.sleep(1)
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ several hosts, one lost
-
-
-def namespaces_unavailable() -> str:
-    """Why network namespaces cannot be made here ('' when they can)."""
-    hosts = cluster_module("hosts")
-
-    try:
-        hosts.check_possible()
-    except hosts.NamespaceError as e:
-        return str(e)
-    return ""
 
 
 def test_a_multi_host_up_that_fails_half_way_leaves_nothing(tmp_path):
@@ -279,11 +329,17 @@ def test_a_multi_host_up_that_fails_half_way_leaves_nothing(tmp_path):
     assert not (tmp_path / "stack.json").exists() and not (tmp_path / "env").exists()
 
 
-def test_two_hosts_with_one_lost_and_back(tmp_path, monkeypatch):
-    """up --hosts 2: a 2-worker training spread over both hosts through `ray job submit`, one host
-    killed after the first checkpoint and brought back (the run resumes from S3 and finishes in
-    its MLflow run), a Serve replica on each host answering (the head's alone while the other is
-    gone), every service refusing a host without credentials, and `down` leaving nothing."""
+# The first checkpoint early; the 8 steps after it leave the kill time to land before the run ends.
+SPREAD_STEPS, SPREAD_CHECKPOINT_EVERY = 12, 4
+
+
+def test_two_hosts_end_to_end_with_one_lost_and_back(tmp_path, monkeypatch):
+    """up --hosts 2, and on it the end-to-end pipeline: a 2-worker training spread over both hosts
+    through `ray job submit`, one host killed after the first checkpoint and brought back (the run
+    resumes from S3 and finishes in its MLflow run); from its checkpoint the batch sampling job and
+    a Serve replica on each host answering (the head's alone while the other is gone); the runs and
+    their images in MLflow with the files in S3; every service refusing a host without
+    credentials, no secret in any log, and `down` leaving nothing."""
     why = namespaces_unavailable()
     if why:
         pytest.skip(f"multi-host check skipped: {why}")
@@ -293,7 +349,10 @@ def test_two_hosts_with_one_lost_and_back(tmp_path, monkeypatch):
 
     state_dir = tmp_path / "stack"
     stack = [sys.executable, "cluster/stack.py", "--state-dir", state_dir]
-    out = sh(stack + ["up", "--hosts", "2", "--num-cpus", "2"], dict(os.environ), timeout=300)
+    folder, out = concurrently(
+        lambda: cifar_subset_folder(tmp_path / "images", {"train": 20, "test": 5}),
+        lambda: sh(stack + ["up", "--hosts", "2", "--num-cpus", "2"], dict(os.environ, **FAST_HEALTH_CHECKS), 300),
+    )
     state = json.loads((state_dir / "stack.json").read_text())
     network = hosts.Network(**state["network"])
     head, worker = network.address(0), network.address(1)
@@ -303,49 +362,68 @@ def test_two_hosts_with_one_lost_and_back(tmp_path, monkeypatch):
         assert env["RAY_API_SERVER_ADDRESS"] == f"http://{head}:8265" and not any(
             s in out for s in stack_secrets(state_dir)
         )
+        assert (state_dir / "env").stat().st_mode & 0o077 == 0
         status = sh(stack + ["status"], env)
         assert f"host h0  {head}" in status and f"host h1  {worker}" in status and status.count("ALIVE") == 2
-        timeline = train_through_a_host_loss(tmp_path, env, stack, monkeypatch, head, worker)
+        assert status.count("running") == 4  # S3, MLflow and a Ray node a host
+        prepare_data(folder, env)
+        loss = train_through_a_host_loss(env, stack, worker)
+        # From the run's last step on, while its job ends: the batch sampling job, Serve deployed and probed.
+        with ThreadPoolExecutor(2) as pool:
+            timeline = pool.submit(assert_resumed_run, env, monkeypatch, head, worker, loss)
+            sampled = pool.submit(sample_job, env, "spread")
+            pngs = serve_on_every_host(env, head, worker)
+            outsiders_refused(network, env, head, worker)
+            timeline, sampled = timeline.result(), sampled.result()
         (tmp_path / "timeline.json").write_text(json.dumps(timeline, indent=1))
         print("host-loss timeline:", json.dumps(timeline))
-        serve_on_every_host(env, stack, head, worker)
-        outsiders_refused(network, env, head, worker)
-        logs = [*(state_dir / "logs").glob("*.log"), *(Path(d) for d in temp_dirs)]
-        assert_secrets_absent(stack_secrets(state_dir), logs)
-        temp_dirs = [
-            svc["temp_dir"]
-            for svc in json.loads((state_dir / "stack.json").read_text())["services"].values()
-            if "temp_dir" in svc
-        ]
+        assert "succeeded" in sampled
+        s3 = s3_client(env)
+        assert_samples_written(s3)
+        concurrently(
+            lambda: serve_through_a_host_loss(env, stack, head, worker, pngs),
+            lambda: assert_tracked(env, monkeypatch, s3, "spread", SPREAD_STEPS),
+        )
+        state = json.loads((state_dir / "stack.json").read_text())
+        temp_dirs = [svc["temp_dir"] for svc in state["services"].values() if "temp_dir" in svc]
+        assert_secrets_absent(stack_secrets(state_dir), [*(state_dir / "logs").glob("*.log"), *map(Path, temp_dirs)])
+        started = stack_processes(state_dir)
     finally:
         down = subprocess.run([str(c) for c in stack + ["down"]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert network.leftovers(2) == [], "namespaces or links left after down"
-    left = [
-        p for p in psutil.process_iter(["cmdline"]) if any(d in a for d in temp_dirs for a in p.info["cmdline"] or [])
-    ]
-    assert not left, f"left running after down: {[(p.pid, p.name()) for p in left]}"
+    alive = [p for p in started + marked_processes(temp_dirs) if running(p)]
+    assert not alive, f"left running after down: {[(p.pid, p.name()) for p in alive]}"
+    assert not (state_dir / "stack.json").exists() and not (state_dir / "env").exists()
     # Nothing can listen on the stack's addresses: none is left on this machine. (No connection is
     # tried: with the bridge gone, the default route would carry it out of the machine.)
     assert not any(net.overlaps(ipaddress.ip_network(network.subnet)) for net in hosts.taken_networks())
 
 
-def train_through_a_host_loss(tmp_path: Path, env: dict, stack: list, monkeypatch, head: str, worker: str) -> dict:
-    data, runs = f"s3://{BUCKET}/data/cifar10", f"s3://{BUCKET}/runs"
-    folder = cifar_subset_folder(tmp_path / "images", {"train": 20, "test": 5})
-    sh([sys.executable, "jobs/prepare_data.py", "--dataset", "imagefolder", "--source", folder, "--out", data], env)
-    train = ["jobs/train.py", "--preset", "tiny", "--data", data, "--storage", runs, "--name", "spread"]
-    train += ["--num-workers", "2", "--placement", "spread", "--max-steps", "40", "--checkpoint-every", "8"]
-    train += ["--eval-every", "8", "--log-every", "4", "--heldout-size", "16", "--sample-every", "40"]
-    train += ["--sample-n", "4", "--sample-steps", "4"]
-    submit = ["ray", "job", "submit", "--no-wait", "--submission-id", "spread", "--working-dir", ROOT, "--", "python"]
-    sh(submit + train, env)
+@dataclass
+class HostLoss:
+    """What train_through_a_host_loss saw, and when (time.time())."""
+
+    submitted: float
+    killed: float
+    saved: list[int]  # the steps of the checkpoints in S3 at the kill
+    noticed: float  # the head marked h1's node DEAD
+    back: float  # h1's new node joined
+    resumed: float
+    resumed_from: int
+
+
+def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
+    """The spread run up to its last step: h1 killed once the first checkpoint is in S3 and restored
+    once the head marks it DEAD, the run resumed."""
+    train = train_args("spread", SPREAD_STEPS, SPREAD_CHECKPOINT_EVERY, workers=2) + ["--placement", "spread"]
+    sh(SUBMIT + ["--no-wait", "--submission-id", "spread", "--", "python", *train], env)
     s3 = s3_client(env)
-    t0 = time.time()
-    wait_until(lambda: checkpoints(s3, "runs/spread/"), "the first checkpoint in S3", 400)
+    submitted = time.time()
+    wait_until(lambda: checkpoints(s3, "runs/spread/"), "the first checkpoint in S3", 400, every=0.25)
     killed = time.time()
     sh(stack + ["kill-host", "h1"], env)
-    saved = checkpoints(s3, "runs/spread/")  # all there will be until the run resumes (older ones are pruned later)
+    saved = checkpoints(s3, "runs/spread/")  # all there will be until the run resumes
     wait_until(
         lambda: cluster_module("stack").ray_nodes(env).get(worker) == "DEAD", "the Ray head marking h1 dead", 120
     )
@@ -354,49 +432,73 @@ def train_through_a_host_loss(tmp_path: Path, env: dict, stack: list, monkeypatc
     back = time.time()
     resumed_line = wait_until(lambda: log_line(env, "spread", "resumed from checkpoint at step"), "the resume", 400)
     resumed = time.time()
+    ended = wait_until(  # the job's end, or its last step done (the final checkpoint in S3) while the job ends
+        lambda: job_finished(env, "spread") or log_line(env, "spread", "done at step"), "the run's last step", 600
+    )
+    assert ended not in ("FAILED", "STOPPED"), jobs_api(env, "spread/logs")["logs"][-3000:]
+    return HostLoss(submitted, killed, saved, noticed, back, resumed, int(resumed_line.rsplit(" ", 1)[1]))
+
+
+def assert_resumed_run(env: dict, monkeypatch, head: str, worker: str, loss: HostLoss) -> dict:
+    """The spread job SUCCEEDED, one worker a host, the replicas identical; it resumed from the last
+    checkpoint and finished in its one MLflow run, no credential among the params. The timeline of
+    the host loss, in seconds from the kill."""
     status = wait_until(lambda: job_finished(env, "spread"), "the training job's end", 600)
+    finished = time.time()
     logs = sh(["ray", "job", "logs", "spread"], env)
     assert status == "SUCCEEDED", logs[-3000:]
-    assert "done at step 40: 2 replica(s), weights and EMA identical across ranks: True" in logs
+    assert f"done at step {SPREAD_STEPS}: 2 replica(s), weights and EMA identical across ranks: True" in logs
+    assert_trained(logs, "spread", SPREAD_STEPS)
     ranks = [line for line in logs.splitlines() if "(ip=" in line and "world_rank=" in line]
     nodes = {line.split("(ip=")[1].split(",")[0] for line in ranks}
     assert nodes == {head, worker}, logs[-3000:]  # one worker a host
-    from_step = int(resumed_line.rsplit(" ", 1)[1])
 
     client = mlflow_client(env, monkeypatch)
     training = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'training'")
     assert len(training) == 1 and training[0].info.status == "FINISHED"  # the same run, resumed
     run = training[0]
     losses = client.get_metric_history(run.info.run_id, "loss")
-    before = [m.step for m in losses if m.timestamp / 1000 < killed]
-    assert from_step == max(saved), f"resumed from step {from_step}, not from the last checkpoint, {max(saved)}"
-    assert max(m.step for m in losses) == 40 and run.data.metrics["replicas_identical"] == 1.0
+    before = [m.step for m in losses if m.timestamp / 1000 < loss.killed]
+    last = max(loss.saved)
+    assert loss.resumed_from == last, f"resumed from step {loss.resumed_from}, not from the last checkpoint, {last}"
+    assert max(m.step for m in losses) == SPREAD_STEPS and run.data.metrics["replicas_identical"] == 1.0
     assert not set(run.data.params.values()) & set(secrets_of(env))  # no credential among the params
     return {
-        "first_checkpoint_s": round(killed - t0, 1),
+        "first_checkpoint_s": round(loss.killed - loss.submitted, 1),
         "killed_at_step": max(before, default=0),
-        "noticed_after_s": round(noticed - killed, 1),
-        "host_back_after_s": round(back - killed, 1),
-        "resumed_after_s": round(resumed - killed, 1),
-        "resumed_from_step": from_step,
-        "steps_redone": max(before, default=0) - from_step,
-        "finished_after_s": round(time.time() - killed, 1),
+        "noticed_after_s": round(loss.noticed - loss.killed, 1),
+        "host_back_after_s": round(loss.back - loss.killed, 1),
+        "resumed_after_s": round(loss.resumed - loss.killed, 1),
+        "resumed_from_step": loss.resumed_from,
+        "steps_redone": max(before, default=0) - loss.resumed_from,
+        "finished_after_s": round(finished - loss.killed, 1),
     }
 
 
-def serve_on_every_host(env: dict, stack: list, head: str, worker: str) -> None:
-    """A replica on each host, each answering at its host's address; the head's alone while the
-    worker host is gone; the worker's again once it is back."""
-    serve = ["jobs/serve.py", "--checkpoint", f"s3://{BUCKET}/runs/spread", "--host", "0.0.0.0", "--replicas", "2"]
+def serve_on_every_host(env: dict, head: str, worker: str) -> dict[str, bytes]:
+    """The Serve app from the spread run's checkpoint, a replica on each host answering at its
+    host's address with the same PNG (the same weights). The PNGs by host."""
+    serve = ["jobs/serve.py", "--checkpoint", f"{RUNS}/spread", "--host", "0.0.0.0", "--replicas", "2"]
     serve += ["--replicas-per-node", "1", "--batch-size", "2", "--detach"]
-    assert "succeeded" in sh(["ray", "job", "submit", "--working-dir", ROOT, "--", "python", *serve], env)
-    body, key = {"n": 1, "seed": 0, "steps": 4}, env["RAY_DIFFUSION_API_KEY"]
-    pngs = {node: post_until_served(f"http://{node}:8000/v1/samples", body, key, node=node) for node in (head, worker)}
-    assert pngs[head] == pngs[worker]  # the same weights on both hosts
+    assert "succeeded" in sh(SUBMIT + ["--", "python", *serve], env)
+    key = env["RAY_DIFFUSION_API_KEY"]
+    pngs = {
+        node: post_until_served(f"http://{node}:8000/v1/samples", SERVE_BODY, key, node=node) for node in (head, worker)
+    }
+    assert pngs[head] == pngs[worker]
+    assert_two_images(pngs[head])
+    return pngs
+
+
+def serve_through_a_host_loss(env: dict, stack: list, head: str, worker: str, pngs: dict[str, bytes]) -> None:
+    """The head's replica alone answering while the worker host is gone; the worker's again once it is back."""
+    key = env["RAY_DIFFUSION_API_KEY"]
     sh(stack + ["kill-host", "h1"], env)
-    assert post_until_served(f"http://{head}:8000/v1/samples", body, key, timeout=60, node=head) == pngs[head]
+    assert post_until_served(f"http://{head}:8000/v1/samples", SERVE_BODY, key, timeout=60, node=head) == pngs[head]
     sh(stack + ["restore-host", "h1"], env)
-    assert post_until_served(f"http://{worker}:8000/v1/samples", body, key, timeout=240, node=worker) == pngs[head]
+    assert (
+        post_until_served(f"http://{worker}:8000/v1/samples", SERVE_BODY, key, timeout=240, node=worker) == pngs[head]
+    )
 
 
 OUTSIDER = """
@@ -490,21 +592,27 @@ def checkpoints(s3, prefix: str) -> list[int]:
     return [int(o["Key"].split("checkpoint-")[1].split("/")[0]) for o in objects if o["Key"].endswith("/checkpoint.pt")]
 
 
+def jobs_api(env: dict, path: str) -> dict:
+    """GET the Jobs API (what `ray job status` and `ray job logs` ask) with the stack's token:
+    polled without starting a Ray CLI process each time."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    url = f"{env['RAY_API_SERVER_ADDRESS']}/api/jobs/{path}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
 def log_line(env: dict, job: str, text: str) -> str | None:
-    logs = subprocess.run(["ray", "job", "logs", job], env=env, capture_output=True, text=True, timeout=60).stdout
-    lines = [line for line in logs.splitlines() if text in line]
+    lines = [line for line in jobs_api(env, f"{job}/logs")["logs"].splitlines() if text in line]
     return lines[-1].strip() if lines else None
 
 
 def job_finished(env: dict, job: str) -> str | None:
-    out = subprocess.run(["ray", "job", "status", job], env=env, capture_output=True, text=True, timeout=60).stdout
-    for state, line in (("SUCCEEDED", "succeeded"), ("FAILED", "failed"), ("STOPPED", "was stopped")):
-        if f"Job '{job}' {line}" in out:
-            return state
-    return None
+    status = jobs_api(env, job)["status"]
+    return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
 
-def wait_until(probe, what: str, timeout: float, every: float = 1.0):
+def wait_until(probe, what: str, timeout: float, every: float = 0.5):
     """probe()'s first truthy value, polled every `every` s; fails naming `what` after `timeout` s."""
     deadline = time.time() + timeout
     while True:

@@ -257,3 +257,12 @@ def test_the_sweeps_search_flags_are_the_searchable_options():
     help_text = run_main("tune/sweep.py", "--help").stdout
     flags = set(re.findall(r"--search-([a-z-]+)", help_text)) - {"seed"}  # --search-seed: the search's own seed
     assert flags == {name.replace("_", "-") for name in SEARCHABLE}
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run ends in README's test command, verbatim: what CI runs is what README promises."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme[readme.index("# Tests (what CI runs") :]
+    command = block.splitlines()[1]
+    assert command.startswith("python3 -m venv") and "pytest" in command
+    assert (PACKAGE.parent / ".ci" / "run").read_text().rstrip().splitlines()[-1] == command

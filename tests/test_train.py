@@ -1,5 +1,5 @@
-"""Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): checkpoints,
-MLflow, resume, failure recovery, identical replicas; the command line's log."""
+"""Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): the command line's
+log, checkpoints, MLflow, resume, failure recovery, identical replicas."""
 
 import json
 import math
@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from diffusion import load_checkpoint
-from diffusion.checkpoint import recipe_of
+from diffusion.checkpoint import checkpoint_dir_name, recipe_of
 from diffusion.platform.checkpoint_uris import read_checkpoint
 from diffusion.platform.ray_train import train_on_ray
 from diffusion.platform.settings import EXPERIMENT, PRESETS
@@ -54,12 +54,34 @@ def steps_of(client, run_id, metric):
     return [m.step for m in client.get_metric_history(run_id, metric)]
 
 
+def train_on_the_command_line(data, storage, name: str, max_steps: int, mlflow_uri: str, ray_address: str) -> None:
+    """jobs/train.py as a user runs it, on the session's Ray, its output to pipes (as to a log file
+    or a job's log): the workers' lines without colour codes and without Ray Train's line for
+    every report, then where the MLflow UI shows the run and the latest checkpoint."""
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+    args = ["--preset", "tiny", "--data", data, "--storage", storage, "--name", name, "--max-steps", max_steps]
+    proc = cli("jobs/train.py", *args, *options, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "(RayTrainWorker pid=" in log and f"step {max_steps}/{max_steps} | loss" in log  # workers' lines
+    assert "\x1b[" not in log and "Reporting training result" not in log
+    _, run = the_run(mlflow_uri, name)
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    lines = proc.stdout.splitlines()  # Ray may print a worker's last lines after them
+    assert (
+        f"MLflow run {run.info.run_id}: mlflow ui --backend-store-uri {mlflow_uri}, "
+        f"then open {page}?workflowType=machine_learning"
+    ) in lines
+    assert f"latest checkpoint: {storage}/{name}/{checkpoint_dir_name(max_steps)}" in lines
+
+
 def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
-    ray_local, cifar_shards, random_inception, tmp_path, mlflow_uri
+    ray_address, cifar_shards, random_inception, tmp_path, mlflow_uri
 ):
+    """A run of the command line (its log: `train_on_the_command_line`), resumed in this process:
+    its checkpoints, MLflow run and logged models."""
     config = tiny(cifar_shards, tmp_path / "runs", "resume", max_steps=20)
-    result = train_on_ray(config)
-    assert result.error is None
+    train_on_the_command_line(cifar_shards, tmp_path / "runs", "resume", 20, mlflow_uri, ray_address)
     run_dir = tmp_path / "runs" / "resume"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000000010", "checkpoint-000000020"]
     payload = torch.load(run_dir / "checkpoint-000000020" / "checkpoint.pt", weights_only=True)
@@ -201,26 +223,3 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
     logged = str(run.data.params) + str(run.data.tags)
     assert "do-not-log-this-secret" not in logged and "test-key" not in logged
     assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so
-
-
-def test_the_command_line_logs_plainly_and_ends_with_its_mlflow_run(ray_address, cifar_shards, tmp_path, mlflow_uri):
-    """jobs/train.py as a user runs it, on the session's Ray, its output to pipes (as to a log
-    file or a job's log): the workers' lines without colour codes and without Ray Train's line
-    for every report, then where the MLflow UI shows the run and the latest checkpoint."""
-    options = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
-    args = ["--preset", "tiny", "--data", cifar_shards, "--storage", tmp_path / "runs", "--name", "cli"]
-    proc = cli(
-        "jobs/train.py", *args, "--max-steps", 10, *options, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "(RayTrainWorker pid=" in log and "step 10/10 | loss" in log  # the workers' lines reach the log
-    assert "\x1b[" not in log and "Reporting training result" not in log
-    _, run = the_run(mlflow_uri, "cli")
-    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    lines = proc.stdout.splitlines()  # Ray may print a worker's last lines after them
-    assert (
-        f"MLflow run {run.info.run_id}: mlflow ui --backend-store-uri {mlflow_uri}, "
-        f"then open {page}?workflowType=machine_learning"
-    ) in lines
-    assert f"latest checkpoint: {tmp_path}/runs/cli/checkpoint-000000010" in lines

@@ -402,13 +402,17 @@ def report(metrics: dict, state: TrainState, job: TrainJob, rank: int, run_id: s
         )
 
 
-def fingerprint(state: TrainState) -> str:
-    """A hash of the weights and EMA weights: equal on every rank when DDP kept them in step."""
+def replicas_identical(state: TrainState, world: int) -> bool:
+    """Whether the weights and EMA weights are equal on every rank (DDP kept them in step): a hash
+    of them gathered from every rank, which must all call this."""
     digest = hashlib.sha256()
     for model in (state.model, state.ema.ema_model):
         for p in model.parameters():
             digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    fingerprints = [digest.hexdigest()] * world
+    if world > 1:
+        dist.all_gather_object(fingerprints, fingerprints[0])
+    return len(set(fingerprints)) == 1
 
 
 def quiet_reports(verbose: bool) -> None:
@@ -448,6 +452,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         chief.run.log_metrics(chief.evaluate(state), 0)
 
     window = Window(device)
+    finished = {}  # what the last step's maintenance found
 
     def maintenance(loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         window.add(loss, grad_norm)
@@ -458,6 +463,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {**window.close(recipe.batch_size), "lr": state.optimizer.param_groups[0]["lr"]}
         if due.fid:
             metrics.update(fid.measure(state, job, rank, world))
+        if state.step == recipe.max_steps:  # before the last report, after which a Tune scheduler may stop the trial
+            metrics["replicas_identical"] = float(replicas_identical(state, world))
+            finished["identical"] = bool(metrics["replicas_identical"])
         if chief:
             if due.evaluate:
                 metrics.update(chief.evaluate(state))
@@ -472,12 +480,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_loop(state, recipe, epoch, recipe.max_steps, net, bf16, after_step=maintenance)
 
-    fingerprints = [fingerprint(state)] * world
-    if world > 1:
-        dist.all_gather_object(fingerprints, fingerprints[0])
+    identical = finished["identical"] if finished else replicas_identical(state, world)  # no step left after a resume
     if chief:
-        identical = len(set(fingerprints)) == 1
-        chief.run.log_metrics({"replicas_identical": float(identical)}, state.step)
         if chief.monitor:
             chief.monitor.finish()
         log.info(f"done at step {state.step}: {world} replica(s), weights and EMA identical across ranks: {identical}")

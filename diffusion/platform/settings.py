@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, fields
 
-from ..config import RECIPE_FIELDS, RECIPES, WHICH, Options, Recipe, Speed, check, option
+from ..config import RECIPE_FIELDS, RECIPES, WHICH, Options, Recipe, Speed, option
 from ..errors import OptionError
 
 # The recipe's options a sweep can search, each with the distribution its flag draws from
@@ -164,17 +164,12 @@ class TrainJob:
         return TrainJob(recipe, self.settings.replace(**{k: v for k, v in changes.items() if k in RUN_FIELDS}))
 
     def to_dict(self) -> dict:
-        """Flat: every option by its name (MLflow params, a worker's config, a config file)."""
+        """Flat: every option by its name (MLflow params, a config file)."""
         return {**self.recipe.to_dict(), **self.settings.to_dict()}
 
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainJob:
-        return cls().replace(**values)
-
     def validate(self) -> TrainJob:
-        """The one check of a job's options: each out of its range named, all at once."""
+        """The job, once its model is known to be a UNet config (every range is checked when options are made)."""
         self.recipe.validate()
-        check(self.settings)
         return self
 
 

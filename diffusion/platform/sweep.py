@@ -1,6 +1,6 @@
 """Ray Tune sweeps over the training of `diffusion.platform.ray_train`, compared in MLflow.
 
-    run_sweep(base, space, SweepConfig(...))  ->  Tuner(trial)  ->  per trial: train.Training(job).fit() on Ray Train
+    run_sweep(base, space, SweepConfig(...))  ->  Tuner(trial)  ->  per trial: ray_train.Training(job).fit() on Ray Train
 
 Ray Train V2 (the default in Ray 2.60) no longer runs a Trainer as a Tune trainable
 (`Tuner(trainer)` raises). Its documented pattern is the one used here: each trial is a
