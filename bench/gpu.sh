@@ -5,6 +5,9 @@
 #   pip download diffusers==0.42.1 --no-deps -d bench/wheels   # here, once (bench/wheels is ignored by git)
 #   bash bench/gpu.sh                      # on the device: run tool, carry ["bench/wheels"], timeout ~560 s
 #   bash bench/gpu.sh --smoke              # on a CPU: the same steps at smoke size, seconds
+#   bash bench/gpu.sh --quality            # the quality run instead (bench/gpu_quality.py), about 8 minutes:
+#                                          # cp ../shared/data/cifar10-jpeg.tar.gz data/ here, carry ["data/cifar10-jpeg.tar.gz"]
+#   bash bench/gpu.sh --quality-smoke      # the quality run's steps at smoke size on a CPU
 #
 # Steps (each narrowed to fit the lease; bench/speed.py alternates ours and diffusers per round):
 #   0. preflight (bench/preflight.py, about a minute): 3 compiled bf16 + fused-Adam training steps
@@ -23,11 +26,14 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 smoke=0
+quality=""
 case "${1:-}" in
     "") ;;
     --smoke) smoke=1 ;;
+    --quality) quality=full ;;
+    --quality-smoke) quality=smoke ;;
     -h | --help) usage; exit 0 ;;
-    *) echo "bench/gpu.sh: unknown argument '$1' (takes only --smoke or --help)" >&2; exit 2 ;;
+    *) echo "bench/gpu.sh: unknown argument '$1' (takes --smoke, --quality, --quality-smoke or --help)" >&2; exit 2 ;;
 esac
 [ $# -le 1 ] || { echo "bench/gpu.sh: one argument at most, got $#: $*" >&2; exit 2; }
 
@@ -44,6 +50,21 @@ start=$(date +%s)
 left() { echo $((budget_s - ($(date +%s) - start))); }
 pack() { tar -czf "$OUT/gpu-results.tar.gz.partial" -C "$RESULTS" . && mv "$OUT/gpu-results.tar.gz.partial" "$OUT/gpu-results.tar.gz"; }
 
+# One step: a Python script with its arguments, cut off after $limit seconds (default 600); a
+# step that fails or is cut off is reported and the run goes on with the next.
+step() { echo; echo "== $* ($(left) s left)"; timeout "${limit:-600}" "$PY" "$@" || echo "== $1 failed or cut off (exit $?); going on"; pack; }
+
+if [ -n "$quality" ]; then  # torch alone: no diffusers needed
+    "$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee "$RESULTS/device.txt"
+    if [ "$quality" = smoke ]; then
+        step bench/gpu_quality.py --smoke --out "$RESULTS/quality"
+    else
+        limit=540 step bench/gpu_quality.py --out "$RESULTS/quality"
+    fi
+    echo "quality run done in $(( $(date +%s) - start )) s: $OUT/gpu-results.tar.gz"
+    exit 0
+fi
+
 if ! "$PY" -c "import diffusers" 2>/dev/null; then
     ls bench/wheels/*.whl >/dev/null 2>&1 || { echo "no diffusers and no bench/wheels/*.whl: see bench/gpu.sh --help"; exit 2; }
     site="$(mktemp -d)"
@@ -57,9 +78,6 @@ fi
     "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 } | tee "$RESULTS/device.txt"
 
-# One step: a Python script with its arguments, cut off after $limit seconds (default 600); a
-# step that fails or is cut off is reported and the run goes on with the next.
-step() { echo; echo "== $* ($(left) s left)"; timeout "${limit:-600}" "$PY" "$@" || echo "== $1 failed or cut off (exit $?); going on"; pack; }
 speed() { step bench/speed.py --out "$RESULTS" "$@"; }
 
 if [ "$smoke" = 1 ]; then

@@ -1,16 +1,18 @@
 """DDIM's Table 1 in miniature: sample quality against the number of steps S, eta and the tau
-spacing, measured on the 8x8 digits, which 2 CPU cores can learn (Song et al. 2021, Table 1 and
-section 5.2; Ho et al. 2020 for DDPM).
+spacing, measured on data 2 CPU cores can learn: the 8x8 digits, and CIFAR-10 with the
+cifar10-cpu preset (Song et al. 2021, Table 1 and section 5.2; Ho et al. 2020 for DDPM).
 
     python bench/quality.py                                  # prepare + train the digits preset, then the grid
     python bench/quality.py --checkpoint runs/digits-linear --n 1000    # bench/results/quality-digits: 32 min
     python bench/quality.py --train-steps 600 --n 200 --steps 10 50 --etas 0 1 --spacings uniform
+    python bench/quality.py --checkpoint runs/cifar10-cpu --data data/cifar10 --n 1000 --steps 10 20 50 100 \
+        --etas 0 1 --spacings quadratic --no-sigma-hat --ddpm posterior --out bench/results/quality-cifar10
 
 Every cell samples the same seeds 0..N-1, so all cells start from the same x_T (DDIM eq. 12
 with sigma(eta) of eq. 16; sigma-hat is the row "sigma-hat": eta = 1 with DDPM's beta_t
 variance; DDPM-1000 is Ho et al.'s ancestral sampler with beta-tilde_t or beta_t). Each cell:
-FD-digits (the Frechet distance in the features of a classifier trained on the train split,
-the FID analogue; diffusion/classifier.py), the classifier score (the IS analogue), the share
+the FD (FD-digits, FD-CIFAR10: the Frechet distance in the features of a classifier trained on
+the train split, the FID analogue; diffusion/classifier.py), the classifier score (the IS analogue), the share
 of samples classified with confidence >= 0.9, and for DDIM the consistency: the mean RMS
 distance (in [-1, 1] pixel units) of each image to the image of the same x_T from the eta = 0,
 uniform cell with the most steps, S = 1000 in the full grid (section 5.2: DDIM's x_0 depends on
@@ -38,9 +40,8 @@ import torch
 from core import describe, machine  # bench/core.py, beside this script
 
 from diffusion.checkpoint import recipe_of, unet_config_of
-from diffusion.classifier import CLASSIFIER_SCORE_SPLITS, DigitsClassifier, confident_share
+from diffusion.classifier import Scorer
 from diffusion.config import SamplerSettings
-from diffusion.fid import FeatureStats, frechet_distance, inception_score
 from diffusion.images import save_grid, to_uint8
 from diffusion.pipeline import Pipeline
 from diffusion.platform.cli import add_checkpoint_options, checkpoint_options
@@ -87,34 +88,6 @@ def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: b
     return sorted(grid, key=lambda c: c.steps)
 
 
-class Scorer:
-    """The classifier's view of a set of uint8 (N, H, W, C) images against the train split.
-    FD's estimate falls with N, so each set is also measured on its first len(test) images,
-    the size of the floor (the real test split), for a like-for-like comparison with it."""
-
-    def __init__(self, net: DigitsClassifier, train: np.ndarray, test: np.ndarray):
-        self.net = net
-        self.ref = self.stats(train)[0]
-        self.floor_n = len(test)
-        self.floor = self.fd(self.stats(test)[0])
-
-    def stats(self, images: np.ndarray) -> tuple[FeatureStats, torch.Tensor]:
-        features, logits = self.net(torch.from_numpy(images))
-        return FeatureStats(features.shape[1]).add(features.numpy()), logits
-
-    def fd(self, stats: FeatureStats) -> float:
-        return frechet_distance(stats.mu, stats.sigma, self.ref.mu, self.ref.sigma)
-
-    def __call__(self, images: np.ndarray) -> dict:
-        stats, logits = self.stats(images)
-        return {
-            "fd": self.fd(stats),
-            "fd_at_floor_n": self.fd(self.stats(images[: self.floor_n])[0]),
-            "score": inception_score(logits.numpy(), CLASSIFIER_SCORE_SPLITS)[0],
-            "confident": confident_share(logits),
-        }
-
-
 def generate(pipeline: Pipeline, settings: SamplerSettings, n: int, batch_size: int) -> torch.Tensor:
     """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W)."""
     return torch.cat([pipeline.samples(range(i, min(i + batch_size, n)), settings) for i in range(0, n, batch_size)])
@@ -146,7 +119,7 @@ def train_preset(data: str, storage: str, train_steps: int | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """Table 1's layout: a row per eta (and sigma-hat), a column per S; FD-digits measured here,
+    """Table 1's layout: a row per eta (and sigma-hat), a column per S; the FD measured here,
     the paper's CIFAR-10 FID in brackets; then the consistency, DDPM and every cell."""
     results = {r["cell"]: r for r in report["cells"]}
     steps = sorted({r["steps"] for r in report["cells"] if r["sampler"] == "ddim"})
@@ -165,7 +138,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# DDIM Table 1 in miniature: {report['checkpoint']} (step {report['checkpoint_step']})",
         "",
-        f"FD-digits of {report['n']} samples per cell (seeds 0..{report['n'] - 1}: the same x_T in every cell) "
+        f"{report['metric']} of {report['n']} samples per cell (seeds 0..{report['n'] - 1}: the same x_T in every cell) "
         f"against the {report['reference_n']} train images. Floor (the {report['floor_n']} real test images "
         f"against train) {report['floor']:.2f}; an untrained UNet {report['untrained']['fd']:.1f}. "
         "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
@@ -186,12 +159,12 @@ def markdown(report: dict) -> str:
             lines += table(spacing, lambda c, paper: f"{c['consistency']:.3f}")
     ddpm = [r for r in report["cells"] if r["sampler"] == "ddpm"]
     if ddpm:
-        lines += ["", "## DDPM, 1000 steps", "", "| variance | FD-digits | classifier score | confident |"]
+        lines += ["", "## DDPM, 1000 steps", "", f"| variance | {report['metric']} | classifier score | confident |"]
         lines += ["|---|---|---|---|"]
         lines += [f"| {r['variance']} | {r['fd']:.2f} | {r['score']:.2f} | {r['confident']:.3f} |" for r in ddpm]
     lines += ["", "## Every cell", ""]
     lines += [
-        f"| cell | FD-digits | FD-digits of the first {report['floor_n']} (floor {report['floor']:.2f}) "
+        f"| cell | {report['metric']} | {report['metric']} of the first {report['floor_n']} (floor {report['floor']:.2f}) "
         "| classifier score | confident >= 0.9 | consistency | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -209,7 +182,7 @@ def markdown(report: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_options(p, required=False)  # without --checkpoint: the digits preset is trained here
-    p.add_argument("--data", default="data/digits", help="the prepared digits (prepared here when absent)")
+    p.add_argument("--data", default="data/digits", help="the prepared digits (prepared here when absent) or CIFAR-10")
     p.add_argument("--storage", default="runs", help="where the preset trains when no --checkpoint is given")
     p.add_argument("--train-steps", type=int, default=None, help="train this many steps instead of the preset's")
     p.add_argument("--n", type=int, default=500, help="samples per cell")
@@ -257,7 +230,7 @@ def run_cells(pipeline: Pipeline, scorer: Scorer, plan: list[Cell], args, out: P
             np.savez_compressed(out / "ddim50.npz", images=images)
             wrote_npz = True
         print(
-            f"{cell.name:28s} FD-digits {result['fd']:8.2f}  score {result['score']:.2f}  "
+            f"{cell.name:28s} FD {result['fd']:8.2f}  score {result['score']:.2f}  "
             f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
             flush=True,
         )
@@ -282,7 +255,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusion.platform.evaluate import classifier_judge
+    from diffusion.platform.evaluate import own_judge
     from diffusion.platform.shards import ShardSet
 
     start = time.time()
@@ -291,10 +264,11 @@ def main(argv=None) -> int:
     source = replace(checkpoint_options(args), checkpoint=checkpoint)
     payload = source.read()
     shards = ShardSet.open(args.data)
-    classifier = classifier_judge(shards).build()
+    judge = own_judge(shards)
+    label = judge.metric.upper().replace("_", "-").replace("DIGITS", "digits")  # FD-digits, FD-CIFAR10
     train = next(shards.iter_batches(len(shards), splits=["train"]))["image"]
     test = next(shards.iter_batches(len(shards), splits=["test"]))["image"]
-    scorer = Scorer(classifier, train, test)
+    scorer = Scorer(judge.build(), train, test)
     pipeline = Pipeline.from_checkpoint(payload, batch_size=args.batch_size, ema=source.ema, device="cpu")
 
     torch.manual_seed(0)
@@ -310,6 +284,8 @@ def main(argv=None) -> int:
         "checkpoint": str(checkpoint),
         "checkpoint_step": payload["step"],
         "model": recipe_of(payload).model,
+        "metric": label,
+        "judge_sha256": judge.sha256,
         "n": args.n,
         "seeds": f"0..{args.n - 1}",
         "reference_n": len(train),

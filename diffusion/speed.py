@@ -10,6 +10,9 @@ training set kept on the GPU) live in `diffusion.training`.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -30,11 +33,28 @@ def fast_cuda_kernels() -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """`auto`: bf16 on CUDA (tensor cores), fp32 elsewhere."""
+@functools.cache
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX: `amx_bf16` among the
+    flags of /proc/cpuinfo); False where that cannot be read."""
+    try:
+        return any(
+            line.startswith("flags") and "amx_bf16" in line.split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+        )
+    except OSError:
+        return False
+
+
+def use_bf16(precision: str, device: torch.device, training: bool = False) -> bool:
+    """`auto`: bf16 autocast where it was measured faster (bench/cpu_training.py): on CUDA (tensor
+    cores), and for training on a CPU with bf16 matrix units (AMX: 1.6-3.6x fp32's images per
+    second); fp32 elsewhere, and for sampling on every CPU (its samples then alike on every CPU)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (training and device.type == "cpu" and cpu_has_bf16_matrix_units())
 
 
 def sampling_model(model: nn.Module, speed: Speed = Speed()) -> Model:

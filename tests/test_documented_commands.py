@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, SHARED_CIFAR, script_module, free_port, npz, run_main, write_cifar10
+from helpers import ROOT, SHARED_CIFAR, free_port, npz, run_main, script_module, write_cifar10
 
 # --- the commands in the Markdown ------------------------------------------------------------------
 
@@ -193,6 +193,12 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/evaluate\.py --checkpoint runs/digits-linear ": (
             "tests/test_digits.py::test_evaluate_measures_fd_digits_with_the_floor_and_logs_them"
         ),
+        r"^python jobs/evaluate\.py --checkpoint runs/cifar10-cpu ": (
+            "tests/test_cifar10_cpu.py::test_evaluate_judges_cifar10_with_the_kept_judge_where_no_inception_weights_are_at_hand"
+        ),
+        r"^python bench/cifar10_judge\.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
+        r"^python bench/cpu_training\.py": "tests/test_cifar10_cpu.py::test_the_cpu_training_bench_compares_every_choice",
+        r"^bash bench/gpu\.sh --quality-smoke$": "tests/test_cifar10_cpu.py::test_the_gpu_quality_run_runs_its_steps_at_smoke_size",
         r"^python tune/sweep\.py": "tests/test_sweep.py::swept",  # the CLI, 3 trials with ASHA
         r"^python tune/screenshot\.py --sweep": "tests/test_sweep.py::test_the_compare_page_screenshot_shows_the_trials",
         r"^python tune/screenshot\.py --run": "tests/test_mlflow_models.py::test_the_run_page_shows_the_models_and_the_sample_grid",
@@ -205,7 +211,7 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"jobs/prepare_data\.py --dataset (cifar10|stl10)(?! .*--source)": DOWNLOAD,
         r"^huggingface-cli download": "the internet: the DDPM weights from the Hugging Face hub",
         r"--checkpoint weights/ddpm-cifar10-32": USER_WEIGHTS,
-        r"--device cuda|--gpus 1|--gpus-per-worker 1": GPU,
+        r"--device cuda|--gpus 1|--gpus-per-worker 1|^bash bench/gpu\.sh --quality$": GPU,
         r"^ray (job submit|dashboard)|^source \.stack/env|^serve shutdown|cluster/stack\.py": CLUSTER,
         r"^curl .*\$\{RAY_ADDRESS": CLUSTER,
     },
@@ -568,6 +574,9 @@ BENCH = {  # script -> the test that runs it at smoke size
     "bench/data.py": "test_bench_data",
     "bench/scaling.py": "test_bench_scaling",
     "bench/sampling.py": "test_bench_sampling",
+    "bench/cifar10_judge.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
+    "bench/cpu_training.py": "tests/test_cifar10_cpu.py::test_the_cpu_training_bench_compares_every_choice",
+    "bench/gpu_quality.py": "tests/test_cifar10_cpu.py::test_the_gpu_quality_run_runs_its_steps_at_smoke_size",
 }
 
 

@@ -181,6 +181,7 @@ NOT_THE_SETTING = {
     ("bench/quality.py", "steps"): "the grid's S values, many at once",
     ("bench/sampling.py", "steps"): "the DDIM steps of the requests it sends over HTTP",
     ("bench/scaling.py", "steps"): "training steps per measurement",
+    ("bench/cpu_training.py", "steps"): "timed training steps per variant and round",
 }
 
 

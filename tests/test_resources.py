@@ -36,11 +36,15 @@ def test_a_worker_runs_torch_on_as_many_threads_as_its_cpus(ray_local):
     this project runs as many threads as it holds CPUs, rounded up."""
 
     @ray_local.remote
-    def threads() -> tuple[int, int]:
-        return resources.use_assigned_resources(), torch.get_num_threads()
+    def threads(reading_share: float = 0.0) -> tuple[int, int]:
+        return resources.use_assigned_resources(reading_share), torch.get_num_threads()
 
     assert ray_local.get(threads.options(num_cpus=1.5).remote()) == (2, 2)
     assert ray_local.get(threads.options(num_cpus=0.5).remote()) == (1, 1)
+    # A CPU training worker adds its part of the CPU kept for Ray Data: on 2 cores one worker
+    # (1 CPU) trains on 2 threads, each of two (0.5 CPU) on one.
+    assert ray_local.get(threads.options(num_cpus=1).remote(1.0)) == (2, 2)
+    assert ray_local.get(threads.options(num_cpus=0.5).remote(0.5)) == (1, 1)
 
 
 GPU_WITHOUT_CUDA = """

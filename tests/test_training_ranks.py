@@ -5,6 +5,7 @@ and the step reads nothing from the host."""
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from diffusion import speed
 from diffusion.checkpoint import checkpoint_dir_name, read_checkpoint, restore_state, save_checkpoint
 from diffusion.config import RECIPES
 from diffusion.schedule import NoiseSchedule
@@ -102,17 +104,26 @@ def test_the_training_step_reads_nothing_from_the_host():
     assert any("_to_copy" in op for op in traffic.ops), traffic.ops
 
 
-def test_precision_decides_the_autocast_of_a_training_step_on_any_device():
-    """--precision auto is bf16 on CUDA and fp32 elsewhere; bf16 asked for trains under bf16
-    autocast on a CPU too (its convolutions in bf16), and fp32 without."""
-    assert (use_bf16("auto", torch.device("cuda")), use_bf16("auto", torch.device("cpu"))) == (True, False)
-    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("fp32", torch.device("cuda"))
-    seen = []
+def test_precision_decides_the_autocast_of_a_training_step_on_any_device(monkeypatch):
+    """--precision auto is bf16 on CUDA, and for training on a CPU with bf16 matrix units (AMX);
+    fp32 elsewhere and for sampling on every CPU. bf16 asked for trains under bf16 autocast on a
+    CPU too (its convolutions in bf16), and fp32 without; their losses agree to bf16's precision."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(speed, "cpu_has_bf16_matrix_units", lambda: amx)
+        assert use_bf16("auto", cuda) and use_bf16("auto", cuda, training=True) and not use_bf16("auto", cpu)
+        assert use_bf16("auto", cpu, training=True) == amx
+        assert use_bf16("bf16", cpu) and not use_bf16("fp32", cuda) and not use_bf16("fp32", cpu, training=True)
+    seen, losses = [], []
+    x0 = torch.linspace(-1, 1, 4 * 64).view(4, 1, 8, 8)
     for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         state = build_state(CONFIG, torch.device("cpu"))
         state.model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-        loss, _ = train_step(state, state.model, torch.zeros(4, 1, 8, 8), CONFIG, bf16)
-        assert seen.pop() == dtype and not seen and torch.isfinite(loss)
+        train_step(state, state.model, x0, CONFIG, bf16)  # the output layer starts at zero: eps-hat 0 in both
+        loss, _ = train_step(state, state.model, x0, CONFIG, bf16)
+        assert seen.pop() == dtype and seen.pop() == dtype and not seen and torch.isfinite(loss)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2) and losses[0] != losses[1]  # bf16: 8 bits of mantissa
 
 
 def test_fast_cuda_kernels_turns_on_autotuning_and_tf32():

@@ -3,9 +3,10 @@ checkpoint's samples, extracted by an actor pool (one feature network per GPU), 
 Frechet statistics on the driver; reference statistics cached beside the shards; the metrics
 logged to MLflow with every setting that changes them.
 
-The feature network (the `Judge`) is FID's Inception for image data sets, and for the 8x8
-digits, where ImageNet features mean little, a small classifier trained on their own train
-split (`diffusion.classifier`), cached beside the shards as the statistics are:
+The feature network (the `Judge`) is FID's Inception where its weights are given; otherwise a
+classifier trained on the data set's own train split (`diffusion.classifier`): for the 8x8
+digits (where ImageNet features mean little) a small CNN cached beside the shards as the
+statistics are, for CIFAR-10 the ResNet-20 kept in the package:
 
     shards --Ray Data--> FeatureActor --> FeatureStats --> <metric>-stats-<splits>.npz (cache)
     seeds --> SampleWriter (batch_sample) --> FeatureActor --> FID / FD-digits, IS / score --> MLflow
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +28,7 @@ import torch
 
 from .. import classifier, fid
 from ..digest import file_digest
+from ..errors import InputError
 from ..fid import FeatureStats, frechet_distance, inception_score
 from ..speed import default_device
 from . import tracking
@@ -96,10 +99,52 @@ def _classifier_judge(state: dict, data: bytes) -> Judge:
     )
 
 
-def judge_for(shards: ShardSet, inception_weights: str | None = None) -> Judge:
-    """The digits' own classifier for the digits, FID's Inception for every other data set."""
+def cifar10_judge() -> Judge:
+    """The kept CIFAR-10 judge (`classifier.cifar10_judge`): FD-CIFAR10 in its features."""
+    weights = classifier.CIFAR10_JUDGE
+    return Judge(
+        "classifier",
+        "fd_cifar10",
+        "classifier_score",
+        classifier.CLASSIFIER_SCORE_SPLITS,
+        classifier.cifar10_judge,
+        classifier.FEATURE_DIM,
+        file_digest(weights) if weights.is_file() else "",
+    )
+
+
+def is_cifar10(manifest: dict) -> bool:
+    """CIFAR-10 as prepared from its archive or from an image folder of its classes, at 32x32."""
+    size = (manifest["height"], manifest["width"], manifest["channels"])
+    return manifest["classes"] == list(classifier.CIFAR10_CLASSES) and size == (32, 32, 3)
+
+
+def own_judge(shards: ShardSet) -> Judge:
+    """The classifier trained on the data set's own train split: the digits' or CIFAR-10's."""
     if shards.manifest["dataset"] == "digits":
         return classifier_judge(shards)
+    if is_cifar10(shards.manifest):
+        return cifar10_judge()
+    raise InputError(
+        f"{shards.location.uri} is neither the digits nor CIFAR-10 (32x32, its 10 classes): no classifier judges it; "
+        "use FID (jobs/evaluate.py --inception-weights PATH)"
+    )
+
+
+def judge_for(shards: ShardSet, inception_weights: str | None = None) -> Judge:
+    """The digits' own classifier for the digits; FID's Inception for other data sets, except
+    CIFAR-10 where no Inception weights are at hand (none given, none in the hub cache): the
+    kept ResNet-20 there, said in one line."""
+    if shards.manifest["dataset"] == "digits":
+        return classifier_judge(shards)
+    if is_cifar10(shards.manifest) and not (inception_weights or os.environ.get("FID_INCEPTION_WEIGHTS")):
+        try:
+            return inception_judge(str(fid.inception_weights(download=False)))
+        except fid.MissingWeights:
+            print("no FID Inception weights here: CIFAR-10 is judged by the kept ResNet-20 (FD-CIFAR10, not FID)")
+            judge = cifar10_judge()
+            judge.build()  # a missing file fails here, before Ray starts
+            return judge
     return inception_judge(str(fid.inception_weights(inception_weights)))
 
 
@@ -184,6 +229,9 @@ def evaluate(
     }
     if judge.kind == "classifier":
         metrics["confident_share"] = classifier.confident_share(torch.from_numpy(logits))
+        shares = dict(zip(shards.manifest["classes"], classifier.class_shares(torch.from_numpy(logits))))
+        metrics |= {"class_share_min": min(shares.values()), "class_share_max": max(shares.values())}
+        metrics |= {f"class_share.{name}": share for name, share in shares.items()}
         if "test" in shards.manifest["splits"] and "test" not in ref["splits"]:
             real = reference_stats(shards, ["test"], judge, job.batch_size, job.workers)
             metrics[f"{judge.metric}_floor"] = frechet_distance(real["mu"], real["sigma"], ref["mu"], ref["sigma"])
@@ -199,7 +247,7 @@ def evaluate(
         "reference_manifest_sha256": ref["manifest_sha256"],
         f"{judge.kind}_weights_sha256": ref["weights_sha256"],
     }
-    results = {**metrics, **params}
+    results = {"metric": judge.metric, **metrics, **params}
     T = len(payload["betas"])
     tags = {"kind": "evaluation", "training_run_id": payload.get("mlflow_run_id", "")}
     run = tracking.Run.create(job.experiment, f"{judge.metric}-{job.settings.label(T)}-{stats.n}", tags, params)

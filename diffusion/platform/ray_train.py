@@ -431,9 +431,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
-    threads = use_assigned_resources()
-    bf16 = use_bf16(s.precision, device)
-    state = build_state(recipe, device, rank, s.channels_last)
+    threads = use_assigned_resources(reading_share=0.0 if s.gpus_per_worker else 1 / world)
+    bf16 = use_bf16(s.precision, device, training=True)
+    channels_last = s.channels_last == "on" or (s.channels_last == "auto" and device.type == "cuda")
+    state = build_state(recipe, device, rank, channels_last)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
     if s.compile:

@@ -79,13 +79,16 @@ class GpuNotVisibleError(RuntimeError):
     """Ray placed a worker on a GPU that torch on its node cannot see."""
 
 
-def use_assigned_resources() -> int:
-    """In a Ray worker or actor: torch's CPU threads set to the CPUs Ray gave it, rounded up (Ray's
-    own OMP_NUM_THREADS rounds down, to one thread for 1.5 CPUs), and a GPU Ray gave it checked:
+def use_assigned_resources(reading_share: float = 0.0) -> int:
+    """In a Ray worker or actor: torch's CPU threads set to the CPUs Ray gave it plus
+    `reading_share` (a training worker's part of the CPU `cpu_share` keeps for Ray Data, whose
+    reading needs a fraction of it), rounded up (Ray's own OMP_NUM_THREADS rounds down, to one
+    thread for 1.5 CPUs): one CPU training worker on 2 cores trains on 2 threads, two on one
+    each. A GPU Ray gave it is checked:
     torch must see it (else a GpuNotVisibleError naming the node, rather than a run on the CPU
     without a word), with cuDNN autotuning and TF32 turned on. Returns the thread count."""
     context = ray.get_runtime_context()
-    threads = max(1, math.ceil(context.get_assigned_resources().get("CPU", 1)))
+    threads = max(1, math.ceil(context.get_assigned_resources().get("CPU", 1) + reading_share - 1e-9))
     torch.set_num_threads(threads)
     gpus = context.get_accelerator_ids().get("GPU", [])
     if gpus and not torch.cuda.is_available():
