@@ -430,7 +430,10 @@ def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
     noticed = time.time()
     sh(stack + ["restore-host", "h1"], env)
     back = time.time()
-    resumed_line = wait_until(lambda: log_line(env, "spread", "resumed from checkpoint at step"), "the resume", 400)
+    try:
+        resumed_line = wait_until(lambda: log_line(env, "spread", "resumed from checkpoint at step"), "the resume", 400)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the job's log:\n{jobs_api(env, 'spread/logs')['logs'][-4000:]}") from None
     resumed = time.time()
     ended = wait_until(  # the job's end, or its last step done (the final checkpoint in S3) while the job ends
         lambda: job_finished(env, "spread") or log_line(env, "spread", "done at step"), "the run's last step", 600
