@@ -23,14 +23,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from cifar10_judge import SHARED_CIFAR, load_splits  # bench/cifar10_judge.py, beside this script
 from core import machine
+from quality import as_images, generate  # bench/quality.py: its sampling loop and uint8 view
 
 from diffusion.classifier import Scorer, cifar10_judge
 from diffusion.config import RECIPES, SamplerSettings
-from diffusion.images import save_grid, to_model_input, to_uint8
+from diffusion.images import save_grid, to_model_input
 from diffusion.pipeline import Pipeline
 from diffusion.speed import default_device
 from diffusion.training import DeviceData, build_state, train_step
@@ -40,13 +40,8 @@ CARRIED = Path("data/cifar10-jpeg.tar.gz")  # where bench/gpu.sh --quality puts 
 
 
 def samples(model: torch.nn.Module, betas: torch.Tensor, settings: SamplerSettings, n: int, batch: int) -> torch.Tensor:
-    """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W), in bf16 on a GPU."""
-    pipeline = Pipeline(model, betas, batch)
-    return torch.cat([pipeline.samples(range(i, min(i + batch, n)), settings).cpu() for i in range(0, n, batch)])
-
-
-def as_images(x: torch.Tensor) -> np.ndarray:
-    return to_uint8(x).permute(0, 2, 3, 1).numpy()
+    """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W), on the CPU (made in bf16 on a GPU)."""
+    return generate(Pipeline(model, betas, batch), settings, n, batch).cpu()
 
 
 def main(argv=None) -> int:
