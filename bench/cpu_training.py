@@ -48,9 +48,7 @@ def images_per_second(ch: int, variant: tuple, batch: int, steps: int, cores: in
     torch.set_num_threads(threads or cores)
     recipe = Recipe(model="cifar10", batch_size=batch, dropout=0.0)
     state = build_state(recipe, torch.device("cpu"), channels_last=memory == "channels_last", unet=unet_of(ch))
-    x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    if memory == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = (torch.rand(batch, 3, 32, 32) * 2 - 1).contiguous(memory_format=state.memory_format)
     train_step(state, state.model, x, recipe, precision == "bf16")  # warm-up: oneDNN picks its kernels
     start = time.perf_counter()
     for _ in range(steps):

@@ -47,6 +47,7 @@ class TrainState:
     schedule: NoiseSchedule  # on the training device
     step: int = 0
     rank: int = 0  # this worker's rank: its own stream of training draws (`seed_step`)
+    memory_format: torch.memory_format = torch.contiguous_format  # the model's, which its inputs take
 
 
 def build_state(
@@ -59,11 +60,18 @@ def build_state(
         fast_cuda_kernels()
     torch.manual_seed(recipe.seed)
     model = build_unet(unet or recipe.model, dropout=recipe.dropout).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(recipe, 0), **fastest_adam(device))
     betas = make_betas(recipe.schedule, recipe.num_timesteps, recipe.beta_start, recipe.beta_end)
-    return TrainState(model, EMA(model, recipe.ema_decay), optimizer, NoiseSchedule(betas).to(device), rank=rank)
+    return TrainState(
+        model,
+        EMA(model, recipe.ema_decay),
+        optimizer,
+        NoiseSchedule(betas).to(device),
+        rank=rank,
+        memory_format=memory_format,
+    )
 
 
 def fastest_adam(device: torch.device) -> dict:
@@ -126,7 +134,8 @@ def train_loop(
     while state.step < max_steps:
         start = state.step
         for images in epochs():
-            loss, grad_norm = train_step(state, net, to_model_input(images), recipe, bf16)
+            x0 = to_model_input(images).contiguous(memory_format=state.memory_format)
+            loss, grad_norm = train_step(state, net, x0, recipe, bf16)
             if after_step:
                 after_step(loss, grad_norm)
             if state.step >= max_steps:

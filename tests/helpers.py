@@ -123,6 +123,19 @@ def _ray_forbidden(ray_module):
         ray_module.is_initialized, ray_module.init = saved
 
 
+def own_processes(marker: str) -> list:
+    """This test process's descendants (the Ray it started, and that Ray's workers) whose command
+    line contains `marker`: never another Ray's on the same machine (a user's training run)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # gone since listed
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
 def post(url: str, body, raw: bool = False, content_type: str = "application/json"):
     """POST `body` (JSON, or bytes with raw) to a Serve endpoint: (status, headers, body bytes)."""
     import json

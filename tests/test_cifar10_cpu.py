@@ -85,7 +85,8 @@ def test_a_data_set_without_its_own_judge_is_refused_by_the_quality_bench(tmp_pa
 
 def test_the_cpu_preset_validates_and_trains(monkeypatch):
     """The cifar10-cpu preset: its recipe and settings check, and its UNet (6.5M) trains a few
-    steps of the core loop in the precision `auto` picks for CPU training here."""
+    steps of the core loop in the precision `auto` picks for CPU training here, each batch in the
+    model's memory format (a channels_last batch into a contiguous CPU model: 15-25% slower)."""
     from diffusion.platform.settings import PRESETS
     from diffusion.speed import use_bf16
     from diffusion.training import DeviceData, build_state, train_loop
@@ -96,7 +97,8 @@ def test_the_cpu_preset_validates_and_trains(monkeypatch):
     state = build_state(recipe, torch.device("cpu"), channels_last=False)
     assert 6.4e6 < sum(p.numel() for p in state.model.parameters()) < 6.6e6
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    losses = []
+    losses, contiguous = [], []
+    state.model.register_forward_pre_hook(lambda _, args: contiguous.append(args[0].is_contiguous()))
     bf16 = use_bf16("auto", torch.device("cpu"), training=True)
     train_loop(
         state,
@@ -106,7 +108,7 @@ def test_the_cpu_preset_validates_and_trains(monkeypatch):
         bf16=bf16,
         after_step=lambda loss, _: losses.append(loss.item()),
     )
-    assert state.step == 3 and all(np.isfinite(losses))
+    assert state.step == 3 and all(np.isfinite(losses)) and contiguous == [True] * 3
 
 
 @pytest.mark.slow

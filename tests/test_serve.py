@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import free_port, npz, post, tiny_diffusers_folder
+from helpers import free_port, npz, own_processes, post, tiny_diffusers_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 T, LONG, MAX_REQUEST, MAX_QUEUED = 100, 50, 200, 200  # the service's T; its lanes and bounds in UNet calls
@@ -178,13 +178,7 @@ def test_a_large_body_gets_a_413_without_being_echoed(service):
 
 
 def replica_rss() -> int:
-    import psutil
-
-    (replica,) = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "ServeReplica:default:DiffusionService" in " ".join(p.info["cmdline"] or [])
-    ]
+    (replica,) = own_processes("ServeReplica:default:DiffusionService")
     return replica.memory_info().rss
 
 

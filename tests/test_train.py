@@ -9,7 +9,6 @@ import time
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -22,7 +21,7 @@ from diffusion.platform.ray_train import train_on_ray
 from diffusion.platform.settings import EXPERIMENT, PRESETS
 from diffusion.platform.tracking import EXPERIMENT_KIND_TAG, RUN_NAME_TAG
 from diffusion.speed import cpu_has_bf16_matrix_units
-from helpers import cli, mlflow_images
+from helpers import cli, mlflow_images, own_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -206,11 +205,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
         deadline = time.time() + 600
         while time.time() < deadline and not registered("checkpoint-000000010"):
             time.sleep(0.2)
-        for proc in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                proc.kill()
-                killed.append(proc.pid)
-                return
+        for proc in own_processes("RayTrainWorker")[:1]:
+            proc.kill()
+            killed.append(proc.pid)
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
