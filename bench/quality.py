@@ -5,7 +5,7 @@ cifar10-cpu preset (Song et al. 2021, Table 1 and section 5.2; Ho et al. 2020 fo
     python bench/quality.py                                  # prepare + train the digits preset, then the grid
     python bench/quality.py --checkpoint runs/digits-linear --n 1000    # bench/results/quality-digits: 32 min
     python bench/quality.py --train-steps 600 --n 200 --steps 10 50 --etas 0 1 --spacings uniform
-    python bench/quality.py --checkpoint runs/cifar10-cpu --data data/cifar10 --n 1000 --steps 10 20 50 100 \
+    python bench/quality.py --checkpoint runs/cifar10-cpu-linear --data data/cifar10 --n 1000 --steps 10 20 50 100 \
         --etas 0 1 --spacings quadratic --no-sigma-hat --ddpm posterior --out bench/results/quality-cifar10
 
 Every cell samples the same seeds 0..N-1, so all cells start from the same x_T (DDIM eq. 12

@@ -430,16 +430,26 @@ def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
     noticed = time.time()
     sh(stack + ["restore-host", "h1"], env)
     back = time.time()
+
+    def resumed_line() -> str | None:
+        line = log_line(env, "spread", "resumed from checkpoint at step")
+        if not line and (job_finished(env, "spread") or log_line(env, "spread", "done at step")):
+            raise AssertionError("the run reached its end without a resume: the kill came after its last step")
+        return line
+
     try:
-        resumed_line = wait_until(lambda: log_line(env, "spread", "resumed from checkpoint at step"), "the resume", 400)
+        resumed_from = wait_until(resumed_line, "the resume", 400)
     except AssertionError as e:
-        raise AssertionError(f"{e}; the job's log:\n{jobs_api(env, 'spread/logs')['logs'][-4000:]}") from None
+        seen = (
+            f"first checkpoint seen {killed - submitted:.1f} s after the submit, checkpoints in S3 at the kill: {saved}"
+        )
+        raise AssertionError(f"{e} ({seen}); the job's log:\n{jobs_api(env, 'spread/logs')['logs'][-4000:]}") from None
     resumed = time.time()
     ended = wait_until(  # the job's end, or its last step done (the final checkpoint in S3) while the job ends
         lambda: job_finished(env, "spread") or log_line(env, "spread", "done at step"), "the run's last step", 600
     )
     assert ended not in ("FAILED", "STOPPED"), jobs_api(env, "spread/logs")["logs"][-3000:]
-    return HostLoss(submitted, killed, saved, noticed, back, resumed, int(resumed_line.rsplit(" ", 1)[1]))
+    return HostLoss(submitted, killed, saved, noticed, back, resumed, int(resumed_from.rsplit(" ", 1)[1]))
 
 
 def assert_resumed_run(env: dict, monkeypatch, head: str, worker: str, loss: HostLoss) -> dict:

@@ -193,7 +193,7 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/evaluate\.py --checkpoint runs/digits-linear ": (
             "tests/test_digits.py::test_evaluate_measures_fd_digits_with_the_floor_and_logs_them"
         ),
-        r"^python jobs/evaluate\.py --checkpoint runs/cifar10-cpu ": (
+        r"^python jobs/evaluate\.py --checkpoint runs/cifar10-cpu-linear ": (
             "tests/test_cifar10_cpu.py::test_evaluate_judges_cifar10_with_the_kept_judge_where_no_inception_weights_are_at_hand"
         ),
         r"^python bench/cifar10_judge\.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
