@@ -159,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
     # 6.5M UNet, a higher learning rate than the paper's 35.7M network takes, a short warm-up and
     # an EMA over the last ~1000 steps (the paper's 0.9999 averages over more steps than the run has).
     "cifar10-cpu": Recipe(
-        model="cifar10-cpu", dropout=0.0, lr=5e-4, warmup_steps=500, batch_size=64, ema_decay=0.999, max_steps=4500
+        model="cifar10-cpu", dropout=0.0, lr=5e-4, warmup_steps=500, batch_size=64, ema_decay=0.999, max_steps=5500
     ),
     # CPU tests and demos: the tiny UNet, a short run.
     "tiny": Recipe(model="tiny", dropout=0.0, lr=1e-3, warmup_steps=10, batch_size=16, ema_decay=0.99, max_steps=200),
