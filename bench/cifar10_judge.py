@@ -93,7 +93,7 @@ def train(args: argparse.Namespace, data: dict, work: Path) -> tuple[ResNet20, f
         final_div_factor=100,
     )
     generator = torch.Generator().manual_seed(args.seed)
-    bf16 = use_bf16("auto", torch.device("cpu"), training=True)  # bf16 where the CPU has AMX
+    bf16 = use_bf16("auto", torch.device("cpu"), training=True)  # bf16 where the CPU has native bf16
     state_file, epoch, seconds = work / "state.pt", 0, 0.0
     if state_file.exists():
         state = torch.load(state_file, weights_only=True)

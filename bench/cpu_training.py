@@ -8,7 +8,7 @@ images per second and its ratio to fp32, contiguous, on all the threads in the s
     python bench/cpu_training.py --sizes 32 64 128 --json bench/results/cpu-training.json
     python bench/cpu_training.py --smoke                           # seconds: it runs
 
-These decide `precision auto` (bf16 for training on CPUs with AMX, diffusion/speed.py),
+These decide `precision auto` (bf16 for training on CPUs with AMX or AVX-512 BF16, diffusion/speed.py),
 channels_last (GPUs only) and the threads of a CPU training worker (diffusion/platform/resources.py).
 """
 

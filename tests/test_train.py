@@ -20,7 +20,7 @@ from diffusion.platform.checkpoint_uris import read_checkpoint
 from diffusion.platform.ray_train import train_on_ray
 from diffusion.platform.settings import EXPERIMENT, PRESETS
 from diffusion.platform.tracking import EXPERIMENT_KIND_TAG, RUN_NAME_TAG
-from diffusion.speed import cpu_has_bf16_matrix_units
+from diffusion.speed import cpu_has_native_bf16
 from helpers import cli, mlflow_images, own_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -66,8 +66,8 @@ def train_on_the_command_line(data, storage, name: str, max_steps: int, mlflow_u
     assert "(RayTrainWorker pid=" in log and f"step {max_steps}/{max_steps} | loss" in log  # workers' lines
     assert "\x1b[" not in log and "Reporting training result" not in log
     # Two CPU workers on the session's 2 CPUs train on one thread each (half a CPU and their part
-    # of the one kept for Ray Data); bf16 where the CPU has AMX (auto).
-    precision = "bf16" if cpu_has_bf16_matrix_units() else "fp32"
+    # of the one kept for Ray Data); bf16 where the CPU has native bf16 (auto).
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
     assert f"2 worker(s) on cpu, 1 torch thread(s) each, {precision}" in log
     _, run = the_run(mlflow_uri, name)
     page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

@@ -105,14 +105,14 @@ def test_the_training_step_reads_nothing_from_the_host():
 
 
 def test_precision_decides_the_autocast_of_a_training_step_on_any_device(monkeypatch):
-    """--precision auto is bf16 on CUDA, and for training on a CPU with bf16 matrix units (AMX);
+    """--precision auto is bf16 on CUDA, and for training on a CPU with native bf16 (AMX or AVX-512 BF16);
     fp32 elsewhere and for sampling on every CPU. bf16 asked for trains under bf16 autocast on a
     CPU too (its convolutions in bf16), and fp32 without; their losses agree to bf16's precision."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for amx in (True, False):
-        monkeypatch.setattr(speed, "cpu_has_bf16_matrix_units", lambda: amx)
+    for native in (True, False):
+        monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: native)
         assert use_bf16("auto", cuda) and use_bf16("auto", cuda, training=True) and not use_bf16("auto", cpu)
-        assert use_bf16("auto", cpu, training=True) == amx
+        assert use_bf16("auto", cpu, training=True) == native
         assert use_bf16("bf16", cpu) and not use_bf16("fp32", cuda) and not use_bf16("fp32", cpu, training=True)
     seen, losses = [], []
     x0 = torch.linspace(-1, 1, 4 * 64).view(4, 1, 8, 8)
