@@ -1,6 +1,7 @@
 """DDIM's Table 1 in miniature: sample quality against the number of steps S, eta and the tau
 spacing, measured on data 2 CPU cores can learn: the 8x8 digits, and CIFAR-10 with the
-cifar10-cpu preset (Song et al. 2021, Table 1 and section 5.2; Ho et al. 2020 for DDPM).
+cifar10-cpu preset (Song et al. 2021, Table 1 and section 5.2; Ho et al. 2020 for DDPM), with
+DPM-Solver++(2M) (Lu et al. 2022) beside DDIM at S = 5, 10, 20, 50 (--solver-steps).
 
     python bench/quality.py                                  # prepare + train the digits preset, then the grid
     python bench/quality.py --checkpoint runs/digits-linear --n 1000    # bench/results/quality-digits: 32 min
@@ -10,10 +11,11 @@ cifar10-cpu preset (Song et al. 2021, Table 1 and section 5.2; Ho et al. 2020 fo
 
 Every cell samples the same seeds 0..N-1, so all cells start from the same x_T (DDIM eq. 12
 with sigma(eta) of eq. 16; sigma-hat is the row "sigma-hat": eta = 1 with DDPM's beta_t
-variance; DDPM-1000 is Ho et al.'s ancestral sampler with beta-tilde_t or beta_t). Each cell:
+variance; DDPM-1000 is Ho et al.'s ancestral sampler with beta-tilde_t or beta_t; DPM-Solver++
+on the same spacings). Each cell:
 the FD (FD-digits, FD-CIFAR10: the Frechet distance in the features of a classifier trained on
 the train split, the FID analogue; diffusion/classifier.py), the classifier score (the IS analogue), the share
-of samples classified with confidence >= 0.9, and for DDIM the consistency: the mean RMS
+of samples classified with confidence >= 0.9, and for DDIM and DPM-Solver++ the consistency: the mean RMS
 distance (in [-1, 1] pixel units) of each image to the image of the same x_T from the eta = 0,
 uniform cell with the most steps, S = 1000 in the full grid (section 5.2: DDIM's x_0 depends on
 x_T alone, whatever the tau). The floor is the FD between
@@ -61,7 +63,7 @@ PAPER_CIFAR10 = {
 
 @dataclass(frozen=True)
 class Cell:
-    row: str  # an eta ("0.0") or "sigma-hat"; "ddpm" for DDPM-1000
+    row: str  # an eta ("0.0") or "sigma-hat"; "ddpm" for DDPM-1000; "dpmpp_2m" for DPM-Solver++(2M)
     steps: int  # also the model calls per image
     spacing: str
     settings: SamplerSettings
@@ -70,12 +72,17 @@ class Cell:
     def name(self) -> str:
         if self.settings.sampler == "ddpm":
             return f"ddpm-1000-{self.settings.variance}"
+        if self.settings.sampler == "dpmpp_2m":
+            return f"dpmpp_2m-{self.steps}-{self.spacing}"
         return f"ddim-{self.steps}-{self.row}-{self.spacing}"
 
 
-def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: bool, ddpm: list[str]) -> list[Cell]:
-    """The grid, cheapest first. Quadratic tau needs S well below T (its timesteps repeat
-    towards S = T), so it stops at S = 100 as in the DDIM reference."""
+def cells(
+    steps: list[int], etas: list[float], spacings: list[str], sigma_hat: bool, ddpm: list[str], solver_steps: list[int]
+) -> list[Cell]:
+    """The grid, cheapest first: DDIM, DDPM-1000 and DPM-Solver++(2M) (on the same spacings).
+    Quadratic tau needs S well below T (its timesteps repeat towards S = T), so it stops at
+    S = 100 as in the DDIM reference."""
     rows = [(f"{eta:.1f}", eta, "posterior") for eta in etas] + ([("sigma-hat", 1.0, "beta")] if sigma_hat else [])
     grid = [
         Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance))
@@ -85,6 +92,12 @@ def cells(steps: list[int], etas: list[float], spacings: list[str], sigma_hat: b
         for row, eta, variance in rows
     ]
     grid += [Cell("ddpm", 1000, "-", SamplerSettings("ddpm", variance=v)) for v in ddpm]
+    grid += [
+        Cell("dpmpp_2m", s, spacing, SamplerSettings("dpmpp_2m", s, spacing=spacing))
+        for s in solver_steps
+        for spacing in spacings
+        if not (spacing == "quadratic" and s > 100)
+    ]
     return sorted(grid, key=lambda c: c.steps)
 
 
@@ -157,6 +170,7 @@ def markdown(report: dict) -> str:
                 "",
             ]
             lines += table(spacing, lambda c, paper: f"{c['consistency']:.3f}")
+    lines += solver_table(report, results)
     ddpm = [r for r in report["cells"] if r["sampler"] == "ddpm"]
     if ddpm:
         lines += ["", "## DDPM, 1000 steps", "", f"| variance | {report['metric']} | classifier score | confident |"]
@@ -179,6 +193,34 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def solver_table(report: dict, results: dict) -> list[str]:
+    """DPM-Solver++(2M) beside DDIM eta 0 (both deterministic solvers of the same ODE) at every S
+    either was sampled at: the FD, and the consistency in brackets."""
+    solver = [r for r in report["cells"] if r["sampler"] == "dpmpp_2m"]
+    if not solver:
+        return []
+    lines = ["", "## DPM-Solver++(2M) beside DDIM (eta 0)", ""]
+    lines += [f"{report['metric']}; in brackets the consistency, where there is an anchor (as above). Same x_T."]
+    for spacing in report["spacings"]:
+        if not any(r["spacing"] == spacing for r in solver):
+            continue
+        names = {"DDIM": "ddim-{}-0.0-" + spacing, "DPM-Solver++(2M)": "dpmpp_2m-{}-" + spacing}
+        shown = sorted(
+            {r["steps"] for r in report["cells"] if r["cell"] in {n.format(r["steps"]) for n in names.values()}}
+        )
+        lines += ["", f"{spacing} tau:", "", "| sampler | " + " | ".join(f"S = {s}" for s in shown) + " |"]
+        lines += ["|---|" + "---|" * len(shown)]
+        for name, pattern in names.items():
+            found = [results.get(pattern.format(s)) for s in shown]
+            text = ["-" if c is None else f"{c['fd']:.2f}" + consistency_note(c) for c in found]
+            lines.append(f"| {name} | " + " | ".join(text) + " |")
+    return lines
+
+
+def consistency_note(result: dict) -> str:
+    return "" if result["consistency"] is None else f" ({result['consistency']:.3f})"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_options(p, required=False)  # without --checkpoint: the digits preset is trained here
@@ -190,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--etas", type=float, nargs="+", default=[0.0, 0.2, 0.5, 1.0], help="DDIM eta rows")
     p.add_argument("--spacings", nargs="+", default=["uniform", "quadratic"], choices=["uniform", "quadratic"])
     p.add_argument("--no-sigma-hat", action="store_true", help="skip the sigma-hat row")
+    p.add_argument(
+        "--solver-steps", type=int, nargs="*", default=[5, 10, 20, 50], help="DPM-Solver++(2M) S values (none: skip)"
+    )
     p.add_argument(
         "--ddpm",
         nargs="*",
@@ -238,14 +283,15 @@ def run_cells(pipeline: Pipeline, scorer: Scorer, plan: list[Cell], args, out: P
 
 
 def add_consistency(done: list[dict]) -> dict | None:
-    """Each DDIM cell's RMS distance to the consistency anchor, the eta 0 uniform DDIM cell with
-    the most steps (S = 1000 in the full grid); the samples are dropped. Returns the anchor."""
+    """Each DDIM and DPM-Solver++ cell's RMS distance to the consistency anchor, the eta 0 uniform
+    DDIM cell with the most steps (S = 1000 in the full grid; both solve the ODE it solves most
+    finely); the samples are dropped. Returns the anchor."""
     deterministic = [r for r in done if r["sampler"] == "ddim" and r["row"] == "0.0" and r["spacing"] == "uniform"]
     anchor = max(deterministic, key=lambda r: r["steps"], default=None)
     anchor_x = anchor["_x"] if anchor else None
     for result in done:
         x = result.pop("_x")
-        if anchor_x is not None and result["sampler"] == "ddim":
+        if anchor_x is not None and result["sampler"] != "ddpm":
             result["consistency"] = (x - anchor_x).pow(2).flatten(1).mean(1).sqrt().mean().item()
     return anchor
 
@@ -277,7 +323,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm)
+    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm, args.solver_steps)
     done, skipped, wrote_npz = run_cells(pipeline, scorer, plan, args, out, trained_at)
     anchor = add_consistency(done)
     report = {

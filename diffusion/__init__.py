@@ -1,4 +1,5 @@
-"""DDPM and DDIM in plain PyTorch: schedules, the Ho et al. UNet, samplers, interpolation,
+"""DDPM and DDIM in plain PyTorch: schedules, the Ho et al. UNet, samplers (DDPM, DDIM,
+DPM-Solver++), interpolation,
 training steps, checkpoints and FID maths. The core: it imports torch and numpy only
 (torchvision to write PNGs), and local checkpoints load without anything else.
 
@@ -25,6 +26,7 @@ _HOMES = {
         "ddim_sample",
         "ddim_sigmas",
         "ddpm_sample",
+        "dpm_solver_sample",
         "fixed_batch",
         "make_generators",
         "randn",

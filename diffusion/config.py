@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from .errors import OptionError
 
 SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")  # dpmpp_2m: DPM-Solver++(2M), as k-diffusion and ComfyUI name it
 SPACINGS = ("uniform", "quadratic")
 VARIANCES = ("posterior", "beta")  # sigma^2: DDPM beta-tilde_t (eq. 7) or beta_t; DDIM sigma(eta) or sigma-hat
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -155,7 +155,7 @@ RECIPES: dict[str, Recipe] = {
     "digits": Recipe(
         model="digits", lr=2e-3, warmup_steps=200, batch_size=128, ema_decay=0.995, flip=False, max_steps=4000
     ),
-    # CIFAR-10 on a 2-core CPU, sized for about 2 hours through Ray Train (bf16 on AMX CPUs): a
+    # CIFAR-10 on a 2-core CPU, sized for about 2 hours through Ray Train (bf16 on CPUs with AMX or AVX-512 BF16): a
     # 6.5M UNet, a higher learning rate than the paper's 35.7M network takes, a short warm-up and
     # an EMA over the last ~1000 steps (the paper's 0.9999 averages over more steps than the run has).
     "cifar10-cpu": Recipe(
@@ -166,7 +166,9 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-DEFAULT_STEPS = 50  # of DDIM when none are given
+# Steps when none are given: the DDIM paper's 50; 20 for DPM-Solver++(2M), which its paper and
+# diffusers' pipelines use (its second order reaches at 20 what DDIM needs 50-100 for).
+DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}
 
 
 @dataclass(frozen=True)
@@ -180,12 +182,17 @@ class SamplerSettings:
     DDPM (imported weights bring their scheduler's: DDPM's own CIFAR-10 release sampled with beta_t
     and clipping) and the DDIM paper's for DDIM (posterior, no clipping): `resolve` fills them in."""
 
-    sampler: str = option("ddim", "DDIM (steps, eta) or DDPM (all T steps)", choices=SAMPLERS)
+    sampler: str = option(
+        "ddim", "DDIM (steps, eta), DDPM (all T steps) or DPM-Solver++(2M) (steps; deterministic)", choices=SAMPLERS
+    )
     steps: int | None = option(
-        None, f"DDIM steps: the length of the sub-sequence tau, at most the model's T (default: {DEFAULT_STEPS})", ge=1
+        None,
+        "DDIM and DPM-Solver++ steps: the length of the sub-sequence tau, at most the model's T "
+        f"(default: {DEFAULT_STEPS['ddim']} for DDIM, {DEFAULT_STEPS['dpmpp_2m']} for DPM-Solver++)",
+        ge=1,
     )
     eta: float = option(0.0, "DDIM eta of eq. (16): 0 deterministic, 1 DDPM-like", ge=0, le=1)
-    spacing: str = option("uniform", "DDIM tau spacing", choices=SPACINGS)
+    spacing: str = option("uniform", "tau spacing of DDIM and DPM-Solver++", choices=SPACINGS)
     variance: str | None = option(
         None,
         "sigma^2: posterior (DDPM beta-tilde, DDIM sigma(eta)) or beta (DDPM beta_t, DDIM sigma-hat with eta 1); "
@@ -193,22 +200,26 @@ class SamplerSettings:
         choices=VARIANCES,
     )
     clip: bool | None = option(
-        None, "clip the predicted x_0 to [-1, 1]; default: the checkpoint's for DDPM, off for DDIM"
+        None, "clip the predicted x_0 to [-1, 1]; default: the checkpoint's for DDPM, off for DDIM and DPM-Solver++"
     )
 
     def __post_init__(self):
-        ddim = self.sampler == "ddim"
-        steps_for_ddpm = not ddim and self.steps is not None
+        ddim, ddpm, solver = self.sampler == "ddim", self.sampler == "ddpm", self.sampler == "dpmpp_2m"
         sigma_hat = ddim and self.variance == "beta" and self.eta != 1
         check(
             self,
-            steps_for_ddpm
-            and "steps is for DDIM: DDPM always takes all T steps; for fewer steps of the DDPM-like sampler "
-            f"use sampler ddim with eta 1 and steps {self.steps}",
+            ddpm
+            and self.steps is not None
+            and "steps is for DDIM and DPM-Solver++: DDPM always takes all T steps; for fewer steps of the "
+            f"DDPM-like sampler use sampler ddim with eta 1 and steps {self.steps}",
             sigma_hat and f"variance beta with DDIM is the paper's sigma-hat, defined for eta = 1, got eta {self.eta}",
+            solver
+            and (self.eta != 0 or self.variance == "beta")
+            and "DPM-Solver++(2M) is deterministic (it solves the probability-flow ODE): it takes no eta and no "
+            "variance; for stochastic sampling in few steps use sampler ddim with eta 1",
         )
-        if ddim and self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS)
+        if self.steps is None and not ddpm:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
 
     def resolve(self, defaults: dict) -> SamplerSettings:
         """These settings with None filled from a checkpoint's `defaults` ({"variance", "clip"})."""
@@ -221,14 +232,17 @@ class SamplerSettings:
 
     def validate(self, num_timesteps: int) -> SamplerSettings:
         """These settings, or an OptionError when they need more steps than a model of T steps has."""
-        if self.sampler == "ddim" and self.steps > num_timesteps:
+        if self.sampler != "ddpm" and self.steps > num_timesteps:
             raise OptionError(f"steps must be in [1, {num_timesteps}] (the model's T), got {self.steps}")
         return self
 
     def label(self, num_timesteps: int) -> str:
-        """A short name for run names and figures: ddim-50, ddim-50-eta0.5-quadratic, ddpm-1000-beta."""
+        """A short name for run names and figures: ddim-50, ddim-50-eta0.5-quadratic, ddpm-1000-beta,
+        dpmpp_2m-20."""
         if self.sampler == "ddpm":
             name = f"ddpm-{num_timesteps}" + (f"-{self.variance}" if self.variance not in (None, "posterior") else "")
+        elif self.sampler == "dpmpp_2m":
+            name = f"dpmpp_2m-{self.steps}" + ("" if self.spacing == "uniform" else f"-{self.spacing}")
         else:
             name = f"ddim-{self.steps}" + (f"-eta{self.eta:g}" if self.eta else "")
             name += "-sigmahat" if self.variance == "beta" else ""
@@ -243,7 +257,9 @@ class Speed:
     at one batch shape."""
 
     precision: str = option(
-        "auto", "UNet precision (auto: bf16 on GPUs and for training on CPUs with AMX, else fp32)", choices=PRECISIONS
+        "auto",
+        "UNet precision (auto: bf16 on GPUs and for training on CPUs with native bf16, else fp32)",
+        choices=PRECISIONS,
     )
     compile: bool = option(False, "torch.compile the UNet (for sampling on a GPU: CUDA graphs)")
 

@@ -1,6 +1,7 @@
 """The papers' figures from a `Pipeline`, as labelled PNGs:
 
-    ddim_consistency       DDIM fig. 5: one x_T per column, DDIM with S steps of tau per row
+    ddim_consistency       DDIM fig. 5: one x_T per column, DDIM (or DPM-Solver++(2M), the plan's
+                           ODE solver) with S steps of tau per row
     ddim_interpolation     DDIM fig. 6: slerp of two x_T by lambda (columns), decoded with DDIM
     ddpm_interpolation     DDPM fig. 8: two images (first and last column; real images when
                            given) noised to t (rows), mixed by lambda (columns), denoised by
@@ -36,6 +37,7 @@ FULL_CONSISTENCY_STEPS = CONSISTENCY_STEPS + (1000,)
 FULL_INTERPOLATION_FRACTIONS = (0.1, 0.25, 0.5)
 DDIM_STEPS = 50  # of the DDIM interpolation, and of the diffusion sequence unless full
 LAMBDAS = 9  # evenly spaced in [0, 1]
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
 
 
 def batch_size(figure_seeds: int) -> int:
@@ -55,6 +57,14 @@ class Plan:
     seeds: tuple[int, ...]
     real_pair: bool  # the DDPM interpolation between two given images (else two DDIM samples)
     full: bool = False
+    solver: str = "ddim"  # the consistency figure's ODE solver: ddim or dpmpp_2m
+
+    @classmethod
+    def of(cls, settings: SamplerSettings, num_timesteps: int, seeds: tuple[int, ...], real_pair: bool, full: bool):
+        """The plan of a run sampling with `settings`: the consistency figure by its sampler when
+        that is DPM-Solver++(2M), by DDIM otherwise."""
+        solver = "dpmpp_2m" if settings.sampler == "dpmpp_2m" else "ddim"
+        return cls(num_timesteps, seeds, real_pair, full, solver)
 
     @property
     def consistency_steps(self) -> list[int]:
@@ -79,7 +89,7 @@ class Plan:
         ddim = steps_of(SamplerSettings("ddim", self.ddim_steps), self.num_timesteps)
         return {
             "ddim_consistency": sum(
-                steps_of(SamplerSettings("ddim", s), self.num_timesteps) for s in self.consistency_steps
+                steps_of(SamplerSettings(self.solver, s), self.num_timesteps) for s in self.consistency_steps
             ),
             "ddim_interpolation": len(self.seeds) // 2 * ddim,
             "ddpm_interpolation": (0 if self.real_pair else ddim) + sum(self.interpolation_ts),
@@ -88,9 +98,9 @@ class Plan:
 
     def describe(self) -> str:
         """The rows chosen, and what `full` would add, in words."""
-        full = Plan(self.num_timesteps, self.seeds, self.real_pair, True)
+        full = Plan(self.num_timesteps, self.seeds, self.real_pair, True, self.solver)
         rows = (
-            f"DDIM S={','.join(map(str, self.consistency_steps))}; DDPM interpolation from "
+            f"{SOLVER_NAMES[self.solver]} S={','.join(map(str, self.consistency_steps))}; DDPM interpolation from "
             f"t={','.join(map(str, self.interpolation_ts))}; diffusion sequence by {self.sequence.label(self.num_timesteps)}"
         )
         if self.full:
@@ -155,8 +165,8 @@ def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> I
     steps = plan.consistency_steps
     yield Figure(
         "ddim_consistency",
-        "DDIM consistency (DDIM fig. 5): one x_T a column; DDIM with S steps of tau a row",
-        torch.cat([pipeline.samples(seeds, SamplerSettings("ddim", s)) for s in steps]),
+        f"Consistency (DDIM fig. 5): one x_T a column; {SOLVER_NAMES[plan.solver]} with S steps of tau a row",
+        torch.cat([pipeline.samples(seeds, SamplerSettings(plan.solver, s)) for s in steps]),
         [f"S={s}" for s in steps],
         [f"seed {s}" for s in seeds],
     )

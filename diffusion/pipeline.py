@@ -16,7 +16,7 @@ from .checkpoint import SAMPLING_DEFAULTS, betas_from, model_from, sampling_defa
 from .config import SamplerSettings, Speed
 from .images import to_uint8
 from .interpolate import ddim_interpolate, ddpm_interpolate
-from .samplers import ddim_sample, ddpm_sample, fixed_batch, make_generators, randn, timesteps
+from .samplers import ddim_sample, ddpm_sample, dpm_solver_sample, fixed_batch, make_generators, randn, timesteps
 from .speed import default_device, sampling_model
 
 
@@ -121,6 +121,10 @@ class Pipeline:
                 generator=generators,
                 record=record,
             )
+        if s.sampler == "dpmpp_2m":
+            return dpm_solver_sample(
+                self.net, self.betas, x_T, steps=s.steps, spacing=s.spacing, clip_denoised=s.clip, record=record
+            )
         return ddpm_sample(
             self.net, self.betas, x_T, variance=s.variance, clip_denoised=s.clip, generator=generators, record=record
         )
@@ -162,7 +166,8 @@ class Pipeline:
 
 
 def steps_of(settings: SamplerSettings, num_timesteps: int) -> int:
-    """Model calls of one batch sampled with `settings`: all T for DDPM, the length of tau for DDIM."""
+    """Model calls of one batch sampled with `settings`: all T for DDPM, the length of tau for DDIM
+    and DPM-Solver++."""
     if settings.sampler == "ddpm":
         return num_timesteps
     return len(timesteps(num_timesteps, settings.steps, settings.spacing))

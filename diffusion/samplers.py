@@ -1,4 +1,4 @@
-"""DDPM ancestral sampling and DDIM sampling/inversion: the stable public API.
+"""DDPM ancestral sampling, DDIM sampling/inversion and DPM-Solver++(2M): the stable public API.
 
 `model` is any callable (x_t, t) -> predicted noise eps_theta(x_t, t), with x_t of shape
 (B, C, H, W) and t a LongTensor of shape (B,) holding 0-based timesteps (index 0 is the
@@ -18,7 +18,8 @@ pick a different algorithm for another batch size (on CPU, batch-1 convolutions 
 wrap it in `fixed_batch(model, size)`, which always evaluates it at one batch shape; then
 image i is bit-identical alone or batched, on the same device and dtype.
 
-Equation numbers: "DDPM eq." is Ho et al. (2020); "DDIM eq." is Song et al. (2021).
+Equation numbers: "DDPM eq." is Ho et al. (2020); "DDIM eq." is Song et al. (2021); DPM-Solver++
+is Lu et al. (2022, arXiv:2211.01095).
 """
 
 from __future__ import annotations
@@ -216,6 +217,55 @@ def ddim_invert(model: Model, betas: Tensor, x_0: Tensor, *, steps: int, spacing
         eps = _call(model, x, int(tau[i]))
         x = math.sqrt(a_to) * _pred_x0(x, eps, a_from) + math.sqrt(1 - a_to) * eps
     return x
+
+
+def dpm_solver_sample(
+    model: Model,
+    betas: Tensor,
+    x_T: Tensor,
+    *,
+    steps: int,
+    spacing: str = "uniform",
+    clip_denoised: bool = False,
+    record: Iterable[int] | None = None,
+) -> Tensor | tuple[Tensor, dict[int, Recorded]]:
+    """DPM-Solver++(2M) on the sub-sequence tau = timesteps(T, steps, spacing): the multistep
+    second-order solver of the probability-flow ODE with data prediction (Lu et al. 2022,
+    "DPM-Solver++", Algorithm 2), one model call per timestep of tau as DDIM.
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar) and lambda = log(alpha / sigma) (the half
+    log-SNR), the step from tau_i to tau_{i-1}, h = lambda_{i-1} - lambda_i, is
+        x_{tau_{i-1}} = (sigma_{i-1} / sigma_i) x_{tau_i} - alpha_{i-1} (e^{-h} - 1) D_i,
+    with D_i the predicted x_0 (eq. (9) of DDIM) at the first step, where it is DDIM's eta = 0
+    step, and after it the second-order D_i = x0_i + (x0_i - x0_{i+1}) h / (2 h_prev), h_prev =
+    lambda_i - lambda_{i+1}. The last step, to sigma = 0, is first order: it returns the
+    predicted x_0 (diffusers' `final_sigmas_type="zero"`). Coefficients in float64.
+
+    Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` lists
+    timesteps of tau to keep.
+    """
+    SamplerSettings("dpmpp_2m", steps, spacing=spacing, clip=clip_denoised).validate(len(betas))
+    tau = timesteps(len(betas), steps, spacing)
+    abar = NoiseSchedule(betas).alphas_cumprod[tau]
+    alpha, sigma = abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    wanted, recorded = _check_record(record, tau.tolist()), {}
+    x, previous_x0 = x_T, None
+    for i in reversed(range(len(tau))):
+        t = int(tau[i])
+        pred_x0 = _pred_x0(x, _call(model, x, t), alpha[i] ** 2)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        if t in wanted:
+            recorded[t] = Recorded(x, pred_x0)
+        if i == 0:
+            x = pred_x0
+            break
+        h = lam[i - 1] - lam[i]
+        d = pred_x0 if previous_x0 is None else pred_x0 + h / (2 * (lam[i] - lam[i + 1])) * (pred_x0 - previous_x0)
+        x = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * math.expm1(-h) * d
+        previous_x0 = pred_x0
+    return (x, recorded) if record is not None else x
 
 
 def ddpm_sample(

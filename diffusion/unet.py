@@ -232,7 +232,7 @@ class UNet(nn.Module):
             nn.init.zeros_(m.weight)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.ch))
+        temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))  # float64 networks too
         hs = [self.conv_in(x)]
         for level in self.down:
             for block, attn in zip(level.blocks, level.attns):

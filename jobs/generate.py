@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             payload, batch_size(args.figure_seeds), source.ema, speed, args.device
         )
         figure_seeds = tuple(range(seeds[0], seeds[0] + args.figure_seeds))
-        plan = Plan(pipeline.num_timesteps, figure_seeds, pair is not None, args.full_figures)
+        plan = Plan.of(settings, pipeline.num_timesteps, figure_seeds, pair is not None, args.full_figures)
         (out / "figures").mkdir(exist_ok=True)
         for figure in sample_figures(pipeline, plan, pair):
             figure.save(out / "figures" / f"{figure.name}.png")

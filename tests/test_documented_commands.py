@@ -189,6 +189,9 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/train\.py --preset (cifar10|digits)": "trained",
         r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-7 --out samples --figures": "test_generate",
         r"^python jobs/sample\.py --checkpoint runs/tiny-linear ": "test_sample",
+        r"^python jobs/generate\.py .*--sampler dpmpp_2m": (
+            "tests/test_entry_points.py::test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls"
+        ),
         r"^python jobs/evaluate\.py --checkpoint runs:/ID ": "test_evaluate",
         r"^python jobs/evaluate\.py --checkpoint runs/digits-linear ": (
             "tests/test_digits.py::test_evaluate_measures_fd_digits_with_the_floor_and_logs_them"
@@ -592,7 +595,7 @@ def test_bench_quality(trained_digits, digits_shards, tmp_path):
     (command,) = documented("test_bench_quality")
     replaced = {"--checkpoint": trained_digits, "--n": 2}
     added = {"--data": digits_shards, "--steps": 2, "--etas": 0, "--spacings": "uniform", "--no-sigma-hat": []}
-    added |= {"--ddpm": [], "--batch-size": 2, "--out": tmp_path}
+    added |= {"--ddpm": [], "--solver-steps": [], "--batch-size": 2, "--out": tmp_path}
     proc = run_main("bench/quality.py", *smoke_args(command.script[1], replaced, added))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [cell["cell"] for cell in json.loads((tmp_path / "quality.json").read_text())["cells"]] == [

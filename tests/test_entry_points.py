@@ -13,22 +13,23 @@ from helpers import ROOT, assert_machine_recorded, cli, cli_env, cli_popen, run_
 
 
 @pytest.mark.slow
-def test_generate_writes_a_png_per_seed_with_either_sampler_counting_model_calls(tmp_path):
+def test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
-    for sampler, seeds, calls in [("ddim", "3-5,9", 2 * 5), ("ddpm", "7", 100)]:  # DDPM runs all T = 100 steps
+    runs = [("ddim", "3-5,9", 2 * 5), ("ddpm", "7", 100), ("dpmpp_2m", "3-5,9", 2 * 5)]  # DDPM: all T = 100 steps
+    for sampler, seeds, calls in runs:
         out = tmp_path / sampler
-        steps = ["--steps", 5] if sampler == "ddim" else []
+        steps = [] if sampler == "ddpm" else ["--steps", 5]
         args = ["--checkpoint", checkpoint, "--sampler", sampler, *steps, "--seeds", seeds, "--batch-size", 2]
         proc = cli("jobs/generate.py", *args, "--out", out)
         assert proc.returncode == 0, proc.stderr
         assert f"{calls}/{calls}" in proc.stderr  # the progress bar counts model calls (batches x steps)
         assert f"to {out}: {sampler}" in proc.stdout and "on cpu" in proc.stdout
         names = sorted(p.name for p in out.glob("0*.png"))
-        assert names == [f"{s:010d}.png" for s in ([3, 4, 5, 9] if sampler == "ddim" else [7])]
+        assert names == [f"{s:010d}.png" for s in ([7] if sampler == "ddpm" else [3, 4, 5, 9])]
         with Image.open(out / names[0]) as image:
             assert image.size == (32, 32)
         with Image.open(out / "samples.png") as grid:
-            assert grid.size == ((2 * 32 + 3 * 2,) * 2 if sampler == "ddim" else (32, 32))  # one image: no border
+            assert grid.size == ((32, 32) if sampler == "ddpm" else (2 * 32 + 3 * 2,) * 2)  # one image: no border
 
 
 @pytest.mark.slow

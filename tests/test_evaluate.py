@@ -54,16 +54,17 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
         params["reference_splits"] == "test" and params["n"] == "20" and len(params["inception_weights_sha256"]) == 64
     )
 
-    # Again with the raw weights: the reference statistics come from the cache, the FID differs.
+    # Again with the raw weights and DPM-Solver++: the reference statistics come from the cache, the FID differs.
     proc = run_main(
         "jobs/evaluate.py",
-        *evaluate_args(checkpoint, cifar_shards, random_inception, "--weights", "raw"),
+        *evaluate_args(checkpoint, cifar_shards, random_inception, "--weights", "raw", "--sampler", "dpmpp_2m"),
         ray=True,
         **env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert raw["reference_cached"] and raw["weights"] == "raw" and raw["fid"] != results["fid"]
+    assert raw["sampler"] == "dpmpp_2m" and raw["steps"] == 3
 
 
 def test_missing_inception_weights_name_the_file_and_where_to_put_it(cifar_shards, tmp_path):

@@ -35,6 +35,8 @@ def test_a_logged_model_loads_with_mlflow_alone_and_samples(registry):
         images = model.predict(pd.DataFrame({"seed": [1, 2, 3]}), params={"sampler": "ddim", "steps": 4})
         assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 1
         assert read_checkpoint(model_uri)["step"] == 0
+    solver = model.predict(pd.DataFrame({"seed": [1, 2, 3]}), params={"sampler": "dpmpp_2m", "steps": 4})
+    assert solver.shape == images.shape and not np.array_equal(solver, images)
     with pytest.raises(OptionError, match=r"eta must be in \[0, 1\], got 1.5"):  # the sampler's one definition
         model.predict(pd.DataFrame({"seed": [1]}), params={"steps": 4, "eta": 1.5})
     signature = mlflow.models.get_model_info("models:/tiny/1").signature

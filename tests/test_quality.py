@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 def quality(trained, digits, out, n: int, *args) -> dict:
     """bench/quality.py on the trained checkpoint, n samples a cell in one model batch (uniform
-    tau, no sigma-hat row): its report."""
+    tau, no sigma-hat row, no DPM-Solver++ unless asked): its report."""
     common = ["--checkpoint", trained, "--data", digits, "--out", out, "--n", n, "--batch-size", n]
-    proc = run_main("bench/quality.py", *common, "--spacings", "uniform", "--no-sigma-hat", *args)
+    proc = run_main("bench/quality.py", *common, "--spacings", "uniform", "--no-sigma-hat", "--solver-steps", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "quality.json").read_text())
 

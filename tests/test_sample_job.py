@@ -61,13 +61,15 @@ def test_sample_job_writes_images_to_s3_and_figures_to_mlflow(s3, tmp_path, ray_
 def test_sample_job_npz_shards_locally_from_a_diffusers_folder(tmp_path, ray_address, mlflow_uri):
     checkpoint = tiny_diffusers_folder(tmp_path / "pipeline")  # imported weights
     out = tmp_path / "out"
-    args = ["--checkpoint", checkpoint, "--n", 10, "--steps", 3, "--batch-size", 4, "--format", "npz", "--out", out]
+    args = ["--checkpoint", checkpoint, "--n", 10, "--sampler", "dpmpp_2m", "--steps", 3, "--batch-size", 4]
+    args += ["--format", "npz", "--out", out]
     proc = run_main("jobs/sample.py", *args, ray=True, MLFLOW_TRACKING_URI=mlflow_uri, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = sorted(out.glob("shard-*.npz"))
     seeds = np.concatenate([np.load(s)["seeds"] for s in shards])
     assert sorted(seeds.tolist()) == list(range(10))
     assert all(np.load(s)["images"].shape[1:] == (32, 32, 3) for s in shards)
+    assert json.loads((out / "sampling.json").read_text())["sampler"] == "dpmpp_2m"
 
 
 def test_a_missing_checkpoint_is_named_before_ray_starts(tmp_path):

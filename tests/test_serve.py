@@ -160,6 +160,7 @@ def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(servic
         (b"[" * 10_000 + b"]" * 10_000, 422, "nests deeper than 32 levels"),
         (b'{"n": 1, "pad": "\xff\xfe"}', 400, "not UTF-8 text: byte 0xff at position 17"),
         ({"sampler": "ddim", "eta": 0.5, "variance": "beta"}, 422, "sigma-hat, defined for eta = 1"),
+        ({"sampler": "dpmpp_2m", "eta": 1}, 422, "DPM-Solver++(2M) is deterministic"),
         ({"steps": 101}, 422, "steps must be in [1, 100] (the model's T)"),
         ({"sampler": "ddpm", "n": 24}, 422, "needs 300 UNet calls"),  # 3 batches x 100: for the batch job
     ],
@@ -312,6 +313,14 @@ def test_an_event_stream_reports_every_step_then_the_images_of_the_plain_request
     assert len(progress) == 5 and last == "result" and result["x-lambdas"] == "0,0.5,1" and len(result["images"]) == 3
     events = streamed(f"{service}/v1/sequences", {"seed": 3, "steps": 5, "record": [99]})
     assert events[-1][0] == "error" and events[-1][1]["status"] == 422 and "record" in events[-1][1]["detail"]
+    # DPM-Solver++(2M): a call a step of tau as DDIM, streamed as the plain request, other images than DDIM's.
+    body = {"seeds": [21], "steps": 4, "sampler": "dpmpp_2m"}
+    *progress, (last, result) = streamed(f"{service}/v1/samples", body)
+    assert progress == [("progress", {"step": i, "steps": 4}) for i in range(1, 5)] and last == "result"
+    solver = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["images"][0]))))
+    assert np.array_equal(solver[None], npz(post(f"{service}/v1/samples", {**body, "format": "npz"})[2]))
+    ddim = npz(post(f"{service}/v1/samples", {**body, "sampler": "ddim", "format": "npz"})[2])
+    assert np.abs(ddim[0].astype(int) - solver).max() > 2
 
 
 @pytest.mark.parametrize("route", ["samples", "sequences"])

@@ -162,7 +162,8 @@ def sample_to(
     if figure_seeds:
         local = Pipeline.from_checkpoint(payload, figures_batch_size(figure_seeds), speed=job.speed)
         pair = ShardSet.open(figure_data, job.endpoint_url, verify="size").first_images(2) if figure_data else None
-        plan = Plan(T, tuple(range(job.seeds[0], job.seeds[0] + figure_seeds)), pair is not None, full_figures)
+        seeds = tuple(range(job.seeds[0], job.seeds[0] + figure_seeds))
+        plan = Plan.of(job.settings, T, seeds, pair is not None, full_figures)
         with tempfile.TemporaryDirectory() as d:
             for figure in sample_figures(local, plan, pair):
                 path = Path(d) / f"{figure.name}.png"
