@@ -154,6 +154,8 @@ def markdown(report: dict) -> str:
         f"{report['metric']} of {report['n']} samples per cell (seeds 0..{report['n'] - 1}: the same x_T in every cell) "
         f"against the {report['reference_n']} train images. Floor (the {report['floor_n']} real test images "
         f"against train) {report['floor']:.2f}; an untrained UNet {report['untrained']['fd']:.1f}. "
+        f"Confident share (classified with confidence >= 0.9): real test images {report['real']['confident']:.3f}, "
+        f"untrained {report['untrained']['confident']:.3f}. "
         "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
         f"{describe(report['machine'])}; {report['minutes']:.1f} min.",
     ]
@@ -179,14 +181,15 @@ def markdown(report: dict) -> str:
     lines += ["", "## Every cell", ""]
     lines += [
         f"| cell | {report['metric']} | {report['metric']} of the first {report['floor_n']} (floor {report['floor']:.2f}) "
-        "| classifier score | confident >= 0.9 | consistency | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| classifier score | confident >= 0.9 | class shares (min-max) | consistency | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["cells"]:
         consistency = "-" if r["consistency"] is None else f"{r['consistency']:.3f}"
+        shares = f"{min(r['class_shares']):.3f}-{max(r['class_shares']):.3f}"
         lines.append(
             f"| {r['cell']} | {r['fd']:.2f} | {r['fd_at_floor_n']:.2f} | {r['score']:.2f} | {r['confident']:.3f} "
-            f"| {consistency} | {r['seconds']:.0f} |"
+            f"| {shares} | {consistency} | {r['seconds']:.0f} |"
         )
     if report["skipped"]:
         lines += ["", f"Skipped for the {report['budget_minutes']}-minute budget: {', '.join(report['skipped'])}."]
@@ -338,6 +341,7 @@ def main(argv=None) -> int:
         "floor": scorer.floor,
         "floor_n": scorer.floor_n,
         "untrained": untrained,
+        "real": scorer(test),  # the real test images, judged as the samples are
         "spacings": args.spacings,
         "consistency_anchor": anchor["cell"] if anchor else None,
         "cells": done,
