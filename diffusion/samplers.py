@@ -238,8 +238,9 @@ def dpm_solver_sample(
         x_{tau_{i-1}} = (sigma_{i-1} / sigma_i) x_{tau_i} - alpha_{i-1} (e^{-h} - 1) D_i,
     with D_i the predicted x_0 (eq. (9) of DDIM) at the first step, where it is DDIM's eta = 0
     step, and after it the second-order D_i = x0_i + (x0_i - x0_{i+1}) h / (2 h_prev), h_prev =
-    lambda_i - lambda_{i+1}. The last step, to sigma = 0, is first order: it returns the
-    predicted x_0 (diffusers' `final_sigmas_type="zero"`). Coefficients in float64.
+    lambda_i - lambda_{i+1} (x0_i extrapolated linearly in lambda to the middle of the step). The
+    last step, to sigma = 0, is first order: it returns the predicted x_0 (diffusers'
+    `final_sigmas_type="zero"`). Coefficients in float64.
 
     Returns the samples, or (samples, {t: Recorded(x_t, pred_x0)}) when `record` lists
     timesteps of tau to keep.
@@ -248,12 +249,12 @@ def dpm_solver_sample(
     tau = timesteps(len(betas), steps, spacing)
     abar = NoiseSchedule(betas).alphas_cumprod[tau]
     alpha, sigma = abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
-    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]  # lambda, increasing along tau's reverse
     wanted, recorded = _check_record(record, tau.tolist()), {}
     x, previous_x0 = x_T, None
     for i in reversed(range(len(tau))):
         t = int(tau[i])
-        pred_x0 = _pred_x0(x, _call(model, x, t), alpha[i] ** 2)
+        pred_x0 = _pred_x0(x, _call(model, x, t), float(abar[i]))
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         if t in wanted:
