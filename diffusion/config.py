@@ -155,7 +155,7 @@ RECIPES: dict[str, Recipe] = {
     "digits": Recipe(
         model="digits", lr=2e-3, warmup_steps=200, batch_size=128, ema_decay=0.995, flip=False, max_steps=4000
     ),
-    # CIFAR-10 on a 2-core CPU, sized for about 2 hours through Ray Train (bf16 on CPUs with AMX or AVX-512 BF16): a
+    # CIFAR-10 on a 2-core CPU, sized for about 2 hours through Ray Train on a 2-core Sapphire Rapids (bf16): a
     # 6.5M UNet, a higher learning rate than the paper's 35.7M network takes, a short warm-up and
     # an EMA over the last ~1000 steps (the paper's 0.9999 averages over more steps than the run has).
     "cifar10-cpu": Recipe(
