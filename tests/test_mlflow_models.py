@@ -99,7 +99,10 @@ def test_generate_samples_a_registered_model_and_writes_the_labelled_figures(reg
     assert 4 * tile < height < 5 * tile and 2 * tile < width
     width, height = figures["ddpm_interpolation"].size
     assert 11 * tile < width < 12 * tile and tile < height < 2 * tile
-    assert "two given images" in proc.stdout and "DDIM consistency" in proc.stdout
+    assert (
+        "two given images" in proc.stdout
+        and "Consistency (DDIM fig. 5): one x_T a column; DDIM with S steps" in proc.stdout
+    )
 
 
 @pytest.mark.parametrize(
