@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tarfile
 import uuid
 
@@ -139,10 +140,29 @@ def monkeypatch_module():
         yield patch
 
 
+@pytest.fixture(scope="session")
+def new_mlflow_store(tmp_path_factory):
+    """A function giving the URI of a new, empty sqlite MLflow store (mlflow.db) in a folder: a
+    copy of one whose tables were made once this session (making them takes 1.7 s on a Zen 4
+    EPYC, about 4 s on the slowest machine of CI's kind; copying the file 0.04 s)."""
+    template = []
+
+    def new(folder) -> str:
+        if not template:
+            from mlflow.tracking import MlflowClient
+
+            template.append(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db")
+            MlflowClient(f"sqlite:///{template[0]}").search_experiments()  # makes the tables
+        shutil.copyfile(template[0], f"{folder}/mlflow.db")
+        return f"sqlite:///{folder}/mlflow.db"
+
+    return new
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store for this test, also in this process's MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def mlflow_uri(tmp_path, monkeypatch, new_mlflow_store):
+    """A new sqlite MLflow store for this test, also in this process's MLFLOW_TRACKING_URI."""
+    uri = new_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

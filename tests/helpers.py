@@ -308,8 +308,8 @@ def train_digits(shards_uri: str, max_steps: int = DIGITS_CI["max_steps"], seed:
     return state, recipe, losses
 
 
-def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:
-    """A sqlite MLflow store in `folder` holding `tiny_checkpoint` (T = 100) logged as the MLflow
+def registered_tiny_model(folder: Path, uri: str, name: str = "tiny") -> tuple[str, str]:
+    """The MLflow store at `uri` holding `tiny_checkpoint` (T = 100, in `folder`) logged as the MLflow
     Model `model` of a run and registered as version 1 of `name` (alias `final`), with a grid of
     its DDIM samples logged as the image `samples` at step 3: (store URI, run id)."""
     from diffusion.checkpoint import read_checkpoint
@@ -319,7 +319,6 @@ def registered_tiny_model(folder: Path, name: str = "tiny") -> tuple[str, str]:
     from diffusion.platform import tracking
     from diffusion.platform.settings import EXPERIMENT
 
-    uri = f"sqlite:///{folder}/mlflow.db"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:

@@ -20,10 +20,11 @@ from helpers import cli, mlflow_images, registered_tiny_model, run_main
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, monkeypatch_module):
+def registry(tmp_path_factory, monkeypatch_module, new_mlflow_store):
     """A tiny model registered as `tiny` version 1 (`registered_tiny_model`), the store in this
     process's MLFLOW_TRACKING_URI: (store URI, run id)."""
-    uri, run_id = registered_tiny_model(tmp_path_factory.mktemp("registry"))
+    folder = tmp_path_factory.mktemp("registry")
+    uri, run_id = registered_tiny_model(folder, new_mlflow_store(folder))
     monkeypatch_module.setenv("MLFLOW_TRACKING_URI", uri)
     return uri, run_id
 

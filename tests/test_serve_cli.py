@@ -15,8 +15,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.mark.slow
-def test_serve_cli_serves_a_registered_model_and_stops_on_sigterm(tmp_path):
-    store, _ = registered_tiny_model(tmp_path)
+def test_serve_cli_serves_a_registered_model_and_stops_on_sigterm(tmp_path, new_mlflow_store):
+    store, _ = registered_tiny_model(tmp_path, new_mlflow_store(tmp_path))
     port = free_port()
     args = ["--checkpoint", "models:/tiny/1", "--port", port, "--batch-size", 4, "--max-replicas", 2]
     # Its own Ray, started by the command with the MLflow store in its environment (the tests' Ray

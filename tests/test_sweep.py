@@ -80,10 +80,10 @@ def poll_until(done, what: str, timeout: float = 600) -> None:
 
 
 @pytest.fixture(scope="module")
-def swept(cifar_shards, tmp_path_factory, ray_address):
+def swept(cifar_shards, tmp_path_factory, ray_address, new_mlflow_store):
     """The sweep, interrupted after two finished trials and resumed: (tmp_path, tracking URI, outputs)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_ADDRESS": ray_address}
+    env = {"MLFLOW_TRACKING_URI": new_mlflow_store(tmp_path), "RAY_ADDRESS": ray_address}
     log = open(tmp_path / "first.log", "w+")
     # Every sweep runs in a process of its own: a trial's workers' placement group (0.25 CPU) has
     # been seen to outlive its sweep, once after a sweep in this process, once after an interrupted
@@ -187,8 +187,10 @@ def test_the_compare_page_screenshot_shows_the_trials(swept):
 
 
 @pytest.mark.slow
-def test_a_sweep_can_rank_trials_by_in_training_fid(cifar_shards, random_inception, tmp_path, ray_address):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_a_sweep_can_rank_trials_by_in_training_fid(
+    cifar_shards, random_inception, tmp_path, ray_address, new_mlflow_store
+):
+    uri = new_mlflow_store(tmp_path)
     options = (
         f"--preset tiny --data {cifar_shards} --storage {tmp_path / 'runs'} --name by-fid --metric fid "
         "--num-samples 1 --max-steps 1 --log-every 1 --grace-steps 1 --max-concurrent 1 --num-workers 1 "
