@@ -34,7 +34,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from diffusion.classifier import Scorer
 from diffusion.config import SamplerSettings
 from diffusion.images import save_grid, to_uint8
 from diffusion.pipeline import Pipeline
-from diffusion.platform.cli import add_checkpoint_options, checkpoint_options
+from diffusion.platform.cli import add_checkpoint_options, add_options, checkpoint_options
 from diffusion.platform.settings import PRESETS
 from diffusion.unet import build_unet
 
@@ -78,22 +78,29 @@ class Cell:
 
 
 def cells(
-    steps: list[int], etas: list[float], spacings: list[str], sigma_hat: bool, ddpm: list[str], solver_steps: list[int]
+    steps: list[int],
+    etas: list[float],
+    spacings: list[str],
+    sigma_hat: bool,
+    ddpm: list[str],
+    solver_steps: list[int],
+    clip: bool | None = None,
 ) -> list[Cell]:
     """The grid, cheapest first: DDIM, DDPM-1000 and DPM-Solver++(2M) (on the same spacings).
     Quadratic tau needs S well below T (its timesteps repeat towards S = T), so it stops at
-    S = 100 as in the DDIM reference."""
+    S = 100 as in the DDIM reference. `clip`: every cell clips its predicted x_0 (True), none
+    does (False), or each sampler's default (None: the checkpoint's for DDPM, off otherwise)."""
     rows = [(f"{eta:.1f}", eta, "posterior") for eta in etas] + ([("sigma-hat", 1.0, "beta")] if sigma_hat else [])
     grid = [
-        Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance))
+        Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance, clip))
         for s in steps
         for spacing in spacings
         if not (spacing == "quadratic" and s > 100)
         for row, eta, variance in rows
     ]
-    grid += [Cell("ddpm", 1000, "-", SamplerSettings("ddpm", variance=v)) for v in ddpm]
+    grid += [Cell("ddpm", 1000, "-", SamplerSettings("ddpm", variance=v, clip=clip)) for v in ddpm]
     grid += [
-        Cell("dpmpp_2m", s, spacing, SamplerSettings("dpmpp_2m", s, spacing=spacing))
+        Cell("dpmpp_2m", s, spacing, SamplerSettings("dpmpp_2m", s, spacing=spacing, clip=clip))
         for s in solver_steps
         for spacing in spacings
         if not (spacing == "quadratic" and s > 100)
@@ -131,6 +138,13 @@ def train_preset(data: str, storage: str, train_steps: int | None) -> str:
     return f"{storage}/{config.settings.name}"
 
 
+CLIPPING = {
+    None: "",
+    True: "Every cell (and the untrained line) clips its predicted x_0 to [-1, 1]. ",
+    False: "No cell clips its predicted x_0. ",
+}
+
+
 def markdown(report: dict) -> str:
     """Table 1's layout: a row per eta (and sigma-hat), a column per S; the FD measured here,
     the paper's CIFAR-10 FID in brackets; then the consistency, DDPM and every cell."""
@@ -156,7 +170,8 @@ def markdown(report: dict) -> str:
         f"against train) {report['floor']:.2f}; an untrained UNet {report['untrained']['fd']:.1f}. "
         f"Confident share (classified with confidence >= 0.9): real test images {report['real']['confident']:.3f}, "
         f"untrained {report['untrained']['confident']:.3f}. "
-        "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
+        + CLIPPING[report.get("clip")]
+        + "In brackets: the paper's CIFAR-10 FID (Song et al. 2021, Table 1). "
         f"{describe(report['machine'])}; {report['minutes']:.1f} min.",
     ]
     for spacing in report["spacings"]:
@@ -245,6 +260,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["posterior", "beta"],
         help="DDPM-1000 variances (none: skip)",
     )
+    # --clip for every cell and the untrained line (SamplerSettings' flag)
+    add_options(p, SamplerSettings, skip={f.name for f in fields(SamplerSettings)} - {"clip"})
     p.add_argument("--batch-size", type=int, default=500, help="samples per model call")
     p.add_argument("--budget-minutes", type=float, default=0, help="skip cells that would not fit (0: no limit)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -322,11 +339,12 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     untrained_pipeline = Pipeline(build_unet(unet_config_of(payload)), pipeline.betas, args.batch_size)
-    untrained = scorer(as_images(generate(untrained_pipeline, SamplerSettings(steps=50), args.n, args.batch_size)))
+    untrained_settings = SamplerSettings(steps=50, clip=args.clip)
+    untrained = scorer(as_images(generate(untrained_pipeline, untrained_settings, args.n, args.batch_size)))
 
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm, args.solver_steps)
+    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm, args.solver_steps, args.clip)
     done, skipped, wrote_npz = run_cells(pipeline, scorer, plan, args, out, trained_at)
     anchor = add_consistency(done)
     report = {
@@ -337,6 +355,7 @@ def main(argv=None) -> int:
         "judge_sha256": judge.sha256,
         "n": args.n,
         "seeds": f"0..{args.n - 1}",
+        "clip": args.clip,
         "reference_n": len(train),
         "floor": scorer.floor,
         "floor_n": scorer.floor_n,

@@ -381,13 +381,13 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_shards, ray_address) -> Trained:
+def trained(tmp_path_factory, cifar_shards, ray_address, new_mlflow_store) -> Trained:
     """README's main job at smoke size, the checkpoint of every command that reads one: 2 steps on
     `cifar_shards`, T = 10 (DDPM chains of 10 model calls), small held-out set and sample grid.
     Its run folder is the docs' runs/tiny-linear (the name training derives), and its last line
     names the MLflow run with the `mlflow ui` command of README.md."""
     tmp = tmp_path_factory.mktemp("trained")
-    env = {"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    env = {"RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": new_mlflow_store(tmp)}
     (command,) = documented("trained")
     limits = {"--max-steps": 2, "--num-timesteps": 10, "--heldout-size": 16, "--sample-n": 2, "--sample-steps": 2}
     args = smoke_args(command.script[1], added={"--data": cifar_shards, "--storage": tmp / "runs", **limits})
@@ -593,17 +593,20 @@ def test_every_bench_script_has_a_smoke_run():
 
 @pytest.mark.slow
 def test_bench_quality(trained_digits, digits_shards, tmp_path):
-    """--checkpoint: the tests' trained digits run; N = 2 samples, DDIM-2, one eta and spacing,
-    no sigma-hat and no DDPM-1000 rows."""
-    (command,) = documented("test_bench_quality")
-    replaced = {"--checkpoint": trained_digits, "--n": 2}
-    added = {"--data": digits_shards, "--steps": 2, "--etas": 0, "--spacings": "uniform", "--no-sigma-hat": []}
-    added |= {"--ddpm": [], "--solver-steps": [], "--batch-size": 2, "--out": tmp_path}
-    proc = run_main("bench/quality.py", *smoke_args(command.script[1], replaced, added))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [cell["cell"] for cell in json.loads((tmp_path / "quality.json").read_text())["cells"]] == [
-        "ddim-2-0.0-uniform"
-    ]
+    """--checkpoint: the tests' trained digits run (a CIFAR-10 command's --weights and --clip
+    kept); N = 2 samples, DDIM-2, one eta and spacing, no sigma-hat and no DDPM-1000 rows."""
+    commands = documented("test_bench_quality")
+    assert len(commands) == 2  # the digits grid, and the CIFAR-10 run judged with its x_0 clipped
+    for i, command in enumerate(commands):
+        out = tmp_path / str(i)
+        replaced = {"--checkpoint": trained_digits, "--n": 2}
+        added = {"--data": digits_shards, "--steps": 2, "--etas": 0, "--spacings": "uniform", "--no-sigma-hat": []}
+        added |= {"--ddpm": [], "--solver-steps": [], "--batch-size": 2, "--out": out}
+        proc = run_main("bench/quality.py", *smoke_args(command.script[1], replaced, added))
+        assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
+        report = json.loads((out / "quality.json").read_text())
+        assert [cell["cell"] for cell in report["cells"]] == ["ddim-2-0.0-uniform"]
+        assert report["clip"] == (True if "--clip" in command.script[1] else None), command
 
 
 @pytest.mark.slow
