@@ -92,7 +92,7 @@ def cells(
     does (False), or each sampler's default (None: the checkpoint's for DDPM, off otherwise)."""
     rows = [(f"{eta:.1f}", eta, "posterior") for eta in etas] + ([("sigma-hat", 1.0, "beta")] if sigma_hat else [])
     grid = [
-        Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance, clip))
+        Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance, clip=clip))
         for s in steps
         for spacing in spacings
         if not (spacing == "quadratic" and s > 100)
