@@ -169,7 +169,6 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/generate\.py .* --batch-size 8 .*--figures": "test_generate",
         r"^python jobs/export\.py": "test_export",
         r"^python jobs/sample\.py --checkpoint runs:/ID .*--figures --out s3://": "test_sample",
-        r"^python jobs/evaluate\.py --checkpoint runs/cifar10-linear ": "test_evaluate",
         r"^python jobs/serve\.py --checkpoint runs/tiny-linear$": "test_serve",
         r"^curl -s -X POST 127\.0\.0\.1:8000/|^curl -N -X POST 127\.0\.0\.1:8000/": "test_serve",
         r"^python bench/quality\.py --checkpoint runs/": "test_bench_quality",
@@ -192,7 +191,9 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/generate\.py .*--sampler dpmpp_2m": (
             "tests/test_entry_points.py::test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls"
         ),
-        r"^python jobs/evaluate\.py --checkpoint runs:/ID ": "test_evaluate",
+        r"^python jobs/evaluate\.py --checkpoint (runs/cifar10-linear|runs:/ID) ": (
+            "tests/test_evaluate.py::test_evaluation_pipeline_logs_fid_and_every_setting"
+        ),
         r"^python jobs/evaluate\.py --checkpoint runs/digits-linear ": (
             "tests/test_digits.py::test_evaluate_measures_fd_digits_with_the_floor_and_logs_them"
         ),
@@ -494,18 +495,6 @@ def test_sample(trained, s3):
     keys = {o["Key"].removeprefix("samples/demo/") for o in listing}
     assert {"0000000000.png", "0000000001.png", "samples.png", "sampling.json"} <= keys
     assert len([k for k in keys if k.startswith("figures/")]) == 4
-
-
-@pytest.mark.slow
-def test_evaluate(trained, prepared, random_inception):
-    """--data data/cifar10 -> what README's main job prepared there (20 images); --n 2 samples; the
-    randomly initialised FID Inception (the real weights are the internet's)."""
-    (command,) = documented("test_evaluate")
-    replaced = {"--checkpoint": trained.run, "--data": prepared["data/cifar10"], "--n": 2, "--steps": 2}
-    added = {"--batch-size": 2, "--inception-weights": random_inception}
-    proc = run_main("jobs/evaluate.py", *smoke_args(command.script[1], replaced, added), ray=True, **trained.env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert re.search(r"^FID [\d.]+, IS [\d.]+ \+- [\d.]+ \(2 samples vs 20 train images\)$", proc.stdout, re.M)
 
 
 def curl_request(command: Command, port: int) -> tuple[urllib.request.Request, dict, str | None]:

@@ -1,7 +1,8 @@
 """jobs/evaluate.py end to end on a local Ray: shards -> reference statistics (cached beside the
 shards) -> samples of a tiny checkpoint -> Inception features -> FID and IS in MLflow. The
 Inception is randomly initialised (NOT the real FID weights), so the numbers test the
-pipeline, not sample quality."""
+pipeline, not sample quality. The two commands of docs/evaluation.md, at smoke size (their flags,
+with other values), are this pipeline's two runs (tests/test_documented_commands.py: PARSED)."""
 
 import json
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
     cache = Path(cifar_shards) / "fid-stats-test.npz"
     made_before = cache.exists()  # by another test of this session: then this run must use it
     env = {"MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": ray_address}
-    proc = cli("jobs/evaluate.py", *evaluate_args(checkpoint, cifar_shards, random_inception), **env)
+    documented = ("--sampler", "ddim", "--spacing", "quadratic")  # the defaults, as docs/evaluation.md writes them
+    proc = cli("jobs/evaluate.py", *evaluate_args(checkpoint, cifar_shards, random_inception, *documented), **env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert results["n"] == 20 and results["reference_n"] == 100 and results["reference_cached"] == made_before
