@@ -14,7 +14,7 @@ or `test_every_documented_command_is_covered_once` fails:
   data sets, tmp folders and the test bucket). One real training run, README's main job
   `python jobs/train.py --preset tiny` at smoke size on `cifar_shards` with T = 10 (DDPM chains
   and the papers' figures then cost a few model calls), is the checkpoint that every command
-  consuming one reads (generate, sample, evaluate, export, serve and its curl requests, sent with
+  consuming one reads (generate, sample, export, serve and its curl requests, sent with
   urllib).
 - REUSED: an existing test elsewhere runs exactly this command (an anchored pattern: a change in
   the docs comes back here), so that it does not run twice.

@@ -5,6 +5,7 @@ pipeline, not sample quality. The two commands of docs/evaluation.md, at smoke s
 with other values), are this pipeline's two runs (tests/test_documented_commands.py: PARSED)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ def test_evaluation_pipeline_logs_fid_and_every_setting(
     results = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert results["n"] == 20 and results["reference_n"] == 100 and results["reference_cached"] == made_before
     assert results["fid"] > 0 and results["is_mean"] >= 1
+    assert re.search(r"^FID [\d.]+, IS [\d.]+ \+- [\d.]+ \(20 samples vs 100 test images\)$", proc.stdout, re.M)
     assert cache.is_file() and not list(Path(cifar_shards).glob("*.partial"))
     with np.load(cache) as stats:
         assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["n"]) == 100
