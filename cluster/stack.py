@@ -348,7 +348,11 @@ def start_mlflow(stack: Stack, args, base: dict, head: str) -> tuple[dict, subpr
         auth_config,
         "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{auth_db}\nadmin_username = stack\nadmin_password = {password}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # A checked password is remembered for 10 minutes: each check is a scrypt hash (about 0.1
+        # CPU-s on a Zen 4 core), which on every request was most of the server's CPU while a run
+        # logged. The stack has one user, whose password never changes while it runs.
+        "auth_cache_ttl_seconds = 600\n",
     )
     uri = f"http://{head}:{args.mlflow_port}"
     backend = args.backend_store_uri or base.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{stack.dir / 'mlflow.db'}"

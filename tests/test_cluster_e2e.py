@@ -407,6 +407,7 @@ class HostLoss:
     submitted: float
     killed: float
     saved: list[int]  # the steps of the checkpoints in S3 at the kill
+    registered: list[int]  # those of them Ray Train had registered
     noticed: float  # the head marked h1's node DEAD
     back: float  # h1's new node joined
     resumed: float
@@ -414,16 +415,16 @@ class HostLoss:
 
 
 def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
-    """The spread run up to its last step: h1 killed once the first checkpoint is in S3 and restored
-    once the head marks it DEAD, the run resumed."""
+    """The spread run up to its last step: h1 killed once Ray Train has registered the first
+    checkpoint and restored once the head marks it DEAD, the run resumed."""
     train = train_args("spread", SPREAD_STEPS, SPREAD_CHECKPOINT_EVERY, workers=2) + ["--placement", "spread"]
     sh(SUBMIT + ["--no-wait", "--submission-id", "spread", "--", "python", *train], env)
     s3 = s3_client(env)
     submitted = time.time()
-    wait_until(lambda: checkpoints(s3, "runs/spread/"), "the first checkpoint in S3", 400, every=0.25)
+    wait_until(lambda: registered_checkpoints(s3, "spread"), "the first checkpoint registered", 400, every=0.25)
     killed = time.time()
     sh(stack + ["kill-host", "h1"], env)
-    saved = checkpoints(s3, "runs/spread/")  # all there will be until the run resumes
+    saved, registered = checkpoints(s3, "runs/spread/"), registered_checkpoints(s3, "spread")
     wait_until(
         lambda: cluster_module("stack").ray_nodes(env).get(worker) == "DEAD", "the Ray head marking h1 dead", 120
     )
@@ -441,7 +442,8 @@ def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
         resumed_from = wait_until(resumed_line, "the resume", 400)
     except AssertionError as e:
         seen = (
-            f"first checkpoint seen {killed - submitted:.1f} s after the submit, checkpoints in S3 at the kill: {saved}"
+            f"first checkpoint registered {killed - submitted:.1f} s after the submit; at the kill, checkpoints "
+            f"in S3: {saved}, registered: {registered}"
         )
         raise AssertionError(f"{e} ({seen}); the job's log:\n{jobs_api(env, 'spread/logs')['logs'][-4000:]}") from None
     resumed = time.time()
@@ -449,7 +451,7 @@ def train_through_a_host_loss(env: dict, stack: list, worker: str) -> HostLoss:
         lambda: job_finished(env, "spread") or log_line(env, "spread", "done at step"), "the run's last step", 600
     )
     assert ended not in ("FAILED", "STOPPED"), jobs_api(env, "spread/logs")["logs"][-3000:]
-    return HostLoss(submitted, killed, saved, noticed, back, resumed, int(resumed_from.rsplit(" ", 1)[1]))
+    return HostLoss(submitted, killed, saved, registered, noticed, back, resumed, int(resumed_from.rsplit(" ", 1)[1]))
 
 
 def assert_resumed_run(env: dict, monkeypatch, head: str, worker: str, loss: HostLoss) -> dict:
@@ -472,8 +474,12 @@ def assert_resumed_run(env: dict, monkeypatch, head: str, worker: str, loss: Hos
     run = training[0]
     losses = client.get_metric_history(run.info.run_id, "loss")
     before = [m.step for m in losses if m.timestamp / 1000 < loss.killed]
-    last = max(loss.saved)
-    assert loss.resumed_from == last, f"resumed from step {loss.resumed_from}, not from the last checkpoint, {last}"
+    # From the last checkpoint: the last one registered at the kill, or one saved before the kill
+    # that the controller registered after it (when it next polled the workers).
+    last = f"the last checkpoint (registered at the kill: {loss.registered}, in S3: {loss.saved})"
+    assert max(loss.registered) <= loss.resumed_from and loss.resumed_from in loss.saved, (
+        f"resumed from step {loss.resumed_from}, not {last}"
+    )
     assert max(m.step for m in losses) == SPREAD_STEPS and run.data.metrics["replicas_identical"] == 1.0
     assert not set(run.data.params.values()) & set(secrets_of(env))  # no credential among the params
     return {
@@ -603,6 +609,17 @@ def checkpoints(s3, prefix: str) -> list[int]:
     """The steps of the checkpoints under `prefix`."""
     objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
     return [int(o["Key"].split("checkpoint-")[1].split("/")[0]) for o in objects if o["Key"].endswith("/checkpoint.pt")]
+
+
+def registered_checkpoints(s3, run: str) -> list[int]:
+    """The steps of the checkpoints Ray Train has registered for `run`: its controller records each
+    in this snapshot when it next polls the workers, and a restarted run resumes from these only."""
+    key = f"runs/{run}/checkpoint_manager_snapshot.json"
+    try:
+        snapshot = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return []
+    return [int(result["checkpoint_dir_name"].split("-")[1]) for result in snapshot["checkpoint_results"]]
 
 
 def jobs_api(env: dict, path: str) -> dict:
