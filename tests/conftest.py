@@ -119,10 +119,11 @@ def s3(s3_server):
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray instance (2 CPUs) shared by the tests that need it (its workers see the
-    test S3 server's environment)."""
+    test S3 server's environment). No dashboard: no test asks it (the Jobs API is the stack's),
+    and it costs CPU the whole session (idle: 0.056 cores with it, 0.039 without, Zen 4 EPYC)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
 
