@@ -3,7 +3,7 @@ written as its batch finishes, a grid of the first 64 and, with --figures, the p
 
     python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-63 --out samples
     python jobs/generate.py --checkpoint weights/ddpm-cifar10-32 --sampler ddpm --variance beta --seeds 0-15 --out ddpm
-    python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-7 --figures --data data/cifar10
+    python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-7 --out figures --figures --data data/cifar10
 
 The flags mean what they mean to jobs/sample.py (the same job on a Ray cluster, tracked in
 MLflow). --checkpoint takes what every job takes: a run folder (its latest checkpoint; --which
@@ -50,12 +50,13 @@ def main(argv=None) -> int:
     from diffusion.platform.progress import model_calls, sample_figures
 
     payload = source.read()
-    pipeline = Pipeline.from_checkpoint(payload, args.batch_size, source.ema, speed, args.device)
+    batch_size = min(args.batch_size, len(seeds))  # a model batch no larger than the seeds: no padding
+    pipeline = Pipeline.from_checkpoint(payload, batch_size, source.ema, speed, args.device)
     settings = pipeline.settings(settings)
     label = settings.label(pipeline.num_timesteps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [seeds[i : i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
     start, first_64 = time.perf_counter(), []
     with model_calls(pipeline, len(batches) * steps_of(settings, pipeline.num_timesteps), f"sampling {label}"):
         for batch in batches:
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
             first_64.extend(images[: 64 - len(first_64)])
     save_grid(torch.stack(first_64), out / "samples.png")
     print(
-        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, in "
-        f"{time.perf_counter() - start:.1f} s on {pipeline.device}"
+        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, model batch {batch_size}, "
+        f"in {time.perf_counter() - start:.1f} s on {pipeline.device}"
     )
     if args.figures or args.full_figures:
         from diffusion.figures import Plan, batch_size

@@ -3,7 +3,7 @@ Ray Data from a prepared data set, checkpointing to the run's storage and tracki
 
     python jobs/train.py --preset cifar10 --data data/cifar10                        # a laptop: starts a local Ray
     ray job submit --working-dir . -- python jobs/train.py --preset cifar10 --data s3://bucket/cifar10 --storage s3://bucket/runs
-    python jobs/train.py --preset tiny --data data/cifar10-jpeg --max-steps 200      # a CPU demo
+    python jobs/train.py --preset tiny --data data/cifar10 --max-steps 200           # a CPU demo
 
 Every option below overrides the preset; --config FILE (YAML or JSON) sits between the two.
 Re-running with the same --name (and --storage) resumes from the latest checkpoint. It ends by

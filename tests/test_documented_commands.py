@@ -38,6 +38,7 @@ import json
 import re
 import shlex
 import signal
+import subprocess
 import tarfile
 import urllib.error
 import urllib.request
@@ -166,7 +167,7 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/prepare_data\.py --dataset digits$": "prepared",
         r"^python jobs/train\.py --preset tiny$": "trained",
         r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-63 --out samples$": "test_generate",
-        r"^python jobs/generate\.py .* --batch-size 8 .*--figures": "test_generate",
+        r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-7 --out figures --figures": "test_generate",
         r"^python jobs/export\.py": "test_export",
         r"^python jobs/sample\.py --checkpoint runs:/ID .*--figures --out s3://": "test_sample",
         r"^python jobs/serve\.py --checkpoint runs/tiny-linear$": "test_serve",
@@ -186,7 +187,6 @@ COVERAGE: dict[str, dict[str, str]] = {
     },
     "PARSED": {
         r"^python jobs/train\.py --preset (cifar10|digits)": "trained",
-        r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-7 --out samples --figures": "test_generate",
         r"^python jobs/sample\.py --checkpoint runs/tiny-linear ": "test_sample",
         r"^python jobs/generate\.py .*--sampler dpmpp_2m": (
             "tests/test_entry_points.py::test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls"
@@ -262,6 +262,46 @@ def test_every_rule_covers_a_documented_command_and_names_a_real_test():
         for pattern, target in rules.items():
             assert any(re.search(pattern, t) for t in texts), f"{kind} rule {pattern!r} matches no documented command"
             assert kind == "EXCEPTED" or defined(target), f"{kind} rule {pattern!r}: no test {target}"
+
+
+def written_paths(command: Command) -> list[str]:
+    """The local paths a documented project command writes: its --out, --storage and --json values."""
+    script = command.script
+    args = script[1] if script else ()
+    flags = ("--out", "--storage", "--json")
+    return [value for flag, value in zip(args, args[1:]) if flag in flags and "://" not in value]
+
+
+def test_each_documented_command_writes_where_no_other_does():
+    """No documented command overwrites another's output. Two kinds of command share one by
+    design: the ways to prepare one data set (the official archive, a local copy, the JPEG copy),
+    of which a user runs one; and a folder named with its trailing slash (bench/results/), where
+    each command writes files of its own name."""
+    writers: dict[str, set[str]] = {}
+    for text in documented_commands():
+        command = Command.of(text)
+        if command.script and command.script[0] == "jobs/prepare_data.py":
+            continue
+        for path in written_paths(command):
+            if not path.endswith("/"):
+                writers.setdefault(path, set()).add(text)
+    shared = {path: sorted(texts) for path, texts in writers.items() if len(texts) > 1}
+    assert not shared, f"documented commands that write the same place: {shared}"
+
+
+def test_what_the_readmes_commands_write_is_git_ignored():
+    """README's commands write only where `git status` stays clean: their folders (and training's
+    defaults, runs/ and mlflow.db)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    commands = markdown_commands((ROOT / "README.md").read_text())
+    written = [f"{path}/written.png" for c in commands for path in written_paths(c)]
+    assert {"data/cifar10/written.png", "samples/written.png", "figures/written.png"} <= set(written)
+    written += ["runs/tiny-linear/checkpoint-000000200/checkpoint.pt", "mlflow.db"]
+    check = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(check.stdout.split()) == sorted(written), (
+        f"not git-ignored: {set(written) - set(check.stdout.split())}"
+    )
 
 
 # --- parse checks (the quick tier) -------------------------------------------------------------------

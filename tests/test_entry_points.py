@@ -24,6 +24,7 @@ def test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls(t
         assert proc.returncode == 0, proc.stderr
         assert f"{calls}/{calls}" in proc.stderr  # the progress bar counts model calls (batches x steps)
         assert f"to {out}: {sampler}" in proc.stdout and "on cpu" in proc.stdout
+        assert f"model batch {1 if sampler == 'ddpm' else 2}," in proc.stdout  # one seed: no padding to 2
         names = sorted(p.name for p in out.glob("0*.png"))
         assert names == [f"{s:010d}.png" for s in ([7] if sampler == "ddpm" else [3, 4, 5, 9])]
         with Image.open(out / names[0]) as image:
