@@ -26,7 +26,6 @@ uses a store of your own instead, with credentials from your environment.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import hosts
 
-from diffusion.platform.cli import HelpFormatter
+from diffusion.platform.cli import HelpFormatter, parser
 from diffusion.platform.net import free_port, port_in_use, wait_for_http
 
 REGION = "us-east-1"
@@ -590,7 +589,7 @@ def cmd_restore_host(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--state-dir", default=".stack", help="where the stack keeps its state, logs and env file")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser(

@@ -91,4 +91,4 @@ def test_sampler_settings_refuse_an_eta_beyond_one_naming_the_range():
 def test_every_sampling_command_refuses_eta_beyond_one_in_one_line(script, tmp_path):
     extra = ["--data", tmp_path] if script == "jobs/evaluate.py" else []
     proc = run_main(script, "--checkpoint", OLD_RUN, "--steps", "50", "--eta", "1.5", "--out", tmp_path / "o", *extra)
-    assert proc.returncode == 1 and proc.stderr == "error: eta must be in [0, 1], got 1.5\n", proc.stderr
+    assert proc.returncode == 2 and proc.stderr == "error: eta must be in [0, 1], got 1.5\n", proc.stderr

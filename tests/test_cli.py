@@ -1,9 +1,11 @@
-"""What every command line shares: bad input as one line and exit code 1, Ctrl-C 130, a Ray
-that cannot be started or reached named with the fix."""
+"""What every command line shares: bad input as one line naming the problem and the fix, exit
+code 2 for a usage error (a flag unknown, malformed, out of range or in conflict) and 1 for the
+rest, answered before torch, Ray or MLflow is imported; Ctrl-C 130; a Ray that cannot be started
+or reached named with the fix."""
 
 import pytest
 
-from diffusion.errors import InputError
+from diffusion.errors import InputError, OptionError
 from diffusion.platform import cli, resources
 
 
@@ -14,6 +16,13 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(bad_input)
     assert e.value.code == 1 and capsys.readouterr().err == "error: data/x has no manifest.json: prepare it first\n"
+
+    def bad_option():
+        raise OptionError("eta must be in [0, 1], got 1.5")
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(bad_option)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: eta must be in [0, 1], got 1.5\n"
 
     def interrupted():
         raise KeyboardInterrupt
@@ -59,20 +68,26 @@ COMMANDS = [
 ]
 
 
+def without_heavy_imports(folder) -> dict:
+    """The environment of a command that fails if it imports torch, Ray or MLflow."""
+    import os
+    import sys
+
+    for name in ("torch", "ray", "mlflow"):
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(f"raise ImportError('this must not import {name}')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *sys.path])}
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
     """--help with torch, Ray and MLflow unimportable: argparse comes first. Every option shows
     its default once (or has none to show: a required option, a flag)."""
-    import os
     import re
-    import sys
 
     from helpers import cli
 
-    for name in ("torch", "ray", "mlflow"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('--help must not import {name}')\n")
-    proc = cli(command, "--help", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]), timeout=60)
+    proc = cli(command, "--help", **without_heavy_imports(tmp_path), timeout=60)
     assert proc.returncode == 0, proc.stderr
     from helpers import ROOT
 
@@ -87,6 +102,31 @@ def test_help_comes_before_torch_and_shows_every_default(command, tmp_path):
         text = " ".join(option.split())
         assert "default" in text or "required" in text.lower() or flag.startswith("--no-"), text
         assert text.count("default:") <= 1, text  # not twice, as "default: in words (default: None)"
+
+
+USAGE_ERRORS = [
+    *[(command, ("--no-such-flag",), "error: ") for command in COMMANDS],  # or a required one named first
+    ("jobs/generate.py", ("--checkpoint", "c", "--sampler", "ddpm", "--steps", "10"), "for fewer steps of the DDPM"),
+    ("jobs/sample.py", ("--checkpoint", "c", "--eta", "1.5"), "eta must be in [0, 1], got 1.5"),
+    ("jobs/train.py", ("--preset", "tiny", "--lr", "-1"), "lr must be > 0, got -1.0"),
+    ("jobs/train.py", ("--preset", "imagenet"), "argument --preset: invalid choice: 'imagenet'"),
+    ("tune/sweep.py", ("--preset", "tiny", "--search-lr", "1e-3"), "argument --search-lr: expected 2 arguments"),
+    ("cluster/stack.py", ("up", "--hosts", "0"), "--hosts must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("command, args, message", USAGE_ERRORS)
+def test_a_usage_error_is_one_line_with_exit_code_2_before_torch(command, args, message, tmp_path):
+    """An unknown flag, a malformed value and a value out of range or in conflict alike: one line
+    naming it (argparse's own say where --help is), exit code 2, and torch, Ray and MLflow not
+    imported."""
+    from helpers import cli
+
+    proc = cli(command, *args, **without_heavy_imports(tmp_path), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not proc.stdout, proc.stderr  # no usage block
+    if "--no-such-flag" in args or "argument" in message:  # argparse's own errors say where to look
+        assert proc.stderr.endswith(f" (see {command.split('/')[-1]} --help)\n"), proc.stderr
 
 
 @pytest.mark.parametrize("command", ["jobs/train.py", "tune/sweep.py"])

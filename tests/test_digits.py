@@ -89,7 +89,7 @@ def test_in_training_fid_on_digits_is_refused_before_ray_starts(digits_shards, t
     proc = run_main(
         "jobs/train.py", "--preset", "digits", "--data", digits_shards, "--storage", tmp_path, "--fid-every", 10
     )
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "in-training FID uses Inception, which does not apply to the 8x8 grey digits" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 

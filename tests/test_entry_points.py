@@ -72,7 +72,7 @@ def test_generate_rejects_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
     proc = run_main("jobs/generate.py", "--checkpoint", "c", "--sampler", "ddpm", "--steps", "20")
     assert (
-        proc.returncode == 1
+        proc.returncode == 2
         and "steps is for DDIM" in proc.stderr
         and "sampler ddim with eta 1 and steps 20" in proc.stderr
     )
@@ -80,7 +80,7 @@ def test_generate_rejects_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "--figure-seeds must be an even number" in proc.stderr
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100)
     proc = run_main("jobs/generate.py", "--checkpoint", checkpoint, "--steps", "101", "--out", tmp_path / "out")
-    assert proc.returncode == 1 and "steps must be in [1, 100]" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "steps must be in [1, 100]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

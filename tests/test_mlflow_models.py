@@ -132,5 +132,5 @@ def test_registering_needs_a_store_with_a_registry(tmp_path):
     write_shards(Source("synthetic", ["train"], ["c"], iter(chunks)), open_location(str(tmp_path / "data")), quiet=True)
     args = ["--preset", "tiny", "--data", tmp_path / "data", "--register-model", "tiny"]
     proc = run_main("jobs/train.py", *args, MLFLOW_TRACKING_URI=f"file:{tmp_path}/mlruns")
-    assert proc.returncode == 1 and "--register-model needs a Model Registry" in proc.stderr
+    assert proc.returncode == 2 and "--register-model needs a Model Registry" in proc.stderr
     assert "sqlite:///mlflow.db" in proc.stderr and "Ray" not in proc.stderr

@@ -94,21 +94,21 @@ def test_every_config_field_is_a_flag_with_help_and_default():
         (["--data-on-device", "gpu"], 2, "argument --data-on-device: invalid choice: 'gpu'"),
         (["--preset", "imagenet"], 2, "invalid choice: 'imagenet'"),
         (["--config", "/nonexistent.yaml"], 2, "--config /nonexistent.yaml does not exist"),
-        # values in range of their type but not of the option: the job's one check, before anything starts
-        (["--lr", "-1"], 1, "error: lr must be > 0, got -1.0"),
+        # values in range of their type but not of the option: the job's one check, before anything
+        # starts; a usage error too
+        (["--lr", "-1"], 2, "error: lr must be > 0, got -1.0"),
         (
             ["--max-steps", "0", "--ema-decay", "1"],
-            1,
+            2,
             "error: ema_decay must be in [0, 1), got 1.0; max_steps must be >= 1, got 0",
         ),
-        (["--fid-every", "10", "--fid-n", "1"], 1, "error: fid_n must be >= 2, got 1"),
+        (["--fid-every", "10", "--fid-n", "1"], 2, "error: fid_n must be >= 2, got 1"),
     ],
 )
 def test_bad_options_are_named(args, code, message):
     proc = run_main("jobs/train.py", *args)
     assert proc.returncode == code and message in proc.stderr, proc.stderr
-    if code == 1:
-        assert proc.stderr.count("\n") == 1  # one line, no traceback
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")  # one line: no usage block
 
 
 def test_unknown_keys_in_a_config_file_are_named(tmp_path):

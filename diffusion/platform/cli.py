@@ -46,8 +46,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse in the commands' one error style: a usage error (an unknown flag, a missing or
+    malformed value) is one line naming it, `error: <problem> (see <prog> --help)`, exit code 2,
+    as `exit_code` answers an option out of range or in conflict."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parser(doc: str | None) -> Parser:
+    return Parser(description=doc, formatter_class=HelpFormatter)
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -96,12 +105,16 @@ def run(main: Callable[[], int]) -> None:
 
 
 def exit_code(main: Callable[[], int]) -> int:
-    """`main`'s exit code: bad input (an InputError) is one line on stderr and exit code 1,
-    Ctrl-C exit code 130; anything else is a bug and keeps its traceback."""
-    from ..errors import InputError
+    """`main`'s exit code: bad input is one line on stderr, exit code 2 for an option out of range
+    or in conflict (an OptionError: a usage error, as argparse's) and 1 for any other (an
+    InputError: a missing file, an unreadable checkpoint); Ctrl-C exit code 130; anything else is
+    a bug and keeps its traceback."""
+    from ..errors import InputError, OptionError
 
     try:
         return main()
+    except OptionError as e:
+        return fail(str(e), 2)
     except InputError as e:
         return fail(str(e))
     except KeyboardInterrupt:
@@ -151,7 +164,7 @@ def add_train_options(
     command line's, by default) names."""
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS), help="recipe to start from")
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (between preset and flags)")
-    preset = argparse.ArgumentParser(add_help=False)
+    preset = Parser(prog=parser.prog, add_help=False)
     preset.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
     name = preset.parse_known_args(argv)[0].preset
     job = PRESETS[name]
