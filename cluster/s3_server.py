@@ -2,10 +2,12 @@
 
     AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... python cluster/s3_server.py --host 10.213.0.2 --port 9000
 
-Every request must be signed with the key pair of the environment the server starts in (moto's
-IAM checks the signature: a wrong secret is SignatureDoesNotMatch, an unknown key
-InvalidAccessKeyId, an unsigned request 403), and moto's own /moto-api/ (an unauthenticated
-dump and reset of its state, keys included) answers 403. Objects live in memory: they are gone when it stops.
+Every request must be signed with the key pair of the environment the server starts in, by AWS
+Signature Version 4 in its Authorization header (moto's IAM checks the signature: a wrong secret
+is SignatureDoesNotMatch, an unknown key InvalidAccessKeyId). Anything else answers 403 before
+moto sees it: an unsigned request, a malformed Authorization header, a presigned URL (which moto
+would answer with a 500) and moto's own /moto-api/ (an unauthenticated dump and reset of its
+state, keys included). Objects live in memory: they are gone when it stops.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 
 os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto reads it on import: authenticate from the first request
 
@@ -38,14 +41,32 @@ def add_user(access_key_id: str, secret_access_key: str, name: str = "stack") ->
     key.access_key_id, key.secret_access_key = access_key_id, secret_access_key
 
 
+# What boto3, pyarrow (the AWS C++ SDK) and every S3 client send: scope date/region/s3/aws4_request.
+SIGNATURE_V4 = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=[^/\s,]+/\d{8}/[\w-]+/s3/aws4_request, ?SignedHeaders=[a-z0-9;-]+, ?Signature=[0-9a-f]{64}"
+)
+
+
+def refusal(environ) -> str | None:
+    """Why the endpoint refuses a request before moto sees it, or None."""
+    if environ.get("PATH_INFO", "").startswith("/moto-api"):
+        return "moto's API is not served"
+    header = environ.get("HTTP_AUTHORIZATION")
+    if header is None:
+        return "requests must be signed with the stack's key (AWS Signature Version 4, Authorization header)"
+    if not SIGNATURE_V4.fullmatch(header):
+        return "malformed Authorization header: sign with AWS Signature Version 4 and the stack's key"
+    return None
+
+
 def guarded(app):
-    """`app` refusing moto's /moto-api/ and unsigned requests (moto itself answers those with a 500)."""
+    """`app` answering 403, with the reason, to every request `refusal` names."""
 
     def guarded_app(environ, start_response):
-        signed = "HTTP_AUTHORIZATION" in environ or "X-Amz-Signature" in environ.get("QUERY_STRING", "")
-        if environ.get("PATH_INFO", "").startswith("/moto-api") or not signed:
+        reason = refusal(environ)
+        if reason:
             start_response("403 Forbidden", [("content-type", "text/plain")])
-            return [b"forbidden: requests must be signed with the stack's key\n"]
+            return [f"forbidden: {reason}\n".encode()]
         return app(environ, start_response)
 
     return guarded_app

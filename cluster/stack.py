@@ -99,7 +99,7 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)  # it holds the credentials
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
+        private_file(tmp, json.dumps(self.state, indent=2))  # its client_env holds the credentials
         tmp.replace(self.state_path)
 
     @property
@@ -354,7 +354,11 @@ def start_mlflow(stack: Stack, args, base: dict, head: str) -> tuple[dict, subpr
         "auth_cache_ttl_seconds = 600\n",
     )
     uri = f"http://{head}:{args.mlflow_port}"
-    backend = args.backend_store_uri or base.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{stack.dir / 'mlflow.db'}"
+    backend = args.backend_store_uri or base.get("MLFLOW_BACKEND_STORE_URI")
+    if not backend:
+        backend = f"sqlite:///{stack.dir / 'mlflow.db'}"
+        if not args.s3_endpoint:  # its runs' artifacts live in the S3 endpoint's memory: `down` removes both
+            stack.state["mlflow_db"] = str(stack.dir / "mlflow.db")
     cmd = ["mlflow", "server", "--app-name", "basic-auth", "--host", head, "--port", str(args.mlflow_port)]
     cmd += ["--workers", "1", "--artifacts-destination", f"s3://{args.bucket}/mlflow"]
     env = dict(
@@ -482,9 +486,10 @@ def print_summary(stack: Stack) -> None:
     print(f"\nExport the environment (it holds the stack's credentials):\n  source {stack.dir / 'env'}")
 
 
-def stop_all(stack: Stack) -> None:
+def stop_all(stack: Stack) -> str | None:
     """Stop every recorded service (the Ray nodes first, at once: clients before the services they
-    use; then MLflow and S3), then remove the network and the stack's secrets."""
+    use; then MLflow and S3), then remove the network, the stack's secrets and an MLflow store whose
+    artifacts were in the S3 endpoint's memory (its path, if one was removed)."""
     services = stack.state["services"]
     ray_nodes = [svc for name, svc in services.items() if name.startswith("ray")]
     for group in (ray_nodes, [services[name] for name in ("mlflow", "s3") if name in services]):
@@ -492,9 +497,13 @@ def stop_all(stack: Stack) -> None:
             list(pool.map(stop_and_remove, group))
     if stack.network:
         stack.network.remove(stack.hosts)
+    mlflow_db = stack.state.get("mlflow_db")
+    if mlflow_db:
+        Path(mlflow_db).unlink(missing_ok=True)
     stack.state_path.unlink(missing_ok=True)
     for name in SECRET_FILES:
         (stack.dir / name).unlink(missing_ok=True)
+    return mlflow_db
 
 
 def cmd_down(args) -> int:
@@ -504,7 +513,9 @@ def cmd_down(args) -> int:
         return 0
     network, count = stack.network, stack.hosts
     ports = [svc[key] for svc in stack.state["services"].values() for key in ("port", "dashboard_port") if svc.get(key)]
-    stop_all(stack)
+    mlflow_db = stop_all(stack)
+    if mlflow_db:
+        print(f"removed {mlflow_db}: the S3 endpoint's objects, its runs' artifacts and checkpoints, are gone with it")
     if network:
         left = network.leftovers(count)
         if left:

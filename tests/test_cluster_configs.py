@@ -186,6 +186,63 @@ def test_node_secrets_writes_0600_files_from_ssm(s3_server, tmp_path, capsys):
     assert seen["MLFLOW_TRACKING_PASSWORD"] == "pa ss'word" and seen["RAY_DIFFUSION_API_KEY"] == "k3y"
 
 
+def test_the_stacks_s3_endpoint_answers_403_to_every_request_not_signed_with_its_key():
+    """cluster/s3_server.py on 127.0.0.1: the stack's key pair works; an unsigned request, malformed
+    or forged signatures, presigned URLs and moto's API are 403, none a 500."""
+    import os
+    import sys
+    import urllib.error
+    import urllib.request
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from diffusion.platform.net import free_port, wait_for_http
+
+    key_id, secret = "AKIASTACKKEY00000000", "stack-secret"
+    url = f"http://127.0.0.1:{free_port()}"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    cmd = [sys.executable, CLUSTER / "s3_server.py", "--port", url.rsplit(":", 1)[1]]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(url, 60, server)
+
+        def client(key=key_id, secret=secret):
+            return boto3.client(
+                "s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1"
+            )
+
+        client().create_bucket(Bucket="stack")
+        client().put_object(Bucket="stack", Key="k", Body=b"x")
+
+        def status(path: str, headers: dict) -> int:
+            try:
+                return urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=30).status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        scope = f"{key_id}/20261205/us-east-1/s3/aws4_request"
+        forged_v4 = f"AWS4-HMAC-SHA256 Credential={scope}, SignedHeaders=host;x-amz-date, Signature={'0' * 64}"
+        presigned = client().generate_presigned_url("get_object", Params={"Bucket": "stack", "Key": "k"})
+        query = f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={scope}&X-Amz-Date=20261205T000000Z"
+        seen = {
+            "unsigned": status("/stack/k", {}),
+            "garbage": status("/stack/k", {"Authorization": "garbage"}),
+            "signature v2": status("/stack/k", {"Authorization": f"AWS {key_id}:abc"}),
+            "forged v4": status("/stack/k", {"Authorization": forged_v4, "X-Amz-Date": "20261205T000000Z"}),
+            "presigned": status(presigned.removeprefix(url), {}),
+            "forged presigned": status(f"/stack/k?{query}&X-Amz-SignedHeaders=host&X-Amz-Signature=abc", {}),
+            "moto api": status("/moto-api/data.json", {"Authorization": forged_v4}),
+        }
+        assert seen == dict.fromkeys(seen, 403), seen
+        assert client().get_object(Bucket="stack", Key="k")["Body"].read() == b"x"
+        with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+            client(secret="wrong").get_object(Bucket="stack", Key="k")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_launcher_rsync_keeps_code_and_leaves_local_state(launcher, tmp_path):
     """The rsync options Ray's command runner builds from the config, run for real on a small tree."""
     rsync = shutil.which("rsync")

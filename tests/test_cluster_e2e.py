@@ -75,6 +75,11 @@ def secrets_of(env: dict) -> list[str]:
     return [env[name] for name in names] + [Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()]
 
 
+def secret_in(path: Path, secrets: list[str]) -> bool:
+    data = path.read_bytes()
+    return any(secret.encode() in data for secret in secrets)
+
+
 def stack_processes(state_dir: Path) -> list[psutil.Process]:
     """Every process the stack started, with their descendants and every Ray process of its temp dirs."""
     services = json.loads((state_dir / "stack.json").read_text())["services"].values()
@@ -164,8 +169,9 @@ def namespaces_unavailable() -> str:
 
 
 def test_one_host_stack(tmp_path, monkeypatch):
-    """up on 127.0.0.1 at the ports given: the MLflow URL printed and no secret, the env file 0600,
-    three services running; `down` leaves no process, open port or state. Where network namespaces
+    """up on 127.0.0.1 at the ports given: the MLflow URL printed and no secret, every file holding
+    one 0600, three services running; `down` leaves no process, open port or state, and removes
+    MLflow's store with the S3 objects its runs point at, saying so. Where network namespaces
     cannot be made, the end-to-end pipeline runs on it in between (one_host_end_to_end); where they
     can, it runs on two hosts (test_two_hosts_end_to_end_with_one_lost_and_back)."""
     pipeline = bool(namespaces_unavailable())
@@ -177,7 +183,11 @@ def test_one_host_stack(tmp_path, monkeypatch):
     up_args = [a for flag, port in ports.items() for a in (flag, port)] + ["--num-cpus", "2"]
     out = sh(stack + ["up", *up_args], dict(os.environ), timeout=300)
     assert f"http://127.0.0.1:{ports['--mlflow-port']}" in out and "source" in out
-    assert (state_dir / "env").stat().st_mode & 0o077 == 0 and not any(s in out for s in stack_secrets(state_dir))
+    secrets = stack_secrets(state_dir)
+    assert not any(s in out for s in secrets)
+    files = [f for f in state_dir.rglob("*") if f.is_file() and not f.is_socket()]
+    holding = {str(f.relative_to(state_dir)): f.stat().st_mode & 0o777 for f in files if secret_in(f, secrets)}
+    assert holding == dict.fromkeys(["env", "mlflow-auth.ini", "ray-token", "stack.json"], 0o600), holding
     serve_port = free_port()
     try:
         env = stack_env(state_dir)
@@ -190,6 +200,8 @@ def test_one_host_stack(tmp_path, monkeypatch):
     finally:
         down = subprocess.run([str(c) for c in stack + ["down"]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert f"removed {state_dir.resolve() / 'mlflow.db'}: the S3 endpoint's objects" in down.stdout
+    assert not (state_dir / "mlflow.db").exists()  # the next `up` shows no runs whose artifacts are gone
     alive = [p for p in started + marked_processes([temp_dir]) if running(p)]
     assert not alive, f"left running after down: {[(p.pid, p.name()) for p in alive]}"
     for port in [*ports.values(), serve_port]:
