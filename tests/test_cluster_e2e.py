@@ -284,7 +284,7 @@ def assert_tracked(env: dict, monkeypatch, s3, name: str, steps: int) -> None:
     assert training.data.tags["ray_job_id"] and training.data.metrics["replicas_identical"] == 1.0
     assert sampling.data.tags["training_run_id"] == training.info.run_id
     grids = mlflow_images(client, training.info.run_id, "samples")
-    assert list(grids) == [steps], grids  # the EMA grid at its step, as an MLflow image
+    assert sorted(grids) == [0, steps], grids  # the EMA grids at their steps, as MLflow images (from 0)
     Image.open(grids[steps]).verify()  # a real PNG, served back by the tracking server
     assert list(mlflow_images(client, sampling.info.run_id, "samples")) == [0]
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]]

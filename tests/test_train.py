@@ -107,8 +107,8 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     assert json.loads(data.dataset.profile)["num_rows"] == 1000
     experiment = client.get_experiment(run.info.experiment_id)  # for MLflow's training view
     assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
-    grids = mlflow_images(client, run.info.run_id, "samples")  # EMA sample grids, one an image step
-    assert sorted(grids) == [20] and Image.open(grids[20]).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    grids = mlflow_images(client, run.info.run_id, "samples")  # EMA sample grids, one an image step,
+    assert sorted(grids) == [0, 20] and Image.open(grids[20]).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # from 0
 
     # The same name again, with more steps: it continues from step 20, not from 0; now with the
     # training images held in the workers' device memory instead of streamed by Ray Data, an FID
@@ -121,6 +121,10 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     client, run = the_run(mlflow_uri, "resume")  # the same MLflow run
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
     assert steps_of(client, run.info.run_id, "resumed_from_step") == [20]
+    # The learning rate where it changed: through the 10 warm-up steps, not again once constant
+    # (at 20), and once more at the resume's new value (at 25, not 30).
+    lrs = client.get_metric_history(run.info.run_id, "lr")
+    assert all(a.value != b.value for a, b in zip(lrs, lrs[1:])) and {20, 25, 30} & {m.step for m in lrs} == {25}
     assert 400 <= run.data.metrics["images_on_device"] <= 600  # rank 0's half of the 1,000 training images
     assert "max_steps" in run.data.tags["resumed_with_changes"]
     fids = client.get_metric_history(run.info.run_id, "fid")

@@ -286,6 +286,15 @@ class Chief:
         self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), job.recipe.num_timesteps, job.recipe.seed)
         self.start_step, self.start_time = start_step, time.time()
         self.monitor = tracking.system_metrics(self.run, "rank0") if job.settings.system_metrics else None
+        self.logged_lr = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """The step's metrics to MLflow, the learning rate only where it changed (through warm-up,
+        and once where it settles: a constant one plotted as a flat line at 0 on a +-0.5 axis)."""
+        if metrics.get("lr") == self.logged_lr:
+            metrics = {key: value for key, value in metrics.items() if key != "lr"}
+        self.logged_lr = metrics.get("lr", self.logged_lr)
+        self.run.log_metrics(metrics, step)
 
     def evaluate(self, state: TrainState) -> dict:
         return {
@@ -295,7 +304,8 @@ class Chief:
 
     def log_sample_grid(self, state: TrainState) -> None:
         """EMA samples from seeds 0..sample_n-1 as an MLflow image at this step: the same x_T at
-        every step, so that the UI steps through the run's progress."""
+        every step (from step 0, the untrained network's), so that the UI steps through the run's
+        progress."""
         s = self.job.settings
         x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, self.bf16)
         self.run.log_image(grid(x).numpy(), "samples", state.step)
@@ -451,6 +461,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         chief.run.log_metrics({"resumed_from_step": state.step}, state.step)
     if chief and state.step == 0:
         chief.run.log_metrics(chief.evaluate(state), 0)
+        chief.log_sample_grid(state)  # MLflow's image card opens at step 0: without one it shows none
 
     window = Window(device)
     finished = {}  # what the last step's maintenance found
@@ -470,7 +481,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if chief:
             if due.evaluate:
                 metrics.update(chief.evaluate(state))
-            chief.run.log_metrics(metrics, state.step)
+            chief.log_metrics(metrics, state.step)
             log.info(chief.progress(state.step, metrics))
             if due.samples:
                 chief.log_sample_grid(state)
