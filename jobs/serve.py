@@ -45,6 +45,7 @@ def main(argv=None) -> int:
         )
     app_args = ServeArgs(**given(args, ServeArgs), api_key_sha256=key_sha256(key))  # out of range: named here
 
+    import logging
     import signal
     import threading
 
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
     app_args.read()  # a bad checkpoint is named here, before Ray
     connect()
     serve.start(http_options={"host": args.host, "port": args.port})
+    # serve.run connects to the Serve instance just started, and says so as if it were an old one.
+    logging.getLogger("ray.serve").addFilter(
+        lambda record: "Connecting to existing Serve app" not in record.getMessage()
+    )
     try:
         serve.run(build_app(app_args), blocking=False)
     except RuntimeError:  # the application failed to deploy: say why its replicas did
@@ -72,12 +77,22 @@ def main(argv=None) -> int:
         f"serving {args.checkpoint} at http://{args.host}:{args.port}, replicas {scaling}{auth} ({stop_with})",
         flush=True,
     )
+    print(f"try: {example_request(args.host, args.port, bool(key))}", flush=True)
     if args.detach:
         return 0
     while not stopped.wait(1):
         pass
     serve.shutdown()
+    print(f"stopped serving {args.checkpoint}", flush=True)
     return 0
+
+
+def example_request(host: str, port: int, with_key: bool) -> str:
+    """A curl command for 16 images from seed 0 into samples.png, as this service takes it."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    header = ' -H "Authorization: Bearer $RAY_DIFFUSION_API_KEY"' if with_key else ""
+    body = '{"n": 16, "seed": 0}'
+    return f"curl -X POST http://{address}:{port}/v1/samples -H 'content-type: application/json'{header} -d '{body}' -o samples.png"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 before FastAPI reads it, the 422 that names each bad field, and the image encodings.
 
     harden(app)        ApiKeyGuard (401 without the key, when one is required), BodyGuard (415, 413,
-                       400, 422 before any field is looked at) and the 422 handler; both are plain
+                       400 for what is not JSON, 422 for JSON nested too deep, before any field is
+                       looked at) and the 422 handler; both are plain
                        ASGI and pass responses on as sent (an event stream event by event)
     encode(images)     a PNG grid, an npz of the array, or JSON of base64 PNGs (`images_json`)
     sse(event, data)   one Server-Sent Event with JSON data
@@ -61,9 +62,9 @@ def body_problem(body: bytes) -> tuple[int, str] | None:
     except RecursionError:
         return 422, f"the body nests deeper than {MAX_NESTING} levels"
     except json.JSONDecodeError as e:
-        return 422, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        return 400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
     except ValueError as e:  # a refused constant, a number out of range, an integer of too many digits
-        return 422, f"the body is not valid JSON: {e}"
+        return 400, f"the body is not valid JSON: {e}"
     depth, level = 0, [(value, 1)]
     while level:
         item, d = level.pop()
@@ -101,8 +102,8 @@ class ApiKeyGuard:
 
 class BodyGuard:
     """ASGI middleware: every POST body, before FastAPI reads it, is JSON under its content type
-    (415), at most `max_bytes` long (413, without reading further), UTF-8 (400), and JSON with
-    finite numbers nested at most MAX_NESTING deep (422); each refusal names the problem."""
+    (415), at most `max_bytes` long (413, without reading further), UTF-8 and JSON with finite
+    numbers (400), nested at most MAX_NESTING deep (422); each refusal names the problem."""
 
     def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
         self.app, self.max_bytes = app, max_bytes
@@ -148,12 +149,16 @@ class BodyGuard:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, with at most a short excerpt of what was sent (always JSON)."""
+    """422 naming each bad field, with at most a short excerpt of what was sent (always JSON); a
+    rule between fields (a request's own check) in its own words, without the request echoed."""
     problems = []
     for error in exc.errors()[:10]:
-        field = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+        field = ".".join(str(part) for part in error["loc"] if part != "body")
+        if not field and error["type"] == "value_error":
+            problems.append(str(error["ctx"]["error"]))  # pydantic's text is "Value error, " and the message
+            continue
         got = f" (got {excerpt(error['input'])})" if "input" in error and error["type"] != "missing" else ""
-        problems.append(f"{field}: {error['msg']}{got}")
+        problems.append(f"{field or 'body'}: {error['msg']}{got}")
     return JSONResponse({"detail": problems}, status_code=422)
 
 
