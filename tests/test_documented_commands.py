@@ -640,20 +640,17 @@ def test_bench_quality(trained_digits, digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_bench_load(ray_address, tmp_path):
-    """2 clients for 2 s against a T = 10 model at batch 2: its DDPM chains (accepted until the
-    time is up, then run to the end) are 10 model calls."""
+    """2 clients for 3 s against a T = 1000 model at batch 2, the first client's first request a
+    DDPM chain (seed 10), 1000 model calls: on a CPU still running at the end, which cancels it."""
     (command,) = documented("test_bench_load")
-    limits = {
-        "--clients": 2,
-        "--seconds": 2,
-        "--num-timesteps": 10,
-        "--batch-size": 2,
-        "--json": tmp_path / "load.json",
-    }
+    limits = {"--clients": 2, "--seconds": 3, "--seed": 10, "--batch-size": 2, "--progress-every": 1}
+    limits["--json"] = tmp_path / "load.json"
     proc = run_main("bench/load.py", *smoke_args(command.script[1], added=limits), ray=True, RAY_ADDRESS=ray_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kinds = json.loads((tmp_path / "load.json").read_text())["kinds"]
     assert kinds["ddim"]["requests"] and all(k["as_expected"] == 1 for k in kinds.values() if k["requests"]), kinds
+    assert kinds["ddpm"]["cancelled_at_the_end"] >= 1 and "| cancelled at the end |" in proc.stdout, kinds
+    assert re.search(r"^\d+/3 s: \d+ answered \(ddim \d+, ddpm \d+, health \d+, hostile \d+\)$", proc.stdout, re.M)
 
 
 @pytest.mark.slow
