@@ -201,9 +201,6 @@ COVERAGE: dict[str, dict[str, str]] = {
             "tests/test_cifar10_cpu.py::test_evaluate_judges_cifar10_with_the_kept_judge_where_no_inception_weights_are_at_hand"
         ),
         r"^python bench/cifar10_judge\.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
-        r"^python bench/quality\.py --checkpoint tests/fixtures/digits-ci ": (
-            "tests/test_quality.py::test_the_papers_claims_hold_on_the_digits"
-        ),
         r"^python bench/cpu_training\.py": "tests/test_cifar10_cpu.py::test_the_cpu_training_bench_compares_every_choice",
         r"^bash bench/gpu\.sh --quality-smoke$": "tests/test_cifar10_cpu.py::test_the_gpu_quality_run_runs_its_steps_at_smoke_size",
         r"^python tune/sweep\.py": "tests/test_sweep.py::swept",  # the CLI, 3 trials with ASHA
