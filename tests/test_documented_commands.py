@@ -622,7 +622,8 @@ def test_bench_quality(trained_digits, digits_shards, tmp_path):
     """--checkpoint: the tests' trained digits run (a CIFAR-10 command's --weights and --clip
     kept); N = 2 samples, DDIM-2, one eta and spacing, no sigma-hat and no DDPM-1000 rows."""
     commands = documented("test_bench_quality")
-    assert len(commands) == 2  # the digits grid, and the CIFAR-10 run judged with its x_0 clipped
+    # the digits grid and its DPM-Solver++ rows; the CIFAR-10 run judged with its x_0 clipped, and its Table 1
+    assert len(commands) == 4
     for i, command in enumerate(commands):
         out = tmp_path / str(i)
         replaced = {"--checkpoint": trained_digits, "--n": 2}
