@@ -1,6 +1,7 @@
 """Ray Train on a local Ray (2 CPU workers, tiny UNet, real CIFAR-10 images): the command line's
 log, checkpoints, MLflow, resume, failure recovery, identical replicas."""
 
+import itertools
 import json
 import math
 import threading
@@ -124,7 +125,7 @@ def test_training_checkpoints_tracks_and_resumes_at_the_saved_step(
     # The learning rate where it changed: through the 10 warm-up steps, not again once constant
     # (at 20), and once more at the resume's new value (at 25, not 30).
     lrs = client.get_metric_history(run.info.run_id, "lr")
-    assert all(a.value != b.value for a, b in zip(lrs, lrs[1:])) and {20, 25, 30} & {m.step for m in lrs} == {25}
+    assert all(a.value != b.value for a, b in itertools.pairwise(lrs)) and {20, 25, 30} & {m.step for m in lrs} == {25}
     assert 400 <= run.data.metrics["images_on_device"] <= 600  # rank 0's half of the 1,000 training images
     assert "max_steps" in run.data.tags["resumed_with_changes"]
     fids = client.get_metric_history(run.info.run_id, "fid")
