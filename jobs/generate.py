@@ -50,13 +50,13 @@ def main(argv=None) -> int:
     from diffusion.platform.progress import model_calls, sample_figures
 
     payload = source.read()
-    batch_size = min(args.batch_size, len(seeds))  # a model batch no larger than the seeds: no padding
-    pipeline = Pipeline.from_checkpoint(payload, batch_size, source.ema, speed, args.device)
+    model_batch = min(args.batch_size, len(seeds))  # no larger than the seeds: no padding
+    pipeline = Pipeline.from_checkpoint(payload, model_batch, source.ema, speed, args.device)
     settings = pipeline.settings(settings)
     label = settings.label(pipeline.num_timesteps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    batches = [seeds[i : i + model_batch] for i in range(0, len(seeds), model_batch)]
     start, first_64 = time.perf_counter(), []
     with model_calls(pipeline, len(batches) * steps_of(settings, pipeline.num_timesteps), f"sampling {label}"):
         for batch in batches:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             first_64.extend(images[: 64 - len(first_64)])
     save_grid(torch.stack(first_64), out / "samples.png")
     print(
-        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, model batch {batch_size}, "
+        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, model batch {model_batch}, "
         f"in {time.perf_counter() - start:.1f} s on {pipeline.device}"
     )
     if args.figures or args.full_figures:

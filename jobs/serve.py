@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 def example_request(host: str, port: int, with_key: bool) -> str:
     """A curl command for 16 images from seed 0 into samples.png, as this service takes it."""
     address = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    header = ' -H "Authorization: Bearer $RAY_DIFFUSION_API_KEY"' if with_key else ""
+    header = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if with_key else ""
     body = '{"n": 16, "seed": 0}'
     return f"curl -X POST http://{address}:{port}/v1/samples -H 'content-type: application/json'{header} -d '{body}' -o samples.png"
 
