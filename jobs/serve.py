@@ -21,6 +21,7 @@ from diffusion.platform.cli import add_checkpoint_options, add_options, fail, gi
 from diffusion.platform.settings import API_KEY_ENV, CheckpointOptions, ServeArgs, key_sha256
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+APP = "diffusion"  # the application's name in Serve, as in jobs/serve_config.yaml
 
 
 def main(argv=None) -> int:
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
         skip=(*(f.name for f in fields(CheckpointOptions)), "api_key_sha256"),
     )
     p.add_argument("--detach", action="store_true", help="deploy and exit; the app keeps running (`serve shutdown`)")
+    p.add_argument("--verbose", action="store_true", help="also Ray's and Serve's own log lines")
     args = p.parse_args(argv)
     key = os.environ.get(API_KEY_ENV, "")
     if not key and args.host not in LOOPBACK:
@@ -45,7 +47,6 @@ def main(argv=None) -> int:
         )
     app_args = ServeArgs(**given(args, ServeArgs), api_key_sha256=key_sha256(key))  # out of range: named here
 
-    import logging
     import signal
     import threading
 
@@ -55,17 +56,13 @@ def main(argv=None) -> int:
     from diffusion.platform.serve import build_app, deployment_failure
 
     app_args.read()  # a bad checkpoint is named here, before Ray
-    connect()
+    connect(verbose=args.verbose)
     serve.start(http_options={"host": args.host, "port": args.port})
-    # serve.run connects to the Serve instance just started, and says so as if it were an old one.
-    logging.getLogger("ray.serve").addFilter(
-        lambda record: "Connecting to existing Serve app" not in record.getMessage()
-    )
     try:
-        serve.run(build_app(app_args), blocking=False)
+        serve.run(build_app(app_args), name=APP, blocking=False)
     except RuntimeError:  # the application failed to deploy: say why its replicas did
-        cause = deployment_failure()
-        serve.shutdown()
+        cause = deployment_failure(APP)
+        serve.delete(APP)
         return fail(f"the Serve application did not start: {cause}")
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # from here on, a stop is a clean shutdown
@@ -82,7 +79,10 @@ def main(argv=None) -> int:
         return 0
     while not stopped.wait(1):
         pass
-    serve.shutdown()
+    # Its app alone, its requests drained: on a cluster, Serve goes on for other apps (`serve shutdown`
+    # ends it); a local Ray ends with this process. (serve.shutdown kills Serve's controller while
+    # it runs its last task, which Ray reports as an error.)
+    serve.delete(APP)
     print(f"stopped serving {args.checkpoint}", flush=True)
     return 0
 

@@ -12,6 +12,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -476,9 +477,8 @@ def assert_resumed_run(env: dict, monkeypatch, head: str, worker: str, loss: Hos
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"done at step {SPREAD_STEPS}: 2 replica(s), weights and EMA identical across ranks: True" in logs
     assert_trained(logs, "spread", SPREAD_STEPS)
-    ranks = [line for line in logs.splitlines() if "(ip=" in line and "world_rank=" in line]
-    nodes = {line.split("(ip=")[1].split(",")[0] for line in ranks}
-    assert nodes == {head, worker}, logs[-3000:]  # one worker a host
+    placed = [line for line in logs.splitlines() if "2 worker(s) on cpu" in line][-1]  # the resumed run's workers
+    assert sorted(re.findall(r"([\d.]+) \(rank \d\)", placed)) == sorted([head, worker]), placed  # one a host
 
     client = mlflow_client(env, monkeypatch)
     training = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.kind = 'training'")

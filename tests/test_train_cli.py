@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import logging
 
 import pytest
 
@@ -120,23 +119,3 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path):
 def test_missing_data_set_is_a_clear_error(tmp_path):
     proc = run_main("jobs/train.py", "--preset", "tiny", "--data", tmp_path / "none")
     assert proc.returncode == 1 and "no manifest.json at" in proc.stderr and "prepare_data.py" in proc.stderr
-
-
-def test_ray_trains_line_for_every_report_shows_with_verbose_only(caplog):
-    """A worker hides Ray Train's INFO line for every report (a logger named by its module's
-    file, outside `ray.train`'s level) unless --verbose; a worker's root logger is at INFO."""
-    from ray.train.v2._internal.execution import context
-
-    from diffusion.platform.ray_train import quiet_reports
-
-    assert train_cli.parse_args(["--preset", "tiny", "--verbose"]).settings.verbose
-    assert not train_cli.parse_args(["--preset", "tiny"]).settings.verbose
-    caplog.set_level(logging.INFO)
-    level = context.logger.level
-    try:
-        for verbose in (False, True):
-            quiet_reports(verbose)
-            context.logger.info(f"Reporting training result 1: verbose={verbose}")
-    finally:
-        context.logger.setLevel(level)
-    assert [r.getMessage() for r in caplog.records] == ["Reporting training result 1: verbose=True"]

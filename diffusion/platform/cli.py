@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -90,10 +91,13 @@ def plain_off_terminal() -> None:
     """Strip colour codes from stdout and stderr where they are not a terminal (a log file, a
     `ray job submit` log, CI). The driver prints every Ray process's lines, and Ray colours
     their `(RayTrainWorker pid=...)` prefixes, its dashboard's URL and `[repeated Nx across
-    cluster]` whatever the stream; only the first of these has a switch (RAY_COLOR_PREFIX)."""
+    cluster]` whatever the stream; only the first of these has a switch (RAY_COLOR_PREFIX).
+    Off a terminal, MLflow's bar for a download (a line for each file of a logged model) is off."""
     for name in ("stdout", "stderr"):
         if not getattr(sys, name).isatty():
             setattr(sys, name, PlainText(getattr(sys, name)))
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def run(main: Callable[[], int]) -> None:

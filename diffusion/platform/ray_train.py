@@ -42,12 +42,13 @@ from ..training import DeviceData, HeldoutSet, TrainState, build_state, ddim_sam
 from . import tracking
 from .checkpoint_uris import read_checkpoint
 from .evaluate import inception_judge, reference_stats
+from .logs import PROJECT_LOGGER, project_lines_to_stdout
 from .resources import Workers, connect, use_assigned_resources
 from .settings import PLACEMENTS, RunSettings, TrainJob
 from .shards import ShardSet
 from .storage import open_location
 
-log = logging.getLogger("ray_diffusion")
+log = logging.getLogger(PROJECT_LOGGER)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -131,7 +132,7 @@ class Training:
             )
         if s.register_model:
             tracking.check_registry()
-        connect()
+        connect(verbose=s.verbose)
         self.job = job = resolve_workers(job)
         s = job.settings
         self.heldout, self.train_splits, heldout_source = heldout_images(self.shards, s)
@@ -425,19 +426,19 @@ def replicas_identical(state: TrainState, world: int) -> bool:
     return len(set(fingerprints)) == 1
 
 
-def quiet_reports(verbose: bool) -> None:
-    """Unless `verbose`, hide Ray Train's INFO line for every report of this worker ('Reporting
-    training result N: TrainingReport(...)', beside every progress line). Its logger is named by
-    its module's file, outside `ray.train`, so RunConfig's logging level does not reach it."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    train_context.logger.setLevel(logging.NOTSET if verbose else logging.WARNING)
+def ranks_by_node(world: int) -> str:
+    """Where the ranks run, from every rank: '192.0.2.2 (ranks 0, 1), 192.0.2.3 (rank 2)'."""
+    nodes = [ray.util.get_node_ip_address()] * world
+    if world > 1:
+        dist.all_gather_object(nodes, nodes[0])
+    ranks = {node: [rank for rank, at in enumerate(nodes) if at == node] for node in dict.fromkeys(nodes)}
+    return ", ".join(f"{node} (rank{'s' * (len(r) > 1)} {', '.join(map(str, r))})" for node, r in ranks.items())
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     job: TrainJob = loop_config["job"]
     recipe, s = job.recipe, job.settings
-    quiet_reports(s.verbose)
+    project_lines_to_stdout()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
@@ -452,10 +453,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     chief = Chief(loop_config, job, state.step, bf16) if rank == 0 else None
     fid = FidProbe(loop_config["fid_reference"], device, bf16) if s.fid_every else None
     epoch = epochs(job, device, world, loop_config["dataset_bytes"], chief)
+    nodes = ranks_by_node(world)
     if chief:
         precision = "bf16" if bf16 else "fp32"
         chief.run.set_tags({"torch_threads_per_worker": threads, "precision_used": precision})
-        log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each, {precision}")
+        log.info(f"{world} worker(s) on {device.type}, {threads} torch thread(s) each, {precision}, on {nodes}")
     if chief and resumed:
         log.info(f"resumed from checkpoint at step {state.step}")
         chief.run.log_metrics({"resumed_from_step": state.step}, state.step)

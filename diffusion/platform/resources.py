@@ -9,6 +9,7 @@ holds a GPU that torch cannot see (`use_assigned_resources`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -23,30 +24,43 @@ import torch
 
 from ..errors import InputError
 from ..speed import fast_cuda_kernels
+from . import logs
 
 
 class RayStartError(InputError):
     """Ray could not be started or reached."""
 
 
-def connect() -> None:
-    """Connect to the Ray cluster of RAY_ADDRESS (or start a local one) unless connected.
+def connect(verbose: bool = True) -> None:
+    """Connect to the Ray cluster of RAY_ADDRESS (or start a local one) unless connected; unless
+    `verbose`, this process's log shows the project's lines and not Ray's (`logs`). Off a
+    terminal (a log file, CI) Ray Data's progress bars are off, here and in the processes of a
+    Ray this process starts: a Tune trial's training would print them as lines of escape codes.
+    (A trial does not pass on its DataContext to the actors that run its data set.)"""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # read as Ray Data is imported
+        ray.data.DataContext.get_current().enable_progress_bars = False  # here, where it was imported
+    if not ray.is_initialized():
+        start_ray(verbose)
 
-    Ray's start-up waits inside its C++ core, where Python's signal handlers never run, so while
-    it does, Ctrl-C and SIGTERM keep their default action and end the process at once (the
-    processes Ray starts share its fate). ray.init() installs a Python SIGTERM handler of its
-    own first, which would leave SIGTERM unanswered for as long as a start-up hangs: it is kept
-    from doing so for the duration. A start-up that fails is a RayStartError naming the address."""
-    if ray.is_initialized():
-        return
+
+def start_ray(verbose: bool) -> None:
+    """ray.init(), as `connect` says. Ray's start-up waits inside its C++ core, where Python's
+    signal handlers never run, so while it does, Ctrl-C and SIGTERM keep their default action and
+    end the process at once (the processes Ray starts share its fate). ray.init() installs a
+    Python SIGTERM handler of its own first, which would leave SIGTERM unanswered for as long as
+    a start-up hangs: it is kept from doing so for the duration. A start-up that fails is a
+    RayStartError naming the address."""
     main = threading.current_thread() is threading.main_thread()
     handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     set_sigterm_handler = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
+    if not verbose:
+        logs.quiet_driver()
     try:
-        ray.init()
-        if not sys.stderr.isatty():  # in a log, Ray Data's bars are carriage returns and escape codes
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.init(logging_level=logging.INFO if verbose else logging.WARNING)
+        if not verbose:
+            logs.hide_workers_stderr()
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         address = os.environ.get("RAY_ADDRESS")
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"

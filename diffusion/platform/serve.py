@@ -410,7 +410,7 @@ def serve_args(values: dict) -> ServeArgs:
     return ServeArgs(**model_of(ServeArgs, ConfigDict(extra="forbid")).model_validate(values).model_dump())
 
 
-def deployment_failure(app_name: str = "default") -> str:
+def deployment_failure(app_name: str) -> str:
     """Why an application failed to deploy, as its deployments report it: the last line of their
     replicas' traceback (e.g. `CheckpointError: ...`), not the controller's whole message."""
     app = serve.status().applications.get(app_name)

@@ -140,7 +140,7 @@ class RunSettings(Tracking, Speed, Endpoint, FidWeights, Options):
     system_metrics: bool = option(
         False, "log CPU, memory, disk, network (and GPU) metrics of rank 0's machine to MLflow"
     )
-    verbose: bool = option(False, "also Ray Train's line for every report ('Reporting training result N: ...')")
+    verbose: bool = option(False, "also Ray's own log lines (its controller, Ray Data, every checkpoint and report)")
 
     @property
     def score(self) -> str:

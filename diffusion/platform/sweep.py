@@ -149,7 +149,7 @@ def run_sweep(base: TrainJob, space: dict, sweep: SweepConfig):
     if restorable and not sweep.resume:
         raise OptionError(f"a sweep named {sweep.name!r} exists under {s.storage}: pass --resume or another --name")
     ShardSet.open(s.data, s.endpoint_url, verify="size")  # a bad data URI fails here, not per trial
-    connect()
+    connect(verbose=base.settings.verbose)
     # CPU-only: concurrent trials starve each other's Ray Data reads of CPUs (a hang).
     max_concurrent = sweep.max_concurrent or (0 if cluster_gpus() else 1)
     parent = _parent_run(sweep, base, space)

@@ -48,6 +48,7 @@ from ..checkpoint import CheckpointError, read_checkpoint
 from ..config import SamplerSettings
 from ..errors import OptionError
 from ..pipeline import Pipeline, as_uint8_hwc
+from .logs import PROJECT_LOGGER
 
 RUN_NAME_TAG = "ray_diffusion.run_name"
 SWEEP_TAG = "ray_diffusion.sweep"
@@ -55,7 +56,7 @@ CHECKPOINT_TAG = "checkpoint_uri"
 MODEL_NAMES = {"final": "model", "best": "best"}  # the logged models of a training run, and their aliases
 # MLflow 3's experiment kind, which its UI opens an experiment by: the training view, not the GenAI one.
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-log = logging.getLogger("ray_diffusion")
+log = logging.getLogger(PROJECT_LOGGER)
 
 
 def tracking_uri() -> str:
