@@ -64,10 +64,15 @@ def test_a_driver_shows_its_workers_stdout_and_ray_s_stderr_with_verbose_only(ra
 def test_worker_output_passes_stdout_and_says_once_that_stderr_is_hidden(capsys):
     shown = []
     output = WorkerOutput(shown.append, "/tmp/ray/session_x/logs")
-    lines = [{"lines": ["a"], "is_err": False}, {"lines": ["b", "c"], "is_err": True}, {"lines": ["d"], "is_err": True}]
-    for data in lines:
+    batches = [
+        {"lines": ["a"], "is_err": False},
+        {"lines": [], "is_err": True},
+        {"lines": ["b", "c"], "is_err": True},
+        {"lines": ["d"], "is_err": True},
+    ]
+    for data in batches:
         output(data)
-    assert shown == lines[:1] and output.hidden == 3
+    assert shown == batches[:1] and output.hidden == 3
     assert capsys.readouterr().out == (
         "Ray's own log lines are hidden (--verbose shows them; all are kept in /tmp/ray/session_x/logs)\n"
     )

@@ -57,22 +57,22 @@ class WorkerOutput:
         if not data.get("is_err"):
             self.show(data)
             return
-        if not self.hidden:
+        lines = data.get("lines", ())
+        if lines and not self.hidden:
             print(f"Ray's own log lines are hidden (--verbose shows them; all are kept in {self.logs_dir})", flush=True)
-        self.hidden += len(data.get("lines", ()))
+        self.hidden += len(lines)
 
 
-def hide_workers_stderr() -> WorkerOutput | None:
-    """After ray.init: replace Ray's printer of the workers' output by a `WorkerOutput` over it.
-    None where this Ray prints none (log_to_driver=False, a ray:// client) or prints it some
+def hide_workers_stderr() -> None:
+    """After ray.init: replace Ray's printer of the workers' output by a `WorkerOutput` over it;
+    nothing where this Ray prints none (log_to_driver=False, a ray:// client) or prints it some
     other way."""
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printers = [handler for name, handler in dispatcher.handlers if name == RAY_PRINT_LOGS]
     if len(printers) != 1:
-        return None
+        return
     output = WorkerOutput(printers[0], ray_worker._global_node.get_logs_dir_path())
     dispatcher.remove_handler(RAY_PRINT_LOGS)
     dispatcher.add_handler(RAY_PRINT_LOGS, output)  # the same name: ray.shutdown removes it
-    return output
