@@ -40,7 +40,7 @@ sys.__stdout__.write(json.dumps(outputs))
 
 def test_a_driver_shows_its_workers_stdout_and_ray_s_stderr_with_verbose_only(ray_address):
     """A driver joining the session's Ray: by default its workers' project lines and prints, and
-    one line in place of Ray's own (with where they are kept); with verbose, Ray's too."""
+    one line in place of Ray's own (with where its processes' logs are); with verbose, Ray's too."""
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER],
         check=False,
@@ -55,7 +55,7 @@ def test_a_driver_shows_its_workers_stdout_and_ray_s_stderr_with_verbose_only(ra
     assert "project line 0\n" in quiet["out"] and "printed line 0\n" in quiet["out"], quiet
     assert "ray's line" not in quiet["out"] + quiet["err"], quiet
     (notice,) = [line for line in quiet["out"].splitlines() if "Ray's own log lines are hidden" in line]
-    logs_dir = notice.split("all are kept in ")[1].rstrip(")")
+    logs_dir = notice.split("its processes' logs are in ")[1].rstrip(")")
     assert notice.startswith("Ray's own log lines are hidden (--verbose shows them;") and Path(logs_dir).is_dir()
     assert "ray's line 1" in verbose["err"] and "printed line 1\n" in verbose["out"], verbose
     assert "project line 1\n" in verbose["out"] and "hidden" not in verbose["out"], verbose
@@ -74,5 +74,5 @@ def test_worker_output_passes_stdout_and_says_once_that_stderr_is_hidden(capsys)
         output(data)
     assert shown == batches[:1] and output.hidden == 3
     assert capsys.readouterr().out == (
-        "Ray's own log lines are hidden (--verbose shows them; all are kept in /tmp/ray/session_x/logs)\n"
+        "Ray's own log lines are hidden (--verbose shows them; its processes' logs are in /tmp/ray/session_x/logs)\n"
     )

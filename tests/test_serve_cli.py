@@ -40,7 +40,7 @@ def test_serve_cli_serves_a_registered_model_and_stops_on_sigterm(tmp_path, new_
     output += proc.stdout.read()
     assert code == 0 and "replicas 1..2 autoscaled" in output, output
     request = f"""curl -X POST http://127.0.0.1:{port}/v1/samples -H 'content-type: application/json' -d '{{"n": 16, "seed": 0}}' -o samples.png"""
-    notice = "Ray's own log lines are hidden (--verbose shows them; all are kept in "
+    notice = "Ray's own log lines are hidden (--verbose shows them; its processes' logs are in "
     lines = [line for line in output.splitlines() if not line.startswith(notice)]
     assert len(lines) == len(output.splitlines()) - 1, output  # the notice, once (printed by Ray's log thread)
     assert lines[0].startswith(f"serving models:/tiny/1 at http://127.0.0.1:{port}, replicas 1..2 autoscaled"), output

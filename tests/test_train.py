@@ -61,7 +61,7 @@ def steps_of(client, run_id, metric):
 WORKER = r"\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\) "
 PROJECT_LINE = re.compile(
     r"run \S+: \d+ training images \(\w+\) from .*"
-    r"|Ray's own log lines are hidden \(--verbose shows them; all are kept in \S+\)"
+    r"|Ray's own log lines are hidden \(--verbose shows them; its processes' logs are in \S+\)"
     rf"|{WORKER}(\d+ worker\(s\) on .*|step \d+/\d+ \| loss .*|done at step \d+: .*)"
     r"|MLflow run \w+: mlflow ui .*|latest checkpoint: \S+"
 )

@@ -5,7 +5,7 @@ The project writes its lines in Ray's processes to stdout (`project_lines_to_std
 logger; print() already does); Ray writes its own to stderr: its loggers (Ray Train's
 controller, Ray Data's executor, a line for every checkpoint and report), its C++ core's
 messages and Python's warnings. Unless verbose, the driver shows its workers' stdout only
-(`WorkerOutput`) and says once where the rest is kept, and Ray's, Serve's and MLflow's INFO
+(`WorkerOutput`) and says once where its processes' logs are, and Ray's, Serve's and MLflow's INFO
 lines on the driver go too (`quiet_driver`). Ray's reports of dead workers or tasks and of
 resources it cannot schedule (`(raylet) ...`, `(autoscaler ...)`) are not workers' stderr and
 still show.
@@ -59,7 +59,10 @@ class WorkerOutput:
             return
         lines = data.get("lines", ())
         if lines and not self.hidden:
-            print(f"Ray's own log lines are hidden (--verbose shows them; all are kept in {self.logs_dir})", flush=True)
+            print(
+                f"Ray's own log lines are hidden (--verbose shows them; its processes' logs are in {self.logs_dir})",
+                flush=True,
+            )
         self.hidden += len(lines)
 
 
