@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     net = torch.compile(state.model) if device.type == "cuda" else state.model
     images, losses, trained = DeviceData(train.to(device)), [], time.time()
     while state.step < 3 or time.time() - trained < args.train_minutes * 60:
-        for batch in images.epoch(recipe.batch_size):
+        for batch, _ in images.epoch(recipe.batch_size):  # unconditional: no labels
             loss, _ = train_step(state, net, to_model_input(batch), recipe, bf16=device.type == "cuda")
             if state.step % 100 == 0 or args.smoke:
                 losses.append((state.step, loss.item()))

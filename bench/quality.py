@@ -8,6 +8,14 @@ DPM-Solver++(2M) (Lu et al. 2022) beside DDIM at S = 5, 10, 20, 50 (--solver-ste
     python bench/quality.py --train-steps 600 --n 200 --steps 10 50 --etas 0 1 --spacings uniform
     python bench/quality.py --checkpoint runs/cifar10-cpu-linear --data data/cifar10 --n 1000 --steps 10 20 50 100 \
         --etas 0 1 --spacings quadratic --no-sigma-hat --ddpm posterior --out bench/results/quality-cifar10
+    python bench/quality.py --checkpoint runs/digits-classes --n 500 --steps 50 --etas 0 --spacings uniform \
+        --no-sigma-hat --ddpm --solver-steps 10 --guidance 0 1 2 3 5 3@0-600 --out bench/results/quality-digits-classes
+
+A class-conditional model draws each class in turn (seed i: class i mod K) and every cell is
+sampled at each --guidance scale (classifier-free guidance; 0 is its unconditional model, 1 the
+conditional one; SCALE@MIN-MAX guides only at 0-based timesteps MIN..MAX), with one more measure:
+the class agreement, the share of samples the judge classifies as the class they were asked for
+(real test images: the judge's accuracy).
 
 Every cell samples the same seeds 0..N-1, so all cells start from the same x_T (DDIM eq. 12
 with sigma(eta) of eq. 16; sigma-hat is the row "sigma-hat": eta = 1 with DDPM's beta_t
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 from core import describe, machine  # bench/core.py, beside this script
 
+from diffusion import classes
 from diffusion.checkpoint import recipe_of, unet_config_of
 from diffusion.classifier import Scorer
 from diffusion.config import SamplerSettings
@@ -69,12 +78,37 @@ class Cell:
     settings: SamplerSettings
 
     @property
-    def name(self) -> str:
+    def sampler(self) -> str:
+        """The cell's sampler without its guidance: ddpm-1000-posterior, dpmpp_2m-10-uniform, ddim-50-0.0-uniform."""
         if self.settings.sampler == "ddpm":
             return f"ddpm-1000-{self.settings.variance}"
         if self.settings.sampler == "dpmpp_2m":
             return f"dpmpp_2m-{self.steps}-{self.spacing}"
         return f"ddim-{self.steps}-{self.row}-{self.spacing}"
+
+    @property
+    def guidance(self) -> str:
+        """The cell's guidance as --guidance names it: 1, 3, 3@0-600."""
+        s = self.settings
+        interval = s.guidance_min_t or s.guidance_max_t is not None
+        return f"{s.guidance_scale:g}" + (f"@{s.guidance_min_t}-{s.guidance_max_t}" if interval else "")
+
+    @property
+    def name(self) -> str:
+        return self.sampler + ("" if self.guidance == "1" else f"-cfg{self.guidance.replace('@', '-t')}")
+
+
+def guidance_settings(spec: str) -> dict:
+    """SamplerSettings' guidance fields of a --guidance item: SCALE or SCALE@MIN-MAX."""
+    scale, _, interval = spec.partition("@")
+    low, _, high = interval.partition("-")
+    try:
+        values = {"guidance_scale": float(scale)}
+        if interval:
+            values |= {"guidance_min_t": int(low), "guidance_max_t": int(high)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not a guidance scale or SCALE@MIN-MAX (e.g. 3@0-600)") from None
+    return values
 
 
 def cells(
@@ -85,11 +119,13 @@ def cells(
     ddpm: list[str],
     solver_steps: list[int],
     clip: bool | None = None,
+    guidance: tuple[str, ...] = ("1",),
 ) -> list[Cell]:
-    """The grid, cheapest first: DDIM, DDPM-1000 and DPM-Solver++(2M) (on the same spacings).
-    Quadratic tau needs S well below T (its timesteps repeat towards S = T), so it stops at
-    S = 100 as in the DDIM reference. `clip`: every cell clips its predicted x_0 (True), none
-    does (False), or each sampler's default (None: the checkpoint's for DDPM, off otherwise)."""
+    """The grid, cheapest first: DDIM, DDPM-1000 and DPM-Solver++(2M) (on the same spacings),
+    each at every `guidance` (`guidance_settings`). Quadratic tau needs S well below T (its
+    timesteps repeat towards S = T), so it stops at S = 100 as in the DDIM reference. `clip`:
+    every cell clips its predicted x_0 (True), none does (False), or each sampler's default
+    (None: the checkpoint's for DDPM, off otherwise)."""
     rows = [(f"{eta:.1f}", eta, "posterior") for eta in etas] + ([("sigma-hat", 1.0, "beta")] if sigma_hat else [])
     grid = [
         Cell(row, s, spacing, SamplerSettings("ddim", s, eta, spacing, variance, clip=clip))
@@ -105,12 +141,26 @@ def cells(
         for spacing in spacings
         if not (spacing == "quadratic" and s > 100)
     ]
+    grid = [replace(cell, settings=replace(cell.settings, **guidance_settings(g))) for cell in grid for g in guidance]
     return sorted(grid, key=lambda c: c.steps)
 
 
 def generate(pipeline: Pipeline, settings: SamplerSettings, n: int, batch_size: int) -> torch.Tensor:
-    """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W)."""
-    return torch.cat([pipeline.samples(range(i, min(i + batch_size, n)), settings) for i in range(0, n, batch_size)])
+    """Samples of seeds 0..n-1 in [-1, 1], (n, C, H, W); of a conditional model, seed i of class
+    i mod K (`labels`)."""
+    return torch.cat(
+        [
+            pipeline.samples(
+                range(i, min(i + batch_size, n)), settings, classes=labels(pipeline, i, min(i + batch_size, n))
+            )
+            for i in range(0, n, batch_size)
+        ]
+    )
+
+
+def labels(pipeline: Pipeline, start: int, stop: int) -> list[int] | None:
+    """The classes of seeds start..stop-1 of a conditional model: each class in turn."""
+    return classes.images(range(start, stop), None, pipeline.num_classes)[1]
 
 
 def as_images(x: torch.Tensor) -> np.ndarray:
@@ -188,23 +238,28 @@ def markdown(report: dict) -> str:
             ]
             lines += table(spacing, lambda c, paper: f"{c['consistency']:.3f}")
     lines += solver_table(report, results)
+    lines += guidance_tables(report)
     ddpm = [r for r in report["cells"] if r["sampler"] == "ddpm"]
     if ddpm:
         lines += ["", "## DDPM, 1000 steps", "", f"| variance | {report['metric']} | classifier score | confident |"]
         lines += ["|---|---|---|---|"]
         lines += [f"| {r['variance']} | {r['fd']:.2f} | {r['score']:.2f} | {r['confident']:.3f} |" for r in ddpm]
+    agreement = any("class_agreement" in r for r in report["cells"])
     lines += ["", "## Every cell", ""]
     lines += [
         f"| cell | {report['metric']} | {report['metric']} of the first {report['floor_n']} (floor {report['floor']:.2f}) "
-        "| classifier score | confident >= 0.9 | class shares (min-max) | consistency | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| classifier score | confident >= 0.9 | class shares (min-max) | "
+        + ("class agreement (min class) | " if agreement else "")
+        + "consistency | seconds |",
+        "|---|---|---|---|---|---|" + ("---|" if agreement else "") + "---|---|",
     ]
     for r in report["cells"]:
         consistency = "-" if r["consistency"] is None else f"{r['consistency']:.3f}"
         shares = f"{min(r['class_shares']):.3f}-{max(r['class_shares']):.3f}"
+        agreed = f"{r['class_agreement']:.3f} ({min(r['class_agreement_per_class']):.3f}) | " if agreement else ""
         lines.append(
             f"| {r['cell']} | {r['fd']:.2f} | {r['fd_at_floor_n']:.2f} | {r['score']:.2f} | {r['confident']:.3f} "
-            f"| {shares} | {consistency} | {r['seconds']:.0f} |"
+            f"| {shares} | {agreed}{consistency} | {r['seconds']:.0f} |"
         )
     if report["skipped"]:
         lines += ["", f"Skipped for the {report['budget_minutes']}-minute budget: {', '.join(report['skipped'])}."]
@@ -235,6 +290,42 @@ def solver_table(report: dict, results: dict) -> list[str]:
     return lines
 
 
+def guidance_tables(report: dict) -> list[str]:
+    """A class-conditional model's cells by guidance scale (a column each), a row per sampler: the
+    class agreement (its lowest class's in brackets), the confident share and the FD."""
+    if not report.get("classes"):
+        return []
+    columns = list(report["guidance"])
+    by = {(r["sampler_cell"], r["guidance"]): r for r in report["cells"]}
+    samplers = list(dict.fromkeys(r["sampler_cell"] for r in report["cells"]))
+    real = report["real"]
+    lines = [
+        "",
+        "## Classifier-free guidance",
+        "",
+        (
+            f"A column per guidance scale s (0: the unconditional model, 1: the conditional one; s@MIN-MAX: guided "
+            f"at 0-based timesteps MIN..MAX only). Seed i draws class i mod {len(report['classes'])}. Real test "
+            f"images: class agreement (the judge's accuracy) {real['class_agreement']:.3f}, confident "
+            f"{real['confident']:.3f}."
+        ),
+    ]
+    header = ["| sampler | " + " | ".join(f"s = {g}" for g in columns) + " |", "|---|" + "---|" * len(columns)]
+    measures = {
+        "Class agreement (the share classified as the class asked for; the lowest class's in brackets)": lambda r: (
+            f"{r['class_agreement']:.3f} ({min(r['class_agreement_per_class']):.3f})"
+        ),
+        "Confident share (>= 0.9)": lambda r: f"{r['confident']:.3f}",
+        f"{report['metric']}": lambda r: f"{r['fd']:.2f}",
+    }
+    for title, value in measures.items():
+        lines += ["", f"{title}:", "", *header]
+        for sampler in samplers:
+            text = [value(by[sampler, g]) if (sampler, g) in by else "-" for g in columns]
+            lines.append(f"| {sampler} | " + " | ".join(text) + " |")
+    return lines
+
+
 def consistency_note(result: dict) -> str:
     return "" if result["consistency"] is None else f" ({result['consistency']:.3f})"
 
@@ -260,6 +351,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["posterior", "beta"],
         help="DDPM-1000 variances (none: skip)",
     )
+    p.add_argument(
+        "--guidance",
+        nargs="+",
+        default=["1"],
+        help="guidance scales of a class-conditional model, each a column of cells: SCALE, or SCALE@MIN-MAX to guide "
+        "at 0-based timesteps MIN..MAX only (0: its unconditional model; 1: the conditional one)",
+    )
     # --clip for every cell and the untrained line (SamplerSettings' flag)
     add_options(p, SamplerSettings, skip={f.name for f in fields(SamplerSettings)} - {"clip"})
     p.add_argument("--batch-size", type=int, default=500, help="samples per model call")
@@ -269,6 +367,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be >= 2 (a covariance needs two samples)")
+    for spec in args.guidance:
+        try:
+            guidance_settings(spec)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--guidance: {e}")
     return args
 
 
@@ -288,32 +391,38 @@ def run_cells(pipeline: Pipeline, scorer: Scorer, plan: list[Cell], args, out: P
         images = as_images(x)
         result = {"cell": cell.name, "row": cell.row, "steps": cell.steps, "spacing": cell.spacing}
         result |= {"sampler": cell.settings.sampler, "eta": cell.settings.eta, "variance": cell.settings.variance}
-        result |= {**scorer(images), "seconds": seconds, "consistency": None, "_x": x}
+        result |= {"guidance": cell.guidance, "sampler_cell": cell.sampler}
+        asked = labels(pipeline, 0, args.n)
+        result |= {**scorer(images, asked), "seconds": seconds, "consistency": None, "_x": x}
         done.append(result)
         save_grid(x[:64], out / "grids" / f"{cell.name}.png")
         if cell.name == "ddim-50-0.0-uniform":
             np.savez_compressed(out / "ddim50.npz", images=images)
             wrote_npz = True
+        agreement = f"  class agreement {result['class_agreement']:.3f}" if asked else ""
         print(
             f"{cell.name:28s} FD {result['fd']:8.2f}  score {result['score']:.2f}  "
-            f"confident {result['confident']:.3f}  ({seconds:.0f} s)",
+            f"confident {result['confident']:.3f}{agreement}  ({seconds:.0f} s)",
             flush=True,
         )
     return done, skipped, wrote_npz
 
 
 def add_consistency(done: list[dict]) -> dict | None:
-    """Each DDIM and DPM-Solver++ cell's RMS distance to the consistency anchor, the eta 0 uniform
-    DDIM cell with the most steps (S = 1000 in the full grid; both solve the ODE it solves most
-    finely); the samples are dropped. Returns the anchor."""
+    """Each DDIM and DPM-Solver++ cell's RMS distance to the consistency anchor of its guidance,
+    the eta 0 uniform DDIM cell with the most steps (S = 1000 in the full grid; both solve the ODE
+    it solves most finely); the samples are dropped. Returns the unguided cells' anchor (s = 1)."""
     deterministic = [r for r in done if r["sampler"] == "ddim" and r["row"] == "0.0" and r["spacing"] == "uniform"]
-    anchor = max(deterministic, key=lambda r: r["steps"], default=None)
-    anchor_x = anchor["_x"] if anchor else None
+    anchors = {}
+    for r in sorted(deterministic, key=lambda r: r["steps"]):
+        anchors[r["guidance"]] = r  # the most steps last
+    anchor_x = {g: r["_x"] for g, r in anchors.items()}
     for result in done:
         x = result.pop("_x")
-        if anchor_x is not None and result["sampler"] != "ddpm":
-            result["consistency"] = (x - anchor_x).pow(2).flatten(1).mean(1).sqrt().mean().item()
-    return anchor
+        if result["guidance"] in anchor_x and result["sampler"] != "ddpm":
+            difference = x - anchor_x[result["guidance"]]
+            result["consistency"] = difference.pow(2).flatten(1).mean(1).sqrt().mean().item()
+    return anchors.get("1")
 
 
 def main(argv=None) -> int:
@@ -333,7 +442,7 @@ def main(argv=None) -> int:
     judge = own_judge(shards)
     label = judge.metric.upper().replace("_", "-").replace("DIGITS", "digits")  # FD-digits, FD-CIFAR10
     train = next(shards.iter_batches(len(shards), splits=["train"]))["image"]
-    test = next(shards.iter_batches(len(shards), splits=["test"]))["image"]
+    test, test_labels = (next(shards.iter_batches(len(shards), splits=["test"]))[k] for k in ("image", "label"))
     scorer = Scorer(judge.build(), train, test)
     pipeline = Pipeline.from_checkpoint(payload, batch_size=args.batch_size, ema=source.ema, device="cpu")
 
@@ -344,7 +453,20 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    plan = cells(args.steps, args.etas, args.spacings, not args.no_sigma_hat, args.ddpm, args.solver_steps, args.clip)
+    if pipeline.num_classes and pipeline.classes != shards.manifest["classes"]:
+        raise SystemExit(f"the model's classes {pipeline.classes} are not the judge's {shards.manifest['classes']}")
+    if not pipeline.num_classes and args.guidance != ["1"]:
+        raise SystemExit(f"--guidance {' '.join(args.guidance)}: the model is unconditional (trained without classes)")
+    plan = cells(
+        args.steps,
+        args.etas,
+        args.spacings,
+        not args.no_sigma_hat,
+        args.ddpm,
+        args.solver_steps,
+        args.clip,
+        tuple(args.guidance),
+    )
     done, skipped, wrote_npz = run_cells(pipeline, scorer, plan, args, out, trained_at)
     anchor = add_consistency(done)
     report = {
@@ -360,7 +482,9 @@ def main(argv=None) -> int:
         "floor": scorer.floor,
         "floor_n": scorer.floor_n,
         "untrained": untrained,
-        "real": scorer(test),  # the real test images, judged as the samples are
+        "real": scorer(test, test_labels),  # the real test images, judged as the samples are (agreement: accuracy)
+        "guidance": args.guidance,
+        "classes": pipeline.classes,
         "spacings": args.spacings,
         "consistency_anchor": anchor["cell"] if anchor else None,
         "cells": done,

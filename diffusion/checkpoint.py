@@ -10,6 +10,8 @@ plain Python values, so that it loads with torch.load(weights_only=True):
                  workers, cadence, ...); nothing that loads a checkpoint needs them
     step, optimizer, mlflow_run_id (no generator state: each training step seeds its own draws,
                  `diffusion.training.seed_step`)
+    classes      the class names of a class-conditional model (`unet` num_classes > 0), index by
+                 index: the data set's (its manifest's `classes`)
     sampling     optional sampling defaults of imported weights: {"variance", "clip"}
 
 Checkpoints written before the recipe was split from the run settings hold one flat `config`
@@ -132,6 +134,7 @@ def parse_checkpoint(data: bytes, origin: str) -> dict:
     try:
         recipe_of(payload)
         config = unet_config_of(payload)
+        class_names(payload)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{origin} has a config this version cannot read ({e}); {fix}") from None
     with torch.device("meta"):  # the shapes of the UNet it describes, without allocating it
@@ -218,10 +221,23 @@ def read_checkpoint(path: str | Path, which: str = "latest") -> dict:
 
 def recipe_of(payload: dict) -> Recipe:
     """The recipe a checkpoint's model was trained with: its `recipe`, or the recipe fields of
-    the flat `config` of a checkpoint written before the split (its run settings are left)."""
+    the flat `config` of a checkpoint written before the split (its run settings are left). A
+    recipe written before `ema_warmup` existed trained without the warm-up."""
     if "recipe" in payload:
-        return Recipe.from_dict(payload["recipe"])
-    return Recipe.from_dict({k: v for k, v in payload["config"].items() if k in RECIPE_FIELDS})
+        values = payload["recipe"]
+    else:
+        values = {k: v for k, v in payload["config"].items() if k in RECIPE_FIELDS}
+    return Recipe.from_dict({"ema_warmup": False, **values})
+
+
+def class_names(payload: dict) -> list[str]:
+    """The class names of a checkpoint's class-conditional model, index by index ([] for an
+    unconditional one; the indices as names where the checkpoint has none, as imported weights)."""
+    count = unet_config_of(payload).num_classes
+    names = [str(name) for name in payload.get("classes") or range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} class names for a UNet of {count} classes")
+    return names
 
 
 def unet_config_of(payload: dict) -> UNetConfig:

@@ -21,6 +21,7 @@ Same interface as `fid.InceptionFeatures`: uint8 images (N, H, W, C) -> (feature
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,15 @@ def class_shares(logits: Tensor) -> list[float]:
     return (torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)).tolist()
 
 
+def class_agreement(logits: Tensor, labels: Tensor) -> tuple[float, list[float]]:
+    """The share of rows classified as their `labels` (the class a sample was asked for), overall
+    and per class (NaN for a class no row asked for)."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    right = (logits.argmax(1) == labels).double()
+    per_class = [right[labels == c].mean().item() if (labels == c).any() else math.nan for c in range(logits.shape[1])]
+    return right.mean().item(), per_class
+
+
 def accuracy(net: Judge, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
     """The share of `images` (uint8, N x H x W x C) classified as `labels`."""
     right = sum(
@@ -204,12 +214,17 @@ class Scorer:
     def fd(self, stats: FeatureStats) -> float:
         return frechet_distance(stats.mu, stats.sigma, self.reference.mu, self.reference.sigma)
 
-    def __call__(self, images: np.ndarray) -> dict:
+    def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict:
+        """The measures of `images`; with `labels` (the classes they were asked for, of the
+        judge's classes), also the class agreement, overall and per class."""
         stats, logits = self.stats(images)
-        return {
+        measures = {
             "fd": self.fd(stats),
             "fd_at_floor_n": self.fd(self.stats(images[: self.floor_n])[0]),
             "score": inception_score(logits.numpy(), CLASSIFIER_SCORE_SPLITS)[0],
             "confident": confident_share(logits),
             "class_shares": class_shares(logits),
         }
+        if labels is not None:
+            measures["class_agreement"], measures["class_agreement_per_class"] = class_agreement(logits, labels)
+        return measures

@@ -24,12 +24,23 @@ WHICH = ("latest", "best")  # of a run folder's checkpoints
 
 
 def option(
-    default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None, required: bool = False
+    default,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    ge=None,
+    gt=None,
+    le=None,
+    lt=None,
+    required: bool = False,
+    aliases: tuple[str, ...] = (),
 ):
     """A dataclass field with its help and range: `choices`, or bounds ge/gt/le/lt; `required`: a
-    value must be given (the default stands for none), a required flag on the command line."""
+    value must be given (the default stands for none), a required flag on the command line;
+    `aliases`: more flags for it on the command line (a short name users know it by)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    return field(default=default, metadata={"help": help, "choices": choices, "required": required, **bounds})
+    metadata = {"help": help, "choices": choices, "required": required, "aliases": aliases, **bounds}
+    return field(default=default, metadata=metadata)
 
 
 _RELATIONS = {
@@ -115,8 +126,14 @@ class Recipe(Options):
 
     _kind = "recipe"
     # model and diffusion
-    model: str = option("cifar10", "UNet config: cifar10, cifar10-cpu, stl10, tiny or digits")
+    model: str = option("cifar10", "UNet config: cifar10, cifar10-cpu, cifar10-cpu-deep, stl10, tiny or digits")
     dropout: float = option(0.1, "dropout in every ResBlock", ge=0, lt=1)
+    num_classes: int = option(
+        0, "classes to condition on, the data set's (0: unconditional); sampled with classifier-free guidance", ge=0
+    )
+    class_dropout: float = option(
+        0.1, "share of labels replaced by the null class in training (the unconditional model of guidance)", ge=0, le=1
+    )
     schedule: str = option("linear", "beta schedule", choices=SCHEDULES)
     num_timesteps: int = option(1000, "diffusion steps T", ge=1)
     beta_start: float = option(1e-4, "linear schedule: first beta", gt=0, lt=1)
@@ -127,6 +144,9 @@ class Recipe(Options):
     batch_size: int = option(128, "global batch size, split evenly over the workers", ge=1)
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     ema_decay: float = option(0.9999, "EMA decay of the weights used for sampling", ge=0, lt=1)
+    ema_warmup: bool = option(
+        True, "warm the EMA decay up as diffusers' EMAModel: min(ema_decay, (1 + n) / (10 + n)) at update n"
+    )
     flip: bool = option(True, "random horizontal flips")
     max_steps: int = option(800_000, "training steps", ge=1)
     seed: int = option(0, "seed of initialisation, held-out set and sample grids", ge=0)
@@ -202,12 +222,29 @@ class SamplerSettings:
     clip: bool | None = option(
         None, "clip the predicted x_0 to [-1, 1]; default: the checkpoint's for DDPM, off for DDIM and DPM-Solver++"
     )
+    guidance_scale: float = option(
+        1.0,
+        "classifier-free guidance scale s of a class-conditional model, eps_null + s (eps_class - eps_null): "
+        "1 samples the conditional model, 0 the unconditional one (the null class)",
+        ge=0,
+        aliases=("--guidance",),
+    )
+    guidance_min_t: int = option(
+        0, "guidance interval: guide at 0-based timesteps t >= this only, the conditional model alone below", ge=0
+    )
+    guidance_max_t: int | None = option(
+        None, "guidance interval: guide at t <= this only, the conditional model alone above (default: T - 1)", ge=0
+    )
 
     def __post_init__(self):
         ddim, ddpm, solver = self.sampler == "ddim", self.sampler == "ddpm", self.sampler == "dpmpp_2m"
         sigma_hat = ddim and self.variance == "beta" and self.eta != 1
+        interval = self.guidance_max_t is not None and self.guidance_min_t > self.guidance_max_t
         check(
             self,
+            interval
+            and f"guidance_min_t {self.guidance_min_t} is above guidance_max_t {self.guidance_max_t}: "
+            "the guidance interval is [guidance_min_t, guidance_max_t]",
             ddpm
             and self.steps is not None
             and "steps is for DDIM and DPM-Solver++: DDPM always takes all T steps; for fewer steps of the "
@@ -234,11 +271,19 @@ class SamplerSettings:
         """These settings, or an OptionError when they need more steps than a model of T steps has."""
         if self.sampler != "ddpm" and self.steps > num_timesteps:
             raise OptionError(f"steps must be in [1, {num_timesteps}] (the model's T), got {self.steps}")
+        for name in ("guidance_min_t", "guidance_max_t"):
+            if (getattr(self, name) or 0) >= num_timesteps:
+                raise OptionError(f"{name} must be a 0-based timestep below the model's T = {num_timesteps}")
         return self
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance mixes in the null class anywhere (s != 1)."""
+        return self.guidance_scale != 1
 
     def label(self, num_timesteps: int) -> str:
         """A short name for run names and figures: ddim-50, ddim-50-eta0.5-quadratic, ddpm-1000-beta,
-        dpmpp_2m-20."""
+        dpmpp_2m-20, ddim-50-cfg3 (guided), ddim-50-cfg3-t100-600 (guided in an interval)."""
         if self.sampler == "ddpm":
             name = f"ddpm-{num_timesteps}" + (f"-{self.variance}" if self.variance not in (None, "posterior") else "")
         elif self.sampler == "dpmpp_2m":
@@ -247,7 +292,12 @@ class SamplerSettings:
             name = f"ddim-{self.steps}" + (f"-eta{self.eta:g}" if self.eta else "")
             name += "-sigmahat" if self.variance == "beta" else ""
             name += "" if self.spacing == "uniform" else f"-{self.spacing}"
-        return name + ("-clip" if self.clip else "")
+        name += "-clip" if self.clip else ""
+        if self.guided:
+            name += f"-cfg{self.guidance_scale:g}"
+            if self.guidance_min_t or self.guidance_max_t is not None:
+                name += f"-t{self.guidance_min_t}-{num_timesteps - 1 if self.guidance_max_t is None else self.guidance_max_t}"
+        return name
 
 
 @dataclass(frozen=True)

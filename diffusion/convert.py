@@ -16,7 +16,10 @@ what it will read.
 The three layouts hold the same tensors: ours fuses q, k and v into one 1x1 conv (`qkv`) where
 the others keep three (Linear layers in diffusers, 1x1 convs in the reference); names differ,
 and the up path's levels are numbered from the top in the reference, from the bottom here and in
-diffusers.
+diffusers. A class-conditional UNet is a UNet2DModel with `num_class_embeds` K + 1 (the last
+row the null class of classifier-free guidance: a UNet2DModel called with class_labels K is the
+unconditional model) and its class names in its config.json as `_class_names` (diffusers ignores
+keys that begin with an underscore); the reference has no classes.
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ def their_names(key: str, config: UNetConfig, layout: str, legacy: bool = False)
         "conv_in": "conv_in",
         "norm_out": "conv_norm_out" if diffusers else "norm_out",
         "conv_out": "conv_out",
+        "class_embed": "class_embedding" if diffusers else None,
     }
-    if module in simple:
+    if simple.get(module):
         return [f"{simple[module]}.{leaf}"]
     if m := re.fullmatch(r"(down|up)\.(\d+)\.blocks\.(\d+)\.(\w+)", module):
         path, level, block, part = m[1], int(m[2]), m[3], m[4]
@@ -200,6 +204,8 @@ def diffusers_unet_kwargs(config: UNetConfig) -> dict:
         center_input_sample=False,
         add_attention=True,
         resnet_time_scale_shift="default",
+        class_embed_type=None,
+        num_class_embeds=config.num_classes + 1 if config.num_classes else None,  # the last: the null class
     )
 
 
@@ -219,7 +225,6 @@ def unet_config_from_diffusers(cfg: dict, origin: str) -> UNetConfig:
         "center_input_sample": False,
         "resnet_time_scale_shift": "default",
         "class_embed_type": None,
-        "num_class_embeds": None,
         "mid_block_scale_factor": 1,
         "add_attention": True,
         "downsample_type": "conv",
@@ -230,6 +235,9 @@ def unet_config_from_diffusers(cfg: dict, origin: str) -> UNetConfig:
         problems.append("attention_head_dim absent (diffusers' default 8 splits attention into heads; ours has one)")
     if cfg.get("in_channels") != cfg.get("out_channels"):
         problems.append("in_channels != out_channels")
+    class_embeds = cfg.get("num_class_embeds")
+    if class_embeds is not None and (not isinstance(class_embeds, int) or class_embeds < 2):
+        problems.append(f"num_class_embeds={class_embeds!r} (ours: K classes and the null class, K + 1 >= 2)")
     if cfg.get("downsample_padding", 1) not in (0, 1):
         problems.append(f"downsample_padding={cfg.get('downsample_padding')!r}")
     if not channels or any(c % channels[0] for c in channels):
@@ -251,6 +259,7 @@ def unet_config_from_diffusers(cfg: dict, origin: str) -> UNetConfig:
         attn_resolutions=attn,
         dropout=float(cfg.get("dropout", 0.0)),
         downsample_padding=next(k for k, v in PADDINGS.items() if v == cfg.get("downsample_padding", 1)),
+        num_classes=class_embeds - 1 if class_embeds else 0,
     )
     if diffusers_unet_kwargs(config)["up_block_types"] != up:
         raise ConversionError(f"{origin}: its up blocks {up} do not mirror its down blocks {down}")
@@ -353,22 +362,29 @@ def is_diffusers_folder(folder: Path) -> bool:
 
 
 def payload_from_diffusers(folder: Path) -> dict:
-    """A checkpoint payload from a diffusers UNet2DModel or DDPMPipeline folder."""
+    """A checkpoint payload from a diffusers UNet2DModel or DDPMPipeline folder (a class-conditional
+    one's class names from its config's `_class_names`, else its indices)."""
     unet_dir = _unet_folder(folder)
-    config = unet_config_from_diffusers(_read_json(unet_dir / "config.json"), str(unet_dir / "config.json"))
+    unet_config = _read_json(unet_dir / "config.json")
+    config = unet_config_from_diffusers(unet_config, str(unet_dir / "config.json"))
+    names = unet_config.get("_class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != config.num_classes):
+        raise ConversionError(f"{unet_dir / 'config.json'}: _class_names must list its {config.num_classes} classes")
     scheduler = next(
         (p for p in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json") if p.is_file()),
         None,
     )
     betas, sampling = schedule_from_diffusers(_read_json(scheduler) if scheduler else None, str(scheduler))
     state = _to_ours(_diffusers_weights(unet_dir), config, "diffusers", str(unet_dir))
-    return _payload(state, config, betas, sampling, {"layout": "diffusers", "path": str(folder)})
+    payload = _payload(state, config, betas, sampling, {"layout": "diffusers", "path": str(folder)})
+    return {**payload, "classes": [str(n) for n in names]} if names else payload
 
 
 def _payload(state: dict, config: UNetConfig, betas: Tensor, sampling: dict, source: dict) -> dict:
     """A checkpoint payload for imported weights (EMA and raw alike: releases publish one set)."""
-    preset = next((name for name, c in UNET_CONFIGS.items() if replace(c, dropout=config.dropout) == config), "custom")
-    recipe = Recipe(model=preset, dropout=config.dropout, num_timesteps=len(betas))
+    kept = {"dropout": config.dropout, "num_classes": config.num_classes}
+    preset = next((name for name, c in UNET_CONFIGS.items() if replace(c, **kept) == config), "custom")
+    recipe = Recipe(model=preset, num_timesteps=len(betas), **kept)
     return {
         "model": state,
         "ema": state,
@@ -428,16 +444,27 @@ def _diffusers():
     return diffusers
 
 
-def export_diffusers(model: UNet, betas: Tensor, sampling: dict, out: Path) -> Path:
+def export_diffusers(
+    model: UNet,
+    betas: Tensor,
+    sampling: dict,
+    out: Path,
+    classes: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write `model` as a DDPMPipeline folder with a DDPMScheduler carrying `betas` and the
-    sampling defaults (`variance`, `clip`). `out` must not exist or be an empty folder; the
-    folder appears complete or not at all."""
+    sampling defaults (`variance`, `clip`), its weights in `dtype` (float16 halves the files); a
+    class-conditional model's `classes` (names) go into its config. `out` must not exist or be
+    an empty folder; the folder appears complete or not at all."""
     diffusers = _diffusers()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"--out {out} exists and is not an empty folder: give a new path")
     unet = diffusers.UNet2DModel(**diffusers_unet_kwargs(model.config))
+    if model.config.num_classes:
+        unet.register_to_config(_class_names=list(classes or map(str, range(model.config.num_classes))))
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     unet.load_state_dict(_from_ours(model.state_dict(), model.config, "diffusers", shapes), strict=True)
+    unet.to(dtype)
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=len(betas),
         trained_betas=[float(b) for b in betas],

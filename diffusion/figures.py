@@ -8,6 +8,11 @@
                            the reverse process
     ddpm_sequence          DDPM figs. 6-7: x_t and the predicted x_0 along one reverse chain,
                            at the timesteps t of the columns
+    class_grid             a class-conditional model's classes (rows) from the same x_T
+                           (columns), sampled with the run's settings (and its guidance)
+
+A class-conditional model's other figures draw each seed's class (seed mod K, as every entry
+point by default) with the run's guidance; an interpolation, the class of its first seed.
 
 A `Plan` chooses the rows and counts their model calls: by default those that cost a few
 hundred calls, with `full` the papers' most expensive ones too. Timesteps in labels are the
@@ -18,8 +23,8 @@ papers' (1-based: t = T is pure noise); the code's 0-based index is t - 1. `jobs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,9 +45,10 @@ LAMBDAS = 9  # evenly spaced in [0, 1]
 SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
 
 
-def batch_size(figure_seeds: int) -> int:
-    """The model batch that fits every figure's calls (the seeds, or the lambdas) without padding."""
-    return max(figure_seeds, LAMBDAS)
+def batch_size(figure_seeds: int, guided: bool = False) -> int:
+    """The model batch that fits every figure's calls (the seeds, or the lambdas; twice as many
+    rows when guided) without padding."""
+    return max(figure_seeds, LAMBDAS) * (2 if guided else 1)
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,38 @@ class Plan:
     real_pair: bool  # the DDPM interpolation between two given images (else two DDIM samples)
     full: bool = False
     solver: str = "ddim"  # the consistency figure's ODE solver: ddim or dpmpp_2m
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)  # the run's: the class grid's, every guidance
+    num_classes: int = 0  # of a class-conditional model
+    class_rows: tuple[int, ...] = ()  # the class grid's classes
 
     @classmethod
-    def of(cls, settings: SamplerSettings, num_timesteps: int, seeds: tuple[int, ...], real_pair: bool, full: bool):
+    def of(
+        cls,
+        settings: SamplerSettings,
+        num_timesteps: int,
+        seeds: tuple[int, ...],
+        real_pair: bool,
+        full: bool,
+        num_classes: int = 0,
+        classes: Sequence[int] | None = None,
+    ):
         """The plan of a run sampling with `settings`: the consistency figure by its sampler when
-        that is DPM-Solver++(2M), by DDIM otherwise."""
+        that is DPM-Solver++(2M), by DDIM otherwise; for a model of `num_classes` classes, a class
+        grid of `classes` (default: all)."""
         solver = "dpmpp_2m" if settings.sampler == "dpmpp_2m" else "ddim"
-        return cls(num_timesteps, seeds, real_pair, full, solver)
+        rows = tuple(classes if classes is not None else range(num_classes))
+        return cls(num_timesteps, seeds, real_pair, full, solver, settings, num_classes, rows)
+
+    def guided(self, settings: SamplerSettings) -> SamplerSettings:
+        """`settings` with the run's guidance."""
+        s = self.sampling
+        return replace(
+            settings, guidance_scale=s.guidance_scale, guidance_min_t=s.guidance_min_t, guidance_max_t=s.guidance_max_t
+        )
+
+    def classes_of(self, seeds: Sequence[int]) -> list[int] | None:
+        """The classes a conditional model's figures draw from `seeds`: seed mod K."""
+        return [seed % self.num_classes for seed in seeds] if self.num_classes else None
 
     @property
     def consistency_steps(self) -> list[int]:
@@ -87,7 +118,9 @@ class Plan:
     def calls(self) -> dict[str, int]:
         """Model calls of each figure, in the order they are made."""
         ddim = steps_of(SamplerSettings("ddim", self.ddim_steps), self.num_timesteps)
+        grid = {"class_grid": len(self.class_rows) * steps_of(self.sampling, self.num_timesteps)}
         return {
+            **(grid if self.class_rows else {}),
             "ddim_consistency": sum(
                 steps_of(SamplerSettings(self.solver, s), self.num_timesteps) for s in self.consistency_steps
             ),
@@ -98,7 +131,7 @@ class Plan:
 
     def describe(self) -> str:
         """The rows chosen, and what `full` would add, in words."""
-        full = Plan(self.num_timesteps, self.seeds, self.real_pair, True, self.solver)
+        full = replace(self, full=True)
         rows = (
             f"{SOLVER_NAMES[self.solver]} S={','.join(map(str, self.consistency_steps))}; DDPM interpolation from "
             f"t={','.join(map(str, self.interpolation_ts))}; diffusion sequence by {self.sequence.label(self.num_timesteps)}"
@@ -162,26 +195,44 @@ def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> I
     lambda_labels = [f"lambda {lam:.2f}" for lam in lambdas]
     ddim_steps = plan.ddim_steps
 
+    classes = plan.classes_of(seeds)
+    seed_labels = [
+        f"seed {s}" + (f" {pipeline.classes[c]}" if classes else "") for s, c in zip(seeds, classes or seeds)
+    ]
+    first_class = {s: c for s, c in zip(seeds, classes)} if classes else {}
+
+    if plan.class_rows:
+        yield Figure(
+            "class_grid",
+            f"Classes: a class a row, one x_T a column; {plan.sampling.label(pipeline.num_timesteps)}",
+            torch.cat([pipeline.samples(seeds, plan.sampling, classes=[c] * len(seeds)) for c in plan.class_rows]),
+            [pipeline.classes[c] for c in plan.class_rows],
+            [f"seed {s}" for s in seeds],
+        )
+
     steps = plan.consistency_steps
     yield Figure(
         "ddim_consistency",
         f"Consistency (DDIM fig. 5): one x_T a column; {SOLVER_NAMES[plan.solver]} with S steps of tau a row",
-        torch.cat([pipeline.samples(seeds, SamplerSettings(plan.solver, s)) for s in steps]),
+        torch.cat(
+            [pipeline.samples(seeds, plan.guided(SamplerSettings(plan.solver, s)), classes=classes) for s in steps]
+        ),
         [f"S={s}" for s in steps],
-        [f"seed {s}" for s in seeds],
+        seed_labels,
     )
 
     pairs = list(zip(seeds[0::2], seeds[1::2]))
+    ddim = plan.guided(SamplerSettings("ddim", ddim_steps))
     yield Figure(
         "ddim_interpolation",
         f"DDIM interpolation (DDIM fig. 6): slerp of two x_T by lambda, DDIM-{ddim_steps}",
-        torch.cat([pipeline.ddim_interpolation(a, b, lambdas, ddim_steps, "uniform") for a, b in pairs]),
+        torch.cat([pipeline.ddim_interpolation(a, b, lambdas, ddim, first_class.get(a)) for a, b in pairs]),
         [f"seeds {a}, {b}" for a, b in pairs],
         lambda_labels,
     )
 
     if pair is None:
-        a, b = pipeline.samples(seeds[:2], SamplerSettings("ddim", ddim_steps))
+        a, b = pipeline.samples(seeds[:2], ddim, classes=plan.classes_of(seeds[:2]))
         between, source = f"two DDIM-{ddim_steps} samples", "sample"
     else:
         (a, b), between, source = (
@@ -191,7 +242,11 @@ def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> I
         )
     ts = plan.interpolation_ts
     a, b = a.to(pipeline.device), b.to(pipeline.device)
-    rows = [torch.cat([a[None], pipeline.ddpm_interpolation(a, b, t - 1, lambdas, seed=seeds[0]), b[None]]) for t in ts]
+    ddpm, label = plan.guided(SamplerSettings("ddpm")), first_class.get(seeds[0])
+    rows = [
+        torch.cat([a[None], pipeline.ddpm_interpolation(a, b, t - 1, lambdas, seeds[0], label, ddpm), b[None]])
+        for t in ts
+    ]
     yield Figure(
         "ddpm_interpolation",
         f"DDPM interpolation (DDPM fig. 8): {between} (left, right) noised to t, mixed by lambda, denoised",
@@ -201,7 +256,9 @@ def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> I
     )
 
     chain_seeds = seeds[:3]
-    record, x_t, pred_x0 = pipeline.sequences(chain_seeds, plan.sequence, count=10)
+    record, x_t, pred_x0 = pipeline.sequences(
+        chain_seeds, plan.guided(plan.sequence), count=10, classes=plan.classes_of(chain_seeds)
+    )
     per_seed = len(record)
     interleaved = [
         frames[i * per_seed : (i + 1) * per_seed] for i in range(len(chain_seeds)) for frames in (x_t, pred_x0)
@@ -211,6 +268,6 @@ def figures(pipeline: Pipeline, plan: Plan, pair: np.ndarray | None = None) -> I
         f"Diffusion sequence (DDPM figs. 6-7), {plan.sequence.label(pipeline.num_timesteps)}: "
         "x_t and the predicted x_0 along one reverse chain",
         torch.cat(interleaved),
-        [f"{name} seed {s}" for s in chain_seeds for name in ("x_t", "x_0 pred")],
+        [f"{name} {label}" for label in seed_labels[:3] for name in ("x_t", "x_0 pred")],
         [f"t={t + 1}" for t in record],
     )

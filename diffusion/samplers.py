@@ -61,23 +61,22 @@ def randn(shape: Sequence[int], generator: Generators = None, device=None, dtype
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
-def fixed_batch(model: Model, batch_size: int) -> Model:
+def fixed_batch(model: Callable[..., Tensor], batch_size: int) -> Callable[..., Tensor]:
     """`model` evaluated on batches of exactly `batch_size` items: larger batches are split
     and the last chunk is zero-padded, so an item's output does not depend on how many
-    others it came with (given a model whose items do not interact, as the UNet's don't)."""
+    others it came with (given a model whose items do not interact, as the UNet's don't).
+    Its arguments are per item: (x_t, t) or, for a class-conditional model, (x_t, t, y)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    def call(x: Tensor, t: Tensor) -> Tensor:
+    def call(*items: Tensor) -> Tensor:
         outs = []
-        for start in range(0, x.shape[0], batch_size):
-            x_chunk, t_chunk = x[start : start + batch_size], t[start : start + batch_size]
-            n = x_chunk.shape[0]
-            pad = batch_size - n
-            if pad:
-                x_chunk = torch.cat([x_chunk, x_chunk.new_zeros((pad, *x_chunk.shape[1:]))])
-                t_chunk = torch.cat([t_chunk, t_chunk.new_zeros(pad)])
-            outs.append(model(x_chunk, t_chunk)[:n])
+        for start in range(0, items[0].shape[0], batch_size):
+            chunks = [item[start : start + batch_size] for item in items]
+            n = chunks[0].shape[0]
+            if n < batch_size:
+                chunks = [torch.cat([c, c.new_zeros((batch_size - n, *c.shape[1:]))]) for c in chunks]
+            outs.append(model(*chunks)[:n])
         return torch.cat(outs)
 
     return call

@@ -122,8 +122,10 @@ def l_simple(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
 ) -> Tensor:
-    """L_simple, eq. (14) (Algorithm 1): E ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2.
+    """L_simple, eq. (14) (Algorithm 1): E ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2,
+    of a class-conditional eps_theta(x_t, t, y) given `labels` y.
 
     t ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn unless given; giving both makes the
     loss deterministic (a held-out evaluation on a fixed set of (image, t, noise)).
@@ -133,5 +135,6 @@ def l_simple(
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    eps = model(schedule.q_sample(x0, t, noise), t)
+    x_t = schedule.q_sample(x0, t, noise)
+    eps = model(x_t, t) if labels is None else model(x_t, t, labels)
     return torch.mean((noise - eps.float()) ** 2)

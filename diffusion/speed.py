@@ -60,7 +60,8 @@ def use_bf16(precision: str, device: torch.device, training: bool = False) -> bo
 
 
 def sampling_model(model: nn.Module, speed: Speed = Speed()) -> Model:
-    """`model` (in eval mode, on its device) as a sampler's model(x_t, t) -> eps in float32.
+    """`model` (in eval mode, on its device) as a sampler's model(x_t, t) -> eps in float32
+    (model(x_t, t, y) for a class-conditional model).
 
     On CUDA the weights and inputs are channels_last; with bf16 the network runs under bf16
     autocast while the sampler's update arithmetic stays float32. With `compile`, the first
@@ -76,13 +77,13 @@ def sampling_model(model: nn.Module, speed: Speed = Speed()) -> Model:
     if compile:
         net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
-    def call(x: Tensor, t: Tensor) -> Tensor:
+    def call(x: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if compile:
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are no longer read
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            eps = net(x, t)
+            eps = net(x, t, *labels)
         # A CUDA graph's output buffer is overwritten by its next replay: hand out a copy.
         return eps.clone() if compile and eps.dtype == torch.float32 else eps.float()
 

@@ -4,7 +4,10 @@ Without Inception weights, CIFAR-10 and the 8x8 digits are judged by a classifie
 their own train split (the ResNet-20 kept in the package; a small CNN trained and cached beside
 the digits' shards): an FD in its features (FD-CIFAR10, FD-digits: not FID), the classifier
 score, the share of confidently classified samples, each class's share of the samples and the
-floor (the real test split against the reference).
+floor (the real test split against the reference). A class-conditional model draws class seed
+mod K (or each of --classes from every seed), guided by --guidance; where the judge knows its
+classes, the class agreement is measured too: the share of samples classified as the class they
+were asked for.
 
     python jobs/evaluate.py --checkpoint runs/cifar10-linear --data data/cifar10 --n 50000 --sampler ddim --steps 100 --spacing quadratic
     python jobs/evaluate.py --checkpoint runs:/<mlflow run id> --data s3://bucket/cifar10 --splits train --weights raw
@@ -46,10 +49,11 @@ def main(argv=None) -> int:
     else:  # a classifier's FD: not FID
         fd, name = results["metric"], results["metric"].upper().replace("_", "-").replace("DIGITS", "digits")
         floor = f", floor {results[fd + '_floor']:.2f} (test vs train)" if fd + "_floor" in results else ""
+        agreement = f", class agreement {results['class_agreement']:.1%}" if "class_agreement" in results else ""
         print(
             f"{name} {results[fd]:.2f}{floor}, classifier score {results['classifier_score_mean']:.2f}, "
             f"{results['confident_share']:.1%} classified with confidence >= 0.9, class shares "
-            f"{results['class_share_min']:.1%} to {results['class_share_max']:.1%} {against}"
+            f"{results['class_share_min']:.1%} to {results['class_share_max']:.1%}{agreement} {against}"
         )
     return 0
 

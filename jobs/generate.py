@@ -1,9 +1,12 @@
 """Sample a checkpoint in this one process (no Ray, no MLflow run; CPU or GPU): one PNG per seed,
 written as its batch finishes, a grid of the first 64 and, with --figures, the papers' figures.
+A class-conditional model draws each of --classes from every seed, guided by --guidance, into a
+folder per class, and its grid has a row per class.
 
     python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-63 --out samples
     python jobs/generate.py --checkpoint weights/ddpm-cifar10-32 --sampler ddpm --variance beta --seeds 0-15 --out ddpm
     python jobs/generate.py --checkpoint runs/tiny-linear --seeds 0-7 --out figures --figures --data data/cifar10
+    python jobs/generate.py --checkpoint models/cifar10-classes --classes 0-9 --seeds 0-9 --guidance 3 --out classes
 
 The flags mean what they mean to jobs/sample.py (the same job on a Ray cluster, tracked in
 MLflow). --checkpoint takes what every job takes: a run folder (its latest checkpoint; --which
@@ -45,28 +48,44 @@ def main(argv=None) -> int:
 
     import torch
 
+    from diffusion import classes
+    from diffusion.checkpoint import class_names
     from diffusion.images import png, save_grid
     from diffusion.pipeline import Pipeline, as_uint8_hwc, steps_of
     from diffusion.platform.progress import model_calls, sample_figures
 
     payload = source.read()
-    model_batch = min(args.batch_size, len(seeds))  # no larger than the seeds: no padding
+    names = class_names(payload)
+    asked = classes.resolve(args.classes, names) if args.classes is not None else None
+    image_seeds, image_classes = classes.images(seeds, asked, len(names))
+    model_batch = min(args.batch_size, len(image_seeds))  # no larger than the images: no padding
     pipeline = Pipeline.from_checkpoint(payload, model_batch, source.ema, speed, args.device)
     settings = pipeline.settings(settings)
     label = settings.label(pipeline.num_timesteps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [seeds[i : i + model_batch] for i in range(0, len(seeds), model_batch)]
-    start, first_64 = time.perf_counter(), []
+    batches = [range(i, min(i + model_batch, len(image_seeds))) for i in range(0, len(image_seeds), model_batch)]
+    start, kept = time.perf_counter(), []  # kept: the images of the grid
     with model_calls(pipeline, len(batches) * steps_of(settings, pipeline.num_timesteps), f"sampling {label}"):
         for batch in batches:
-            images = pipeline.samples(batch, settings).cpu()
-            for seed, image in zip(batch, as_uint8_hwc(images).numpy()):
-                (out / f"{seed:010d}.png").write_bytes(png(image))  # the file name jobs/sample.py gives it
-            first_64.extend(images[: 64 - len(first_64)])
-    save_grid(torch.stack(first_64), out / "samples.png")
+            batch_seeds = [image_seeds[i] for i in batch]
+            batch_classes = None if image_classes is None else [image_classes[i] for i in batch]
+            images = pipeline.samples(batch_seeds, settings, classes=batch_classes).cpu()
+            for i, image in zip(batch, as_uint8_hwc(images).numpy()):
+                path = out / f"{image_seeds[i]:010d}.png"  # the file name jobs/sample.py gives it
+                if image_classes is not None:
+                    path = out / names[image_classes[i]] / path.name  # a folder per class, as image folders are
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(png(image))
+            kept.extend(images)
+    if image_classes is None:
+        save_grid(torch.stack(kept[:64]), out / "samples.png")
+    else:  # a row per class
+        rows = classes.rows(image_classes)
+        save_grid(torch.stack([kept[i] for row in rows for i in row]), out / "samples.png", nrow=len(rows[0]))
+    what = "one per seed" if image_classes is None else f"{len(set(image_classes))} classes, a folder each"
     print(
-        f"wrote {len(seeds)} PNGs (one per seed) and samples.png to {out}: {label}, model batch {model_batch}, "
+        f"wrote {len(image_seeds)} PNGs ({what}) and samples.png to {out}: {label}, model batch {model_batch}, "
         f"in {time.perf_counter() - start:.1f} s on {pipeline.device}"
     )
     if args.figures or args.full_figures:
@@ -74,10 +93,12 @@ def main(argv=None) -> int:
 
         pair = real_pair(args, pipeline.shape)
         pipeline = Pipeline.from_checkpoint(  # the figures' own batch: no padding to --batch-size
-            payload, batch_size(args.figure_seeds), source.ema, speed, args.device
+            payload, batch_size(args.figure_seeds, settings.guided), source.ema, speed, args.device
         )
         figure_seeds = tuple(range(seeds[0], seeds[0] + args.figure_seeds))
-        plan = Plan.of(settings, pipeline.num_timesteps, figure_seeds, pair is not None, args.full_figures)
+        plan = Plan.of(
+            settings, pipeline.num_timesteps, figure_seeds, pair is not None, args.full_figures, len(names), asked
+        )
         (out / "figures").mkdir(exist_ok=True)
         for figure in sample_figures(pipeline, plan, pair):
             figure.save(out / "figures" / f"{figure.name}.png")

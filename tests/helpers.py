@@ -246,10 +246,17 @@ def cifar_subset_folder(dst: Path, per_class: dict[str, int]) -> Path:
     return dst
 
 
-def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 1000, preset: str = "tiny") -> str:
+TINY_CLASSES = ("cat", "dog", "ship")  # the class names of a class-conditional `tiny_checkpoint`
+
+
+def tiny_checkpoint(
+    path: Path, mlflow_run_id: str = "", num_timesteps: int = 1000, preset: str = "tiny", conditional: bool = False
+) -> str:
     """A checkpoint of the `preset`'s UNet (tiny; digits for 8x8 grey images), untrained, with
-    EMA weights perturbed from the zero initialisation, so that samples are not trivially equal.
-    A smaller `num_timesteps` (T) makes DDPM sampling and the papers' figures cheaper."""
+    EMA weights perturbed from the zero initialisation, so that samples are not trivially equal;
+    `conditional`: class-conditional on TINY_CLASSES (its class embedding perturbed too, so that
+    the classes differ). A smaller `num_timesteps` (T) makes DDPM sampling and the papers'
+    figures cheaper."""
     import torch
 
     from diffusion.checkpoint import save_checkpoint
@@ -257,12 +264,13 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
     from diffusion.training import build_state
 
     torch.manual_seed(0)
-    config = RECIPES[preset].replace(num_timesteps=num_timesteps)
+    config = RECIPES[preset].replace(num_timesteps=num_timesteps, num_classes=len(TINY_CLASSES) if conditional else 0)
     state = build_state(config, torch.device("cpu"))
     with torch.no_grad():
         for p in state.ema.ema_model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(path, state, config, mlflow_run_id=mlflow_run_id)
+    classes = {"classes": list(TINY_CLASSES)} if conditional else {}
+    save_checkpoint(path, state, config, mlflow_run_id=mlflow_run_id, **classes)
     return str(path)
 
 
@@ -276,12 +284,16 @@ def tiny_checkpoint(path: Path, mlflow_run_id: str = "", num_timesteps: int = 10
 DIGITS_CI = dict(max_steps=700, warmup_steps=50, ema_decay=0.98, dropout=0.0)
 DIGITS_CI_UNET = dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 DIGITS_MODEL = ROOT / "tests" / "fixtures" / "digits-ci"
+# The same recipe conditioned on the ten digits (num_classes=10: class dropout 0.1, the null class;
+# tests/fixtures/make_digits_model.py --classes), for the claims of classifier-free guidance.
+DIGITS_CLASSES_MODEL = ROOT / "tests" / "fixtures" / "digits-ci-classes"
 
 
-def train_digits(shards_uri: str, max_steps: int = DIGITS_CI["max_steps"], seed: int = 0):
-    """The DIGITS_CI model trained by the core alone (`diffusion.training.train_loop` on the
-    train split held in memory; no Ray) for `max_steps`: (TrainState, recipe, held-out L_simple of
-    the test split {"initial", "final", "final_ema"})."""
+def train_digits(shards_uri: str, max_steps: int = DIGITS_CI["max_steps"], seed: int = 0, **changes):
+    """The DIGITS_CI model (the recipe with `changes`: num_classes=10 for the class-conditional
+    one) trained by the core alone (`diffusion.training.train_loop` on the train split held in
+    memory; no Ray) for `max_steps`: (TrainState, recipe, held-out L_simple of the test split
+    {"initial", "final", "final_ema"})."""
     import torch
 
     from diffusion.config import RECIPES
@@ -289,16 +301,17 @@ def train_digits(shards_uri: str, max_steps: int = DIGITS_CI["max_steps"], seed:
     from diffusion.training import DeviceData, HeldoutSet, build_state, train_loop
     from diffusion.unet import UNetConfig
 
-    recipe = RECIPES["digits"].replace(**{**DIGITS_CI, "max_steps": max_steps}, seed=seed)
+    recipe = RECIPES["digits"].replace(**{**DIGITS_CI, "max_steps": max_steps, **changes}, seed=seed)
     shards = ShardSet.open(shards_uri)
-    train, test = (
-        torch.from_numpy(next(shards.iter_batches(len(shards), splits=[s]))["image"]) for s in ("train", "test")
-    )
-    unet = UNetConfig(**DIGITS_CI_UNET, dropout=recipe.dropout)
+    train, test = (next(shards.iter_batches(len(shards), splits=[s])) for s in ("train", "test"))
+    train, test = ({k: torch.tensor(v) for k, v in split.items()} for split in (train, test))
+    unet = UNetConfig(**DIGITS_CI_UNET, dropout=recipe.dropout, num_classes=recipe.num_classes)
     state = build_state(recipe, torch.device("cpu"), unet=unet)
-    heldout = HeldoutSet(from_uint8(test.permute(0, 3, 1, 2)), recipe.num_timesteps, recipe.seed)
+    heldout = HeldoutSet(
+        from_uint8(test["image"].permute(0, 3, 1, 2)), recipe.num_timesteps, recipe.seed, test["label"]
+    )
     initial = heldout.loss(state.model, state.schedule)
-    data = DeviceData(train)
+    data = DeviceData(train["image"], train["label"])
     train_loop(state, recipe, lambda: data.epoch(recipe.batch_size), recipe.max_steps)
     losses = {
         "initial": initial,
@@ -337,14 +350,18 @@ def registered_tiny_model(folder: Path, uri: str, name: str = "tiny") -> tuple[s
     return uri, run.id
 
 
-def tiny_diffusers_folder(path: Path, num_timesteps: int = 1000) -> str:
+def tiny_diffusers_folder(path: Path, num_timesteps: int = 1000, conditional: bool = False) -> str:
     """`tiny_checkpoint`'s EMA weights exported as a diffusers DDPMPipeline folder (published
-    weights come in this layout)."""
-    from diffusion.checkpoint import betas_from, model_from, read_checkpoint, sampling_defaults
+    weights come in this layout); `conditional`: with its class embedding and class names."""
+    from diffusion.checkpoint import betas_from, class_names, model_from, read_checkpoint, sampling_defaults
     from diffusion.convert import export_diffusers
 
-    payload = read_checkpoint(tiny_checkpoint(path.with_name(path.name + "-checkpoint"), num_timesteps=num_timesteps))
-    return str(export_diffusers(model_from(payload), betas_from(payload), sampling_defaults(payload), path))
+    checkpoint = tiny_checkpoint(
+        path.with_name(path.name + "-checkpoint"), num_timesteps=num_timesteps, conditional=conditional
+    )
+    payload = read_checkpoint(checkpoint)
+    model, betas, defaults = model_from(payload), betas_from(payload), sampling_defaults(payload)
+    return str(export_diffusers(model, betas, defaults, path, class_names(payload)))
 
 
 def random_fid_inception(path: Path) -> Path:

@@ -231,6 +231,54 @@ def test_export_gives_diffusers_our_network_and_sampler_and_reads_back(source, t
     assert sampling_defaults(back) == {"variance": "posterior", "clip": False}  # ours: the papers' equations
 
 
+def test_a_class_conditional_model_exports_with_its_null_class_samples_guided_in_diffusers_and_reads_back(tmp_path):
+    """A UNet2DModel with num_class_embeds K + 1 computes our function for every class and the null
+    class (1e-4); diffusers' DDIM with the guidance formula on its two halves gives our guided
+    images; the class names travel in its config; float16 halves the files."""
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", conditional=True)
+    out = tmp_path / "exported"
+    proc = cli("jobs/export.py", "--checkpoint", checkpoint, "--out", out)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
+    payload = read_checkpoint(checkpoint)
+    ours = model_from(payload)
+    pipeline, warnings = no_warnings_loading(out)
+    unet = pipeline.unet.eval()
+    assert warnings == [] and unet.config.num_class_embeds == 4 and unet.config._class_names == ["cat", "dog", "ship"]
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([5, 900])
+    with torch.no_grad():
+        for label in range(4):  # the three classes and the null class
+            y = torch.full((2,), label)
+            torch.testing.assert_close(unet(x, t, class_labels=y).sample, ours(x, t, y), atol=1e-4, rtol=0)
+
+    # Guided DDIM-10 in diffusers (its scheduler, the two halves of one batched call) from our x_T.
+    scale, labels = 3.0, torch.tensor([2, 0])
+    scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config)
+    scheduler.set_timesteps(10)
+    x_T = randn((2, 3, 32, 32), make_generators([3, 4]))
+    x = x_T
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            both = unet(torch.cat([x, x]), step, class_labels=torch.cat([labels, torch.full((2,), 3)])).sample
+            conditional, null = both.chunk(2)
+            x = scheduler.step(null + scale * (conditional - null), step, x, eta=0.0).prev_sample
+    expected = Pipeline.from_checkpoint(payload, batch_size=2, device="cpu").samples(
+        [3, 4], SamplerSettings("ddim", 10, guidance_scale=scale), classes=labels.tolist()
+    )
+    torch.testing.assert_close(x, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=0)
+
+    back = read_checkpoint(out)
+    assert back["classes"] == ["cat", "dog", "ship"] and back["unet"]["num_classes"] == 3
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(back["ema"][key], value, atol=0, rtol=0)
+    half = tmp_path / "half"
+    assert cli("jobs/export.py", "--checkpoint", checkpoint, "--out", half, "--dtype", "float16").returncode == 0
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (half / weights).stat().st_size < 0.6 * (out / weights).stat().st_size
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(read_checkpoint(half)["ema"][key], value.half().float(), atol=0, rtol=0)
+
+
 def test_bad_folders_and_files_are_named(google_unet, tmp_path):
     config_only = tmp_path / "config-only"
     write_json(config_only / "config.json", GOOGLE_UNET)

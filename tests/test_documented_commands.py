@@ -192,6 +192,9 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/generate\.py .*--sampler dpmpp_2m": (
             "tests/test_entry_points.py::test_generate_writes_a_png_per_seed_with_each_sampler_counting_model_calls"
         ),
+        r"^python jobs/generate\.py --checkpoint runs/digits-classes ": (
+            "tests/test_entry_points.py::test_generate_draws_each_class_asked_from_every_seed_into_a_folder_per_class"
+        ),
         r"^python jobs/evaluate\.py --checkpoint (runs/cifar10-linear|runs:/ID) ": (
             "tests/test_evaluate.py::test_evaluation_pipeline_logs_fid_and_every_setting"
         ),

@@ -84,6 +84,50 @@ def test_generate_rejects_bad_arguments(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_generate_draws_each_class_asked_from_every_seed_into_a_folder_per_class(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", num_timesteps=100, conditional=True)  # cat, dog, ship
+    out = tmp_path / "classes"
+    args = ["--checkpoint", checkpoint, "--steps", 3, "--seeds", "4-5", "--classes", "ship,0", "--guidance", 3]
+    proc = run_main("jobs/generate.py", *args, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote 4 PNGs (2 classes, a folder each) and samples.png to {out}: ddim-3-cfg3" in proc.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/*.png")) == [
+        "cat/0000000004.png",
+        "cat/0000000005.png",
+        "ship/0000000004.png",
+        "ship/0000000005.png",
+    ]
+    with Image.open(out / "samples.png") as grid:  # a row per class, a column per seed
+        assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    # Without --classes, each seed draws class seed mod 3.
+    proc = run_main(
+        "jobs/generate.py", "--checkpoint", checkpoint, "--steps", 2, "--seeds", "0-2", "--out", out / "each"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(str(p.relative_to(out / "each")) for p in (out / "each").glob("*/*.png")) == [
+        "cat/0000000000.png",
+        "dog/0000000001.png",
+        "ship/0000000002.png",
+    ]
+
+
+def test_classes_and_guidance_a_checkpoint_cannot_honour_are_one_line_with_exit_code_2(tmp_path):
+    conditional = tiny_checkpoint(tmp_path / "conditional", num_timesteps=100, conditional=True)
+    unconditional = tiny_checkpoint(tmp_path / "unconditional", num_timesteps=100)
+    for checkpoint, args, message in (
+        (conditional, ["--classes", "horse"], "no class 'horse': the model's 3 classes are 0 cat, 1 dog, 2 ship"),
+        (conditional, ["--classes", "1-3"], "no class '1-3': the model's 3 classes are"),
+        (unconditional, ["--classes", "cat"], "this checkpoint is unconditional (trained without classes)"),
+        (unconditional, ["--guidance", 3], "guidance_scale 3 needs a class-conditional model"),
+        (conditional, ["--guidance", -1], "guidance_scale must be >= 0, got -1.0"),
+        (conditional, ["--classes", "cat,"], "has an empty item"),
+    ):
+        out = tmp_path / "out"
+        proc = run_main("jobs/generate.py", "--checkpoint", checkpoint, "--steps", 2, *args, "--out", out)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists(), proc.stderr
+
+
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_main("bench/core.py", "--smoke", "--json", out)

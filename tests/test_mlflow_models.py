@@ -40,8 +40,10 @@ def test_a_logged_model_loads_with_mlflow_alone_and_samples(registry):
     assert solver.shape == images.shape and not np.array_equal(solver, images)
     with pytest.raises(OptionError, match=r"eta must be in \[0, 1\], got 1.5"):  # the sampler's one definition
         model.predict(pd.DataFrame({"seed": [1]}), params={"steps": 4, "eta": 1.5})
+    with pytest.raises(OptionError, match="this checkpoint is unconditional"):  # a class asked of it
+        model.predict(pd.DataFrame({"seed": [1], "class": ["cat"]}), params={"steps": 4})
     signature = mlflow.models.get_model_info("models:/tiny/1").signature
-    assert signature.inputs.input_names() == ["seed"] and {"sampler", "steps", "eta"} <= {
+    assert signature.inputs.input_names() == ["seed", "class"] and {"sampler", "steps", "eta", "guidance_scale"} <= {
         p.name for p in signature.params.params
     }
 

@@ -18,7 +18,7 @@ import pytest
 from diffusion.checkpoint import read_checkpoint, recipe_of, unet_config_of
 from diffusion.config import RECIPES
 from diffusion.unet import UNetConfig
-from helpers import DIGITS_CI, DIGITS_CI_UNET, DIGITS_MODEL, run_main, train_digits
+from helpers import DIGITS_CI, DIGITS_CI_UNET, DIGITS_CLASSES_MODEL, DIGITS_MODEL, run_main, train_digits
 
 SHORT_RUN = 150  # steps of the fixture's training that the learning claim runs
 
@@ -41,6 +41,9 @@ def test_training_lowers_heldout_l_simple_on_real_digits(digits_shards):
     _, _, loss = train_digits(digits_shards, max_steps=SHORT_RUN)
     assert loss["initial"] == pytest.approx(1.0, abs=0.02)
     assert loss["final"] < 0.5 * loss["initial"] and loss["final_ema"] < 0.5 * loss["initial"], loss
+    # The EMA's warm-up makes it usable from the start: no worse than the raw weights by 2% (measured
+    # on a Zen 4 EPYC: 0.0991 against 0.1066 at 150 steps; 0.1395 against 0.1427 at 50).
+    assert loss["final_ema"] <= 1.02 * loss["final"], loss
 
 
 def test_the_fixture_is_the_scripts_training():
@@ -52,6 +55,48 @@ def test_the_fixture_is_the_scripts_training():
     assert unet_config_of(payload) == UNetConfig(**DIGITS_CI_UNET, dropout=recipe.dropout)
     loss = json.loads((DIGITS_MODEL / "training.json").read_text())["heldout_loss"]
     assert loss["final_ema"] < 0.15 * loss["initial"], loss
+
+
+def test_the_class_conditional_fixture_is_the_scripts_training():
+    """tests/fixtures/digits-ci-classes holds what make_digits_model.py --classes trains today."""
+    payload = read_checkpoint(DIGITS_CLASSES_MODEL)
+    recipe = RECIPES["digits"].replace(**DIGITS_CI, num_classes=10)
+    assert recipe_of(payload) == recipe and payload["step"] == recipe.max_steps
+    assert unet_config_of(payload) == UNetConfig(**DIGITS_CI_UNET, dropout=recipe.dropout, num_classes=10)
+    assert payload["classes"] == [str(digit) for digit in range(10)]
+    loss = json.loads((DIGITS_CLASSES_MODEL / "training.json").read_text())["heldout_loss"]
+    assert loss["final_ema"] < 0.15 * loss["initial"], loss
+
+
+def test_guidance_draws_the_digit_asked_for(digits_shards, tmp_path):
+    """Classifier-free guidance on the class-conditional digits (each digit in turn, seed i of
+    digit i mod 10): at the scale docs/sampling.md recommends (s = 2) the digits judge classifies
+    nearly every DDIM-50 sample as the digit asked for; the unconditional model (s = 0) agrees by
+    chance only; the conditional model alone (s = 1) lies between."""
+    report = quality(
+        str(DIGITS_CLASSES_MODEL),
+        digits_shards,
+        tmp_path,
+        360,
+        "--steps",
+        50,
+        "--etas",
+        0,
+        "--ddpm",
+        "--guidance",
+        0,
+        1,
+        2,
+    )
+    agreement = {cell["guidance"]: cell["class_agreement"] for cell in report["cells"]}
+    per_class = {cell["guidance"]: cell["class_agreement_per_class"] for cell in report["cells"]}
+    summary = json.dumps({cell["cell"]: (cell["class_agreement"], cell["fd"]) for cell in report["cells"]})
+    # Measured on a Zen 4 EPYC, 360 samples: s = 0 0.094, s = 1 0.814, s = 2 0.967 (s = 3 0.989, s = 5 0.989);
+    # FD-digits 81.8, 30.4, 40.9: guidance trades the FD of the whole set for the class of each sample.
+    assert agreement["2"] >= 0.9 and min(per_class["2"]) >= 0.75, summary  # measured: its lowest digit 0.889
+    assert agreement["0"] < 0.2, summary  # chance: 0.1
+    assert agreement["0"] < agreement["1"] < agreement["2"], summary
+    assert report["real"]["class_agreement"] > 0.95  # the judge's accuracy on the real test digits
 
 
 def test_the_papers_claims_hold_on_the_digits(trained_digits, digits_shards, tmp_path):

@@ -1,5 +1,6 @@
-"""The Ray Serve app on 127.0.0.1, serving a tiny model imported from a diffusers DDPMPipeline
-folder (and, from the CLI, a run folder of this project), exercised with real HTTP requests."""
+"""The Ray Serve app on 127.0.0.1, serving a tiny class-conditional model imported from a
+diffusers DDPMPipeline folder (and, from the CLI, a run folder of this project), exercised with
+real HTTP requests."""
 
 import base64
 import hashlib
@@ -30,8 +31,11 @@ def service(ray_local, tmp_path_factory):
 
     from diffusion.platform.serve import ServeArgs, build_app
 
-    # Imported weights (a diffusers folder) of a tiny model with T = 100: DDPM is quick enough for tests.
-    checkpoint = tiny_diffusers_folder(tmp_path_factory.mktemp("imported") / "pipeline", num_timesteps=T)
+    # Imported weights (a diffusers folder) of a tiny model with T = 100 (DDPM is quick enough for tests),
+    # class-conditional on cat, dog and ship: a request that names no class draws class seed mod 3.
+    checkpoint = tiny_diffusers_folder(
+        tmp_path_factory.mktemp("imported") / "pipeline", num_timesteps=T, conditional=True
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs(
@@ -92,6 +96,7 @@ def test_health_and_schema(service):
         "model": "tiny",
         "image_shape": [32, 32, 3],
         "num_timesteps": T,
+        "classes": ["cat", "dog", "ship"],
         "weights": "ema",
     }
     schema = json.loads(urllib.request.urlopen(f"{service}/openapi.json").read())
@@ -112,6 +117,38 @@ def test_sample_formats_decode_to_the_right_shapes(service):
     assert status == 200 and headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(body)) as grid:
         assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_classes_are_drawn_from_every_seed_with_guidance_and_an_unknown_class_is_named(service):
+    """Each class asked from every seed, guided; a seed and class give the same image alone and
+    beside others (the conditional and null halves share the fixed batch shape); a class the
+    model does not have is a 422 naming its classes."""
+    body = {"seeds": [1, 2], "classes": ["ship", 0], "guidance_scale": 3.0, "steps": 5, "format": "npz"}
+    status, headers, content = post(f"{service}/v1/samples", body)
+    assert status == 200 and headers["x-seeds"] == "1,2,1,2" and headers["x-classes"] == "ship,ship,cat,cat"
+    images = npz(content)
+    assert images.shape == (4, 32, 32, 3) and not np.array_equal(images[0], images[2])  # ship and cat of seed 1
+    alone = {"seeds": [2], "classes": "cat", "guidance_scale": 3.0, "steps": 5, "format": "npz"}
+    status, headers, content = post(f"{service}/v1/samples", alone)
+    assert status == 200 and headers["x-classes"] == "cat" and np.array_equal(npz(content)[0], images[3])
+    status, _, content = post(f"{service}/v1/samples", {**alone, "guidance_scale": 1.0})
+    assert status == 200 and not np.array_equal(npz(content)[0], images[3])  # guidance changes the image
+    status, headers, _ = post(f"{service}/v1/samples", {"seeds": [4, 5], "steps": 2, "format": "npz"})
+    assert status == 200 and headers["x-classes"] == "dog,ship"  # none asked: class seed mod 3
+    for request, message in (
+        ({"classes": ["horse"]}, "classes: no class 'horse': the model's 3 classes are 0 cat, 1 dog, 2 ship"),
+        ({"classes": "0-3"}, "classes: no class '0-3'"),
+        ({"classes": 1.5}, "classes"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"n": 40, "classes": "0-2"}, "classes x seeds make 120 images, more than the 64 of a request"),
+    ):
+        status, _, content = post(f"{service}/v1/samples", {"steps": 2, **request})
+        assert status == 422 and message in content.decode(), (request, content)
+    for route, body in (("sequences", {"seed": 3, "steps": 4}), ("interpolations", {"seeds": [1, 2], "steps": 4})):
+        status, headers, _ = post(f"{service}/v1/{route}", {**body, "classes": "dog", "guidance_scale": 2.0})
+        assert status == 200, (route, headers)
+        status, _, content = post(f"{service}/v1/{route}", {**body, "classes": "horse"})
+        assert status == 422 and "no class 'horse'" in content.decode(), route
 
 
 def test_concurrent_requests_share_model_batches_and_seeds_stay_identical(service):

@@ -58,15 +58,20 @@ def test_device_data_serves_every_image_once_per_epoch_in_full_batches():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3).contiguous()
     data = DeviceData(images)
     torch.manual_seed(0)
-    first = [b[:, 0, 0, 0].tolist() for b in data.epoch(3)]
-    second = [b[:, 0, 0, 0].tolist() for b in data.epoch(3)]
+    first = [b[:, 0, 0, 0].tolist() for b, labels in data.epoch(3) if labels is None]
+    second = [b[:, 0, 0, 0].tolist() for b, _ in data.epoch(3)]
     assert [len(b) for b in first] == [3, 3, 3]  # full batches; the 10th image waits for another epoch
     seen = sum(first, [])
     assert len(set(seen)) == 9 and set(seen) <= set(range(10))
     assert first != second  # a new order every epoch
     torch.manual_seed(0)
-    assert [b[:, 0, 0, 0].tolist() for b in data.epoch(3)] == first  # from torch's generator
+    assert [b[:, 0, 0, 0].tolist() for b, _ in data.epoch(3)] == first  # from torch's generator
+    # Labels travel with their images (image i has label 100 + i).
+    labelled = DeviceData(images, torch.arange(100, 110))
+    assert all((labels == 100 + b[:, 0, 0, 0].long()).all() for b, labels in labelled.epoch(3))
     with pytest.raises(ValueError, match="batch size 11 exceeds the 10 images"):
         next(data.epoch(11))
     with pytest.raises(ValueError, match="uint8"):
         DeviceData(images.float())
+    with pytest.raises(ValueError, match="one label per image"):
+        DeviceData(images, torch.arange(9))

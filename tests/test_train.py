@@ -195,7 +195,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
     ray_local, cifar_shards, s3, tmp_path, mlflow_uri, monkeypatch
 ):
     """Data and checkpoints in S3 (the endpoint on 127.0.0.1), a worker killed after the first
-    checkpoint, and credentials that reach neither MLflow's params nor its tags."""
+    checkpoint, and credentials that reach neither MLflow's params nor its tags. The model is
+    class-conditional on CIFAR-10's classes: the labels reach both workers through Ray Data (a
+    batch without them stops a conditional step), the checkpoint keeps the class names, and the
+    MLflow grid has a row per class."""
     from diffusion.platform.shards import ShardSet, write_shards
     from diffusion.platform.sources import Source
     from diffusion.platform.storage import open_location
@@ -208,7 +211,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
         Source("imagefolder", ["train"], local.manifest["classes"], chunks), open_location(data_uri), quiet=True
     )
 
-    config = tiny(data_uri, f"s3://{s3}/runs", "failure", max_steps=20)
+    config = tiny(data_uri, f"s3://{s3}/runs", "failure", max_steps=20, num_classes=10, sample_n=20)
     snapshot = f"{s3}/runs/failure/checkpoint_manager_snapshot.json"
     fs = open_location(f"s3://{s3}").fs
     killed = []
@@ -243,6 +246,16 @@ def test_a_killed_worker_is_replaced_and_training_resumes_on_s3(
     assert run.data.metrics["replicas_identical"] == 1.0 and run.info.status == "FINISHED"
     payload = read_checkpoint(f"s3://{s3}/runs/failure")
     assert recipe_of(payload).max_steps == 20 and payload["run"]["storage"] == f"s3://{s3}/runs"  # information
+    assert payload["classes"] == local.manifest["classes"] and payload["unet"]["num_classes"] == 10
+    grids = mlflow_images(client, run.info.run_id, "samples")  # a row per class, of 20 // 10 seeds
+    assert Image.open(grids[20]).size == (2 * 32 + 3 * 2, 10 * 32 + 11 * 2)
+    # Its logged model, loaded by MLflow alone, draws each row's class (by name or index), guided.
+    rows = pd.DataFrame({"seed": [3, 3, 3], "class": ["dog", "5", None]})  # None: class seed mod 10, cat
+    images = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(
+        rows, params={"steps": 4, "guidance_scale": 2.0}
+    )
+    assert images.shape == (3, 32, 32, 3) and np.array_equal(images[0], images[1])  # dog is CIFAR-10's class 5
+    assert not np.array_equal(images[0], images[2])
     logged = str(run.data.params) + str(run.data.tags)
     assert "do-not-log-this-secret" not in logged and "test-key" not in logged
     assert "first 32 training images" in run.data.tags["heldout_source"]  # one split: said so

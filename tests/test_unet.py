@@ -81,7 +81,10 @@ def test_build_unet_from_config_dict_and_overrides():
 @pytest.mark.parametrize(
     "arg, match",
     [
-        ("imagenet", "unknown UNet config 'imagenet': choose one of cifar10, stl10, cifar10-cpu, tiny, digits"),
+        (
+            "imagenet",
+            "unknown UNet config 'imagenet': choose one of cifar10, stl10, cifar10-cpu, cifar10-cpu-deep, tiny, digits",
+        ),
         ({"ch": 100}, "ch must be a multiple of 32"),
         (
             {"image_size": 96, "attn_resolutions": (16,)},

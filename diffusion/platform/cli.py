@@ -149,10 +149,11 @@ def add_options(
         extra = {"default": argparse.SUPPRESS if given_only else default, "help": help}
         if f.metadata.get("required") and f.name not in optional:
             extra = {"required": True, "help": f.metadata["help"]}
+        flags = (flag, *f.metadata.get("aliases", ()))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **extra)
         else:
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **extra)
+            parser.add_argument(*flags, type=kind, choices=f.metadata.get("choices"), **extra)
 
 
 def given(args: argparse.Namespace, cls) -> dict:
@@ -313,6 +314,12 @@ def add_sampling_options(
     )
     seeds.add_argument("--n", type=int, default=None, help="number of images: seeds 0 .. n-1 (instead of --seeds)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per model batch")
+    parser.add_argument(
+        "--classes",
+        default=None,
+        help="classes to draw from a class-conditional model: names or indices and ranges FIRST-LAST, "
+        "comma-separated (0-9, cat,dog); each class from every seed (default: class seed mod the number of classes)",
+    )
     if workers:  # a Ray job, tracked in MLflow
         parser.add_argument("--workers", type=int, default=0, help="Ray actors (0: one per GPU, or 1)")
         add_options(parser, Tracking)
@@ -336,7 +343,11 @@ def add_sampling_options(
 
 
 def seeds_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, ...]:
-    """The seeds the options name (--seeds, or --n), the batch and figure options checked."""
+    """The seeds the options name (--seeds, or --n), the batch, class and figure options checked."""
+    if args.classes is not None:
+        from ..classes import parse
+
+        parse(args.classes)  # an empty item: an OptionError now, before any checkpoint is read
     if args.n is not None and args.n < 1:
         parser.error("--n must be >= 1")
     if args.batch_size < 1:
@@ -358,6 +369,7 @@ def sampling_job(args: argparse.Namespace, parser: argparse.ArgumentParser):
         **given(args, CheckpointOptions),
         **given(args, Tracking),
         seeds=seeds,
+        classes=args.classes,
         settings=settings,
         speed=sampler_speed(args),
         batch_size=args.batch_size,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import classifier, fid
+from ..checkpoint import class_names
 from ..digest import file_digest
 from ..errors import InputError
 from ..fid import FeatureStats, frechet_distance, inception_score
@@ -157,22 +158,24 @@ class FeatureActor:
 
     def __call__(self, batch: dict) -> dict:
         features, logits = self.net(torch.from_numpy(batch["image"]))
-        return {"features": features.cpu().numpy(), "logits": logits.cpu().numpy()}
+        labels = {"label": batch["label"]} if "label" in batch else {}  # what samples were asked for
+        return {"features": features.cpu().numpy(), "logits": logits.cpu().numpy(), **labels}
 
 
 def extract(
     ds, total: int, what: str, judge: Judge, batch_size: int, workers: Workers
-) -> tuple[FeatureStats, np.ndarray]:
-    """Feature statistics and logits of every image of `ds` (a dataset with an "image" column
-    of `total` images of `what`)."""
-    stats, logits = FeatureStats(judge.dim), []
+) -> tuple[FeatureStats, np.ndarray, np.ndarray | None]:
+    """Feature statistics, logits and labels (where `ds` has a "label" column) of every image of
+    `ds` (a dataset with an "image" column of `total` images of `what`)."""
+    stats, logits, labels = FeatureStats(judge.dim), [], []
     features = map_with_actors(ds, FeatureActor, (judge.build,), batch_size, workers.resolve())
     with progress(total, f"{judge.kind} features of {what}", unit="img") as bar:
         for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
             stats.add(batch["features"])
             logits.append(batch["logits"])
+            labels.extend(batch.get("label", []))
             bar.update(len(batch["features"]))
-    return stats, np.concatenate(logits)
+    return stats, np.concatenate(logits), np.asarray(labels) if labels else None
 
 
 def reference_stats(
@@ -192,7 +195,7 @@ def reference_stats(
     images = shards.ray_dataset(splits=splits, columns=["image"])
     total = sum(s["rows"] for s in shards.manifest["shards"]) if splits == sorted(shards.manifest["splits"]) else None
     what = f"{shards.location.uri} ({'+'.join(splits)})"
-    stats, _ = extract(images, total, what, judge, batch_size, workers)
+    stats, _, _ = extract(images, total, what, judge, batch_size, workers)
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=json.dumps(key))
     shards.location.write_bytes(name + ".partial", buf.getvalue())  # complete before it is visible
@@ -220,7 +223,7 @@ def evaluate(
     start = time.time()
     ref = reference_stats(shards, splits, judge, job.batch_size, job.workers)
     samples = sample_dataset(job, out)
-    stats, logits = extract(samples, job.n, f"{job.n} samples", judge, job.batch_size, job.workers)
+    stats, logits, labels = extract(samples, job.n, f"{job.n} samples", judge, job.batch_size, job.workers)
     score_mean, score_std = inception_score(logits, judge.score_splits)
     metrics = {
         judge.metric: frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"]),
@@ -232,6 +235,17 @@ def evaluate(
         shares = dict(zip(shards.manifest["classes"], classifier.class_shares(torch.from_numpy(logits))))
         metrics |= {"class_share_min": min(shares.values()), "class_share_max": max(shares.values())}
         metrics |= {f"class_share.{name}": share for name, share in shares.items()}
+        if (
+            job.labels is not None and class_names(payload) == shards.manifest["classes"]
+        ):  # asked of the judge's classes
+            agreement, per_class = classifier.class_agreement(torch.from_numpy(logits), torch.from_numpy(labels))
+            metrics["class_agreement"] = agreement
+            asked = set(job.labels)
+            metrics |= {
+                f"class_agreement.{name}": share
+                for c, (name, share) in enumerate(zip(shards.manifest["classes"], per_class))
+                if c in asked
+            }
         if "test" in shards.manifest["splits"] and "test" not in ref["splits"]:
             real = reference_stats(shards, ["test"], judge, job.batch_size, job.workers)
             metrics[f"{judge.metric}_floor"] = frechet_distance(real["mu"], real["sigma"], ref["mu"], ref["sigma"])

@@ -33,6 +33,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
+from ..config import Recipe
 from ..errors import OptionError
 from ..fid import FeatureStats, InceptionFeatures, frechet_distance, inception_weights
 from ..images import from_uint8, grid
@@ -75,21 +76,41 @@ def resolve_workers(job: TrainJob) -> TrainJob:
     return job.replace(num_workers=workers.count, gpus_per_worker=workers.gpus, cpus_per_worker=workers.cpus)
 
 
-def heldout_images(shards: ShardSet, settings: RunSettings) -> tuple[np.ndarray, list[str] | None, str]:
-    """The held-out images and the splits to train on: the heldout split when the data set has
-    one (and other splits remain), else the first training images (not held out: said so)."""
+def heldout_images(shards: ShardSet, settings: RunSettings) -> tuple[dict, list[str] | None, str]:
+    """The held-out images and their labels ({"image", "label"}) and the splits to train on: the
+    heldout split when the data set has one (and other splits remain), else the first training
+    images (not held out: said so)."""
     splits, size = shards.manifest["splits"], settings.heldout_size
     if settings.heldout_split in splits and len(splits) > 1:
         train_splits, source = [s for s in splits if s != settings.heldout_split], f"split {settings.heldout_split}"
         wanted = [settings.heldout_split]
     else:
         train_splits, source, wanted = None, f"first {size} training images (no separate split)", None
-    images = []
+    batches = []
     for batch in shards.iter_batches(min(size, 1024), splits=wanted):
-        images.append(batch["image"])
-        if sum(len(i) for i in images) >= size:
+        batches.append(batch)
+        if sum(len(b["label"]) for b in batches) >= size:
             break
-    return np.concatenate(images)[:size], train_splits, source
+    heldout = {key: np.concatenate([b[key] for b in batches])[:size] for key in ("image", "label")}
+    return heldout, train_splits, source
+
+
+def check_classes(recipe: Recipe, manifest: dict, data: str) -> None:
+    """An OptionError naming the fix unless a conditional recipe's num_classes is the data set's."""
+    if recipe.num_classes and recipe.num_classes != len(manifest["classes"]):
+        found = (
+            f"{len(manifest['classes'])} classes ({', '.join(manifest['classes'])})"
+            if manifest["classes"]
+            else "no classes"
+        )
+        raise OptionError(
+            f"num_classes {recipe.num_classes} does not match {data}, which has {found}: "
+            + (
+                f"give --num-classes {len(manifest['classes'])}"
+                if manifest["classes"]
+                else "train it unconditionally (--num-classes 0)"
+            )
+        )
 
 
 def fid_reference(settings: RunSettings, shards: ShardSet, run: tracking.Run):
@@ -125,6 +146,7 @@ class Training:
         job = resolve(job)
         s = job.settings
         self.shards = ShardSet.open(s.data, s.endpoint_url, verify="size")  # before starting Ray
+        check_classes(job.recipe, self.shards.manifest, s.data)
         if s.fid_every and self.shards.manifest["dataset"] == "digits":
             raise OptionError(
                 "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
@@ -160,6 +182,7 @@ class Training:
                 "tracking_uri": self.run.uri,
                 "run_id": self.run.id,
                 "heldout": ray.put(self.heldout),
+                "classes": manifest["classes"] if job.recipe.num_classes else [],
                 "dataset_bytes": len(self.shards) * image_bytes,
                 "fid_reference": fid_reference(s, self.shards, self.run) if s.fid_every else None,
             },
@@ -173,7 +196,9 @@ class Training:
                 placement_strategy=PLACEMENTS[s.placement],
             ),
             datasets={
-                "train": self.shards.ray_dataset(splits=self.train_splits, columns=["image"]).randomize_block_order()
+                "train": self.shards.ray_dataset(
+                    splits=self.train_splits, columns=["image", "label"]
+                ).randomize_block_order()
             },
             run_config=RunConfig(
                 name=s.name,
@@ -283,8 +308,11 @@ class Chief:
     def __init__(self, loop_config: dict, job: TrainJob, start_step: int, bf16: bool):
         self.job, self.bf16 = job, bf16
         self.run = tracking.Run(loop_config["run_id"], loop_config["tracking_uri"], safe=True)
-        images = torch.from_numpy(np.array(ray.get(loop_config["heldout"])))  # a writable copy
-        self.heldout = HeldoutSet(from_uint8(images.permute(0, 3, 1, 2)), job.recipe.num_timesteps, job.recipe.seed)
+        heldout = ray.get(loop_config["heldout"])
+        images, labels = (torch.from_numpy(np.array(heldout[key])) for key in ("image", "label"))  # writable copies
+        self.heldout = HeldoutSet(
+            from_uint8(images.permute(0, 3, 1, 2)), job.recipe.num_timesteps, job.recipe.seed, labels
+        )
         self.start_step, self.start_time = start_step, time.time()
         self.monitor = tracking.system_metrics(self.run, "rank0") if job.settings.system_metrics else None
         self.logged_lr = None
@@ -306,10 +334,20 @@ class Chief:
     def log_sample_grid(self, state: TrainState) -> None:
         """EMA samples from seeds 0..sample_n-1 as an MLflow image at this step: the same x_T at
         every step (from step 0, the untrained network's), so that the UI steps through the run's
-        progress."""
-        s = self.job.settings
-        x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, self.bf16)
-        self.run.log_image(grid(x).numpy(), "samples", state.step)
+        progress. A conditional model's grid has a row per class, of seeds 0..sample_n // K - 1
+        (at least one), guided by sample_guidance."""
+        s, num_classes = self.job.settings, self.job.recipe.num_classes
+        if not num_classes:
+            x = ddim_samples(state.ema.ema_model, state.schedule, range(s.sample_n), s.sample_steps, self.bf16)
+            self.run.log_image(grid(x).numpy(), "samples", state.step)
+            return
+        columns = max(1, s.sample_n // num_classes)
+        classes = [c for c in range(num_classes) for _ in range(columns)]
+        seeds = list(range(columns)) * num_classes
+        x = ddim_samples(
+            state.ema.ema_model, state.schedule, seeds, s.sample_steps, self.bf16, classes, s.sample_guidance
+        )
+        self.run.log_image(grid(x, nrow=columns).numpy(), "samples", state.step)
 
     def progress(self, step: int, metrics: dict) -> str:
         max_steps = self.job.recipe.max_steps
@@ -340,10 +378,12 @@ class FidProbe:
     def measure(self, state: TrainState, job: TrainJob, rank: int, world: int) -> dict:
         s = job.settings
         stats, seeds = FeatureStats(), list(range(rank, s.fid_n, world))
-        per_worker = job.recipe.batch_size // world
+        per_worker, num_classes = job.recipe.batch_size // world, job.recipe.num_classes
         for start in range(0, len(seeds), per_worker):
+            batch = seeds[start : start + per_worker]
+            classes = [seed % num_classes for seed in batch] if num_classes else None  # each class in turn
             x = ddim_samples(
-                state.ema.ema_model, state.schedule, seeds[start : start + per_worker], s.sample_steps, self.bf16
+                state.ema.ema_model, state.schedule, batch, s.sample_steps, self.bf16, classes, s.sample_guidance
             )
             stats.add(self.net(as_uint8_hwc(x))[0].cpu().numpy())
         if world > 1:
@@ -368,43 +408,56 @@ def restore_from_ray_checkpoint(state: TrainState) -> bool:
 
 
 def epochs(job: TrainJob, device: torch.device, world: int, dataset_bytes: int, chief: Chief | None):
-    """A function returning one epoch of this worker's uint8 (B, H, W, C) batches on `device`:
-    streamed by Ray Data, or (data_on_device) read once onto the device and reshuffled there."""
+    """A function returning one epoch of this worker's batches on `device`, uint8 (B, H, W, C)
+    images and their int64 labels: streamed by Ray Data, or (data_on_device) read once onto the
+    device and reshuffled there."""
     per_worker = job.recipe.batch_size // world
     shard = ray.train.get_dataset_shard("train")
 
     def ray_data(batch_size: int = per_worker, drop_last: bool = True):
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
-            dtypes={"image": torch.uint8},
+            dtypes={"image": torch.uint8, "label": torch.int64},
             device=device,
             drop_last=drop_last,
             local_shuffle_buffer_size=4 * batch_size,
         ):
-            yield batch["image"]
+            yield batch["image"], batch["label"]
 
     placement = job.settings.data_on_device
     on_device = placement == "on" or (placement == "auto" and fits_on_device(dataset_bytes // world, device))
     if not on_device:
         return ray_data
-    chunks = list(ray_data(4096, drop_last=False)) or [torch.empty(0, 0, 0, 0, dtype=torch.uint8)]
-    cached = DeviceData(torch.cat(chunks))
+    chunks = list(ray_data(4096, drop_last=False))
+    if not chunks:
+        chunks = [(torch.empty(0, 0, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))]
+    cached = DeviceData(torch.cat([images for images, _ in chunks]), torch.cat([labels for _, labels in chunks]))
     if chief:
         chief.run.log_metrics({"images_on_device": len(cached)}, 0)
         log.info(f"training images kept on {device}: {len(cached)} on rank 0, {cached.images.nbytes / 2**20:.0f} MiB")
     return lambda: cached.epoch(per_worker)
 
 
-def report(metrics: dict, state: TrainState, job: TrainJob, rank: int, run_id: str, with_checkpoint: bool):
+def report(
+    metrics: dict, state: TrainState, job: TrainJob, rank: int, loop_config: dict, with_checkpoint: bool
+) -> None:
     """Report to Ray Train (a barrier on every rank), with a checkpoint saved by rank 0 when due:
-    the recipe, and the run settings as information."""
+    the recipe, the class names of a conditional model, and the run settings as information."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
+            classes = {"classes": loop_config["classes"]} if loop_config["classes"] else {}
             save_checkpoint(
-                d, state, job.recipe, metrics, job.settings.score, run=job.settings.to_dict(), mlflow_run_id=run_id
+                d,
+                state,
+                job.recipe,
+                metrics,
+                job.settings.score,
+                run=job.settings.to_dict(),
+                mlflow_run_id=loop_config["run_id"],
+                **classes,
             )
         ray.train.report(
             metrics,
@@ -487,7 +540,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info(chief.progress(state.step, metrics))
             if due.samples:
                 chief.log_sample_grid(state)
-        report({**metrics, "step": state.step}, state, job, rank, loop_config["run_id"], due.checkpoint)
+        report({**metrics, "step": state.step}, state, job, rank, loop_config, due.checkpoint)
         if chief and due.checkpoint:  # `runs:/<run_id>` stands for the latest checkpoint
             uri = f"{s.storage}/{s.name}/{checkpoint_dir_name(state.step)}"
             chief.run.set_tags({tracking.CHECKPOINT_TAG: uri})

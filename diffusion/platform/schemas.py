@@ -1,6 +1,7 @@
 """The HTTP request models of the Serve application, typed strictly (no numbers as strings, no
 booleans as numbers, no NaN or infinities). The sampler's settings are not written here: their
-fields, ranges and help come from `diffusion.config.SamplerSettings` (`model_of`).
+fields, ranges and help come from `diffusion.config.SamplerSettings` (`model_of`); nor are the
+classes' rules (`diffusion.classes`, applied by the replica, which knows the model's classes).
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ class Settings(model_of(SamplerSettings, STRICT)):
         return SamplerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)})
 
 
+ClassItem = int | str
+CLASSES = (
+    "classes of a class-conditional model, by name or index (or a range 'FIRST-LAST' of indices): "
+    "each class from every seed (default: class seed mod the number of classes)"
+)
+
+
 class SamplesRequest(Settings):
+    classes: list[ClassItem] | ClassItem | None = Field(None, description=CLASSES)
     n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="number of images (default: len(seeds) or 1)")
     seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_IMAGES, description="one seed per image")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="first seed; image i uses seed + i")
@@ -73,7 +82,12 @@ class SamplesRequest(Settings):
         return [first + i for i in range(self.n or 1)]
 
 
-class InterpolationRequest(model_of(SamplerSettings, STRICT, only=("steps", "spacing"))):
+GUIDANCE = ("guidance_scale", "guidance_min_t", "guidance_max_t")
+ONE_CLASS = "the class of a class-conditional model's images, by name or index (default: the first seed's, seed mod K)"
+
+
+class InterpolationRequest(model_of(SamplerSettings, STRICT, only=("steps", "spacing", *GUIDANCE))):
+    classes: ClassItem | None = Field(None, description=ONE_CLASS)
     mode: Literal["ddim", "ddpm"] = "ddim"
     seeds: list[int] | None = Field(None, min_length=2, max_length=2, description="ddim: the two noises' seeds")
     images: list[str] | None = Field(None, min_length=2, max_length=2, description="ddpm: two base64 PNGs")
@@ -100,6 +114,7 @@ class InterpolationRequest(model_of(SamplerSettings, STRICT, only=("steps", "spa
 
 
 class SequenceRequest(Settings):
+    classes: ClassItem | None = Field(None, description=ONE_CLASS.replace("the first seed's", "the seed's"))
     seed: int = Field(0, ge=0, le=MAX_SEED)
     record: list[int] | None = Field(None, min_length=1, max_length=MAX_IMAGES, description="timesteps to show")
     show: Literal["x_t", "pred_x0"] = "x_t"

@@ -1,10 +1,15 @@
 """Ray Serve application: sampling, interpolation and diffusion sequences over HTTP.
 
-    POST /v1/samples        {n | seeds | seed, sampler, steps, eta, spacing, variance, clip, format}
+    POST /v1/samples        {n | seeds | seed, classes, sampler, steps, eta, spacing, variance, clip, guidance_scale, format}
     POST /v1/interpolations {mode: ddim (slerp of two seeds' noise) | ddpm (two uploaded images), lambdas | count, t}
-    POST /v1/sequences      {seed, sampler, steps, eta, record: [timesteps], format}
-    GET  /healthz           model, image shape, T, weights, each lane's work, UNet calls made, the replica's node
+    POST /v1/sequences      {seed, classes, sampler, steps, eta, record: [timesteps], format}
+    GET  /healthz           model, image shape, T, classes, weights, each lane's work, UNet calls made, the replica's node
     GET  /openapi.json      the schema (FastAPI)
+
+A class-conditional model draws the `classes` asked (names or indices, `diffusion.classes`: each
+class from every seed; by default class seed mod K) with classifier-free guidance
+(`guidance_scale`, and the interval `guidance_min_t`..`guidance_max_t`); a class it does not have
+is a 422 naming its classes, as are classes or guidance asked of an unconditional model.
 
 Concurrent /v1/samples requests are batched across callers by @serve.batch; requests with
 the same sampler settings share one model batch. The model is evaluated at a fixed batch
@@ -22,7 +27,8 @@ is its own progress (its images are the same: a seed's image does not depend on 
 
 Work and its bounds. A request costs the UNet calls it needs at the replica's batch shape:
 ceil(images / batch_size) x the sampler's steps (DDPM takes all T), which is what its time on
-the replica is proportional to. Sampling never runs on the replica's event loop: it runs in one
+the replica is proportional to; a guided request's images count twice (the conditional and the
+null halves of every guided step). Sampling never runs on the replica's event loop: it runs in one
 of two lanes, each a thread of its own, so /healthz and parsing always answer. A request of at
 most `long_request_calls` takes the short lane, a longer one the long lane, so a cheap request
 never waits behind a DDPM chain. A request above `max_request_calls` is refused with a 422 that
@@ -63,12 +69,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict
 from ray import serve
 
+from .. import classes
 from ..checkpoint import recipe_of
 from ..config import SamplerSettings
+from ..errors import OptionError
 from ..pipeline import Pipeline, as_uint8_hwc, steps_of
 from .http import ApiKeyGuard, decode_png, encode, harden, images_json, sse
 from .resources import Workers, use_assigned_resources
-from .schemas import InterpolationRequest, SamplesRequest, SequenceRequest, model_of
+from .schemas import GUIDANCE, MAX_IMAGES, InterpolationRequest, SamplesRequest, SequenceRequest, model_of
 from .settings import API_KEY_ENV, ServeArgs, key_sha256
 
 app = harden(FastAPI(title="ray-diffusion", description=__doc__))
@@ -88,10 +96,16 @@ class Stopped(Exception):
     """Work whose callers are all gone, stopped in its lane's thread after a model call."""
 
 
+def rows(images: int, settings: SamplerSettings) -> int:
+    """The rows a model call of `images` images takes: twice as many when guided."""
+    return images * (2 if settings.guided else 1)
+
+
 @dataclass(eq=False)
 class Job:
-    """One request's work: `images` sampled over `steps` model calls. Admitted to a lane, it holds
-    the UNet calls it still has to run (`remaining`); `cancelled` once its caller is gone."""
+    """One request's work: `images` sampled over `steps` model calls (`images` counts the rows of a
+    model call: a guided request's images twice, `rows`). Admitted to a lane, it holds the UNet
+    calls it still has to run (`remaining`); `cancelled` once its caller is gone."""
 
     images: int
     steps: int
@@ -99,6 +113,9 @@ class Job:
     remaining: int = 0
     running: bool = False
     cancelled: bool = False
+
+
+Batched = tuple[SamplerSettings, list[int], list[int] | None, Job]  # a /v1/samples request: settings, seeds, classes
 
 
 class Lanes:
@@ -228,6 +245,30 @@ class DiffusionService:
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
 
+    def images(self, seeds: list[int], asked) -> tuple[list[int], list[int] | None]:
+        """The (seeds, classes) of a request's images (`diffusion.classes.images`): a 422 names a
+        class the model does not have (or classes asked of an unconditional model), or too many."""
+        try:
+            indices = (
+                None
+                if asked is None
+                else classes.resolve(asked if isinstance(asked, list) else [asked], self.pipeline.classes)
+            )
+        except OptionError as e:
+            raise HTTPException(422, f"classes: {e}") from None
+        seeds, labels = classes.images(seeds, indices, self.pipeline.num_classes)
+        if len(seeds) > MAX_IMAGES:
+            raise HTTPException(
+                422, f"classes x seeds make {len(seeds)} images, more than the {MAX_IMAGES} of a request"
+            )
+        return seeds, labels
+
+    def one_class(self, asked, seed: int) -> int | None:
+        """The class of a request's images that are all of one class (default: `seed`'s)."""
+        if asked is None and not self.pipeline.num_classes:
+            return None
+        return self.images([seed], asked)[1][0]
+
     @app.get("/healthz")
     def healthz(self) -> dict:
         c, h, w = self.pipeline.shape
@@ -238,6 +279,7 @@ class DiffusionService:
             "model": self.model_name,
             "image_shape": [h, w, c],
             "num_timesteps": self.pipeline.num_timesteps,
+            "classes": self.pipeline.classes,  # none: an unconditional model
             "weights": self.weights,
             "queued_unet_calls": queued,  # still to run, of the requests waiting and running in each lane
             "running_requests": running,
@@ -247,11 +289,12 @@ class DiffusionService:
 
     @app.post("/v1/samples", responses=STREAMED)
     async def samples(self, request: SamplesRequest, accept: Accept = "") -> Response:
-        settings, seeds = self.check(request.key()), request.resolved_seeds()
-        job = self.lanes.admit(Job(len(seeds), steps_of(settings, self.pipeline.num_timesteps)))
+        settings = self.check(request.key())
+        seeds, labels = self.images(request.resolved_seeds(), request.classes)
+        job = self.lanes.admit(Job(rows(len(seeds), settings), steps_of(settings, self.pipeline.num_timesteps)))
         if EVENT_STREAM in accept:  # sampled alone: each model call is this request's progress
-            return self.stream(job, self._samples, seeds, settings)
-        result = await self.lanes.outcome(job, self.batchers[job.lane]((settings, seeds, job)))
+            return self.stream(job, self._samples, seeds, labels, settings)
+        result = await self.lanes.outcome(job, self.batchers[job.lane]((settings, seeds, labels, job)))
         if isinstance(result, Exception):  # its batch's failure
             raise result
         images, headers = result
@@ -260,42 +303,53 @@ class DiffusionService:
     # One batcher a lane: a batch never mixes a long request with short ones, which would wait for it.
     # Their batch size and wait are the replica's (set in __init__).
     @serve.batch
-    async def _short_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
+    async def _short_batch(self, requests: list[Batched]) -> list:
         return await self._sample_batch(requests)
 
     @serve.batch
-    async def _long_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
+    async def _long_batch(self, requests: list[Batched]) -> list:
         return await self._sample_batch(requests)
 
-    async def _sample_batch(self, requests: list[tuple[SamplerSettings, list[int], Job]]) -> list:
+    async def _sample_batch(self, requests: list[Batched]) -> list:
         """Requests from many callers; those with equal settings are sampled as one batch, in the
         lane's thread. Each request's result is its images and headers, or its batch's exception
         (Stopped when all its callers are gone), so that one batch's failure is not another's."""
         groups: dict[SamplerSettings, list[int]] = defaultdict(list)
-        for i, (settings, _, _) in enumerate(requests):
+        for i, (settings, *_) in enumerate(requests):
             groups[settings].append(i)
         results: list = [None] * len(requests)
         for settings, members in groups.items():
             seeds = [s for i in members for s in requests[i][1]]
+            labels = None if requests[members[0]][2] is None else [c for i in members for c in requests[i][2]]
+            jobs = [requests[i][3] for i in members]
             try:
-                images, _ = await self.lanes.submit([requests[i][2] for i in members], self._samples, seeds, settings)
+                images, _ = await self.lanes.submit(jobs, self._samples, seeds, labels, settings)
             except Exception as e:  # noqa: BLE001 - Stopped, or a failure: these members' own
                 for i in members:
                     results[i] = e
                 continue
             start = 0
             for i in members:
-                n = len(requests[i][1])
-                results[i] = (images[start : start + n], self.sample_headers(requests[i][1], len(members), len(seeds)))
+                _, own_seeds, own_labels, _ = requests[i]
+                n = len(own_seeds)
+                headers = self.sample_headers(own_seeds, own_labels, len(members), len(seeds))
+                results[i] = (images[start : start + n], headers)
                 start += n
         return results
 
-    def _samples(self, seeds: list[int], settings: SamplerSettings) -> tuple[np.ndarray, dict]:
-        return as_uint8_hwc(self.pipeline.samples(seeds, settings)).numpy(), self.sample_headers(seeds, 1, len(seeds))
+    def _samples(
+        self, seeds: list[int], labels: list[int] | None, settings: SamplerSettings
+    ) -> tuple[np.ndarray, dict]:
+        images = as_uint8_hwc(self.pipeline.samples(seeds, settings, classes=labels)).numpy()
+        return images, self.sample_headers(seeds, labels, 1, len(seeds))
 
-    def sample_headers(self, seeds: list[int], batch_requests: int, batch_images: int) -> dict:
+    def sample_headers(
+        self, seeds: list[int], labels: list[int] | None, batch_requests: int, batch_images: int
+    ) -> dict:
+        classes_of_images = {"x-classes": ",".join(self.pipeline.classes[c] for c in labels)} if labels else {}
         return {
             "x-seeds": ",".join(map(str, seeds)),
+            **classes_of_images,  # each image's class, by name
             "x-batch-requests": str(batch_requests),
             "x-batch-images": str(batch_images),
             "x-node": self.node,  # the address of the replica's node
@@ -305,17 +359,20 @@ class DiffusionService:
     async def interpolations(self, request: InterpolationRequest, accept: Accept = "") -> Response:
         lambdas = request.resolved_lambdas()
         T = self.pipeline.num_timesteps
+        guidance = {name: getattr(request, name) for name in GUIDANCE}
         if request.mode == "ddim":
-            settings = self.check(SamplerSettings("ddim", request.steps, spacing=request.spacing))
-            job = Job(len(lambdas), steps_of(settings, T))
-            work = (self.pipeline.ddim_interpolation, request.seeds[0], request.seeds[1], lambdas, request.steps)
-            work += (request.spacing,)
+            settings = self.check(SamplerSettings("ddim", request.steps, spacing=request.spacing, **guidance))
+            label = self.one_class(request.classes, request.seeds[0])
+            job = Job(rows(len(lambdas), settings), steps_of(settings, T))
+            work = (self.pipeline.ddim_interpolation, request.seeds[0], request.seeds[1], lambdas, settings, label)
         else:
             if request.t >= T:
                 raise HTTPException(422, f"t must be a 0-based timestep below the model's T = {T}, got {request.t}")
+            settings = self.check(SamplerSettings("ddpm", **guidance))
+            label = self.one_class(request.classes, request.seed)
             a, b = (decode_png(img, self.pipeline.shape, f"images[{i}]") for i, img in enumerate(request.images))
-            job = Job(len(lambdas), request.t + 1)
-            work = (self.pipeline.ddpm_interpolation, a, b, request.t, lambdas, request.seed)
+            job = Job(rows(len(lambdas), settings), request.t + 1)
+            work = (self.pipeline.ddpm_interpolation, a, b, request.t, lambdas, request.seed, label, settings)
         headers = {"x-lambdas": ",".join(f"{v:g}" for v in lambdas)}
         return await self.answer(self.lanes.admit(job), request.format, accept, self._interpolation, headers, *work)
 
@@ -325,15 +382,18 @@ class DiffusionService:
     @app.post("/v1/sequences", responses=STREAMED)
     async def sequences(self, request: SequenceRequest, accept: Accept = "") -> Response:
         settings = self.check(request.key())
-        job = self.lanes.admit(Job(1, steps_of(settings, self.pipeline.num_timesteps)))
-        work = (request.seed, settings, request.record, request.show)
+        label = self.one_class(request.classes, request.seed)
+        job = self.lanes.admit(Job(rows(1, settings), steps_of(settings, self.pipeline.num_timesteps)))
+        work = (request.seed, label, settings, request.record, request.show)
         return await self.answer(job, request.format, accept, self._sequence, *work)
 
     def _sequence(
-        self, seed: int, settings: SamplerSettings, record: list[int] | None, show: str
+        self, seed: int, label: int | None, settings: SamplerSettings, record: list[int] | None, show: str
     ) -> tuple[np.ndarray, dict]:
         try:
-            record, x_t, pred_x0 = self.pipeline.sequences([seed], settings, record)
+            record, x_t, pred_x0 = self.pipeline.sequences(
+                [seed], settings, record, classes=None if label is None else [label]
+            )
         except ValueError as e:
             raise HTTPException(422, f"record: {e}") from None
         frames = x_t if show == "x_t" else pred_x0

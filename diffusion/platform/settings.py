@@ -113,6 +113,9 @@ class RunSettings(Tracking, Speed, Endpoint, FidWeights, Options):
     sample_every: int = option(20000, "steps between EMA sample grids logged to MLflow", ge=1)
     sample_n: int = option(64, "images in a sample grid", ge=1)
     sample_steps: int = option(50, "DDIM steps for sample grids and in-training FID", ge=1)
+    sample_guidance: float = option(
+        1.0, "guidance scale of a class-conditional model's sample grids (a row per class) and in-training FID", ge=0
+    )
     fid_every: int = option(0, "steps between FIDs of fid_n EMA DDIM samples (sample_steps) in training (0: off)", ge=0)
     fid_n: int = option(5000, "samples per in-training FID, spread over the workers", ge=2)
     fid_splits: str = option("train", "reference splits of the in-training FID, e.g. train or test+train")

@@ -38,7 +38,11 @@ class Location:
             return f.read()
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        with self.fs.open_output_stream(self.join(name)) as f:
+        """Write file `name` (a path under this folder: its folders are made on a local disk)."""
+        path = self.join(name)
+        if isinstance(self.fs, pafs.LocalFileSystem) and "/" in name:
+            self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as f:
             f.write(data)
 
     def exists(self, name: str) -> bool:

@@ -44,6 +44,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.utils import mlflow_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from .. import classes
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..config import SamplerSettings
 from ..errors import OptionError
@@ -279,10 +280,13 @@ def system_metrics(run: Run, node: str):
 
 class SamplerModel(mlflow.pyfunc.PythonModel):
     """A checkpoint as an MLflow Model: `predict` takes a DataFrame with a `seed` column (one
-    image a seed) and sampler params, and returns the images, uint8 (N, H, W, C).
+    image a row) and, for a class-conditional model, an optional `class` column (each row's class,
+    by name or index; default: seed mod K), and sampler params (guidance among them); it returns
+    the images, uint8 (N, H, W, C).
 
         model = mlflow.pyfunc.load_model("models:/cifar10/1")
         images = model.predict(pd.DataFrame({"seed": range(8)}), params={"sampler": "ddim", "steps": 50})
+        cats = model.predict(pd.DataFrame({"seed": range(8), "class": "cat"}), params={"guidance_scale": 3.0})
     """
 
     def load_context(self, context) -> None:
@@ -290,23 +294,31 @@ class SamplerModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         params = {**PARAM_DEFAULTS, **(params or {})}
-        clip = {"": None, "true": True, "false": False}[str(params["clip"]).lower()]
-        settings = SamplerSettings(
-            params["sampler"],
-            int(params["steps"]) or None,
-            float(params["eta"]),
-            params["spacing"],
-            params["variance"] or None,
-            clip,
-        )
+        values = {name: params[name] for name in PARAM_DEFAULTS}
+        values["clip"] = {"": None, "true": True, "false": False}[str(values["clip"]).lower()]
+        values["variance"] = values["variance"] or None
+        for name, none in NONE_PARAMS.items():
+            values[name] = None if int(values[name]) == none else int(values[name])
+        settings = SamplerSettings(**values)
         seeds = [int(seed) for seed in model_input["seed"]]
-        return as_uint8_hwc(self.pipeline.samples(seeds, settings)).numpy()
+        labels = None
+        if self.pipeline.num_classes:
+            asked = model_input["class"].tolist() if "class" in model_input else [None] * len(seeds)
+            labels = [  # a missing class (None, or NaN once MLflow's schema has read the column): seed mod K
+                seed % self.pipeline.num_classes if pd.isna(c) else classes.resolve([str(c)], self.pipeline.classes)[0]
+                for seed, c in zip(seeds, asked)
+            ]
+        elif "class" in model_input:
+            raise OptionError(classes.UNCONDITIONAL)
+        return as_uint8_hwc(self.pipeline.samples(seeds, settings, classes=labels)).numpy()
 
 
-# The sampler params of SamplerModel.predict: SamplerSettings' (for None, the checkpoint's defaults or
-# DDIM's steps: "", or 0 for the steps).
+# The params of SamplerModel.predict that stand for None (the checkpoint's defaults, DDIM's steps, no
+# guidance interval): "" for a text, and these values for the integers.
+NONE_PARAMS = {"steps": 0, "guidance_max_t": -1}
+# The sampler params of SamplerModel.predict: SamplerSettings'.
 PARAM_DEFAULTS = {
-    f.name: f.default if f.default is not None else (0 if f.name == "steps" else "") for f in fields(SamplerSettings)
+    f.name: f.default if f.default is not None else NONE_PARAMS.get(f.name, "") for f in fields(SamplerSettings)
 }
 # A logged model is code, not a pickle (MLflow's "models from code"): this file builds it on load.
 MODEL_CODE = (
@@ -322,7 +334,7 @@ def log_model(run: Run, checkpoint: Path, name: str, image_shape: tuple[int, int
     of that step (the held-out losses of the checkpoint) into it."""
     types = {str: "string", int: "integer", float: "double"}
     signature = ModelSignature(
-        inputs=Schema([ColSpec("long", "seed")]),
+        inputs=Schema([ColSpec("long", "seed"), ColSpec("string", "class", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))]),
         params=ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAM_DEFAULTS.items()]),
     )
