@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     add_sampling_options(p, n=64, batch_size=64, workers=False)
     p.add_argument("--images", nargs=2, default=None, metavar="PNG", help="two image files for the DDPM interpolation")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--npz", default=None, help="also write every image to this .npz: images (uint8 N x H x W x C), seeds, labels"
+    )
     args = p.parse_args(argv)
     seeds, settings, source, speed = (
         seeds_of(args, p),
@@ -65,24 +68,36 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = [range(i, min(i + model_batch, len(image_seeds))) for i in range(0, len(image_seeds), model_batch)]
-    start, kept = time.perf_counter(), []  # kept: the images of the grid
+    if image_classes is None:  # the grid: the first 64 (square), or a row per class
+        order, nrow = list(range(min(64, len(image_seeds)))), None
+    else:
+        rows = classes.rows(image_classes)
+        order, nrow = [i for row in rows for i in row], len(rows[0])
+    shown = set(order)
+    start, kept, every = time.perf_counter(), {}, []  # kept: the grid's images; every: uint8 ones for --npz
     with model_calls(pipeline, len(batches) * steps_of(settings, pipeline.num_timesteps), f"sampling {label}"):
         for batch in batches:
             batch_seeds = [image_seeds[i] for i in batch]
             batch_classes = None if image_classes is None else [image_classes[i] for i in batch]
             images = pipeline.samples(batch_seeds, settings, classes=batch_classes).cpu()
-            for i, image in zip(batch, as_uint8_hwc(images).numpy()):
+            as_uint8 = as_uint8_hwc(images).numpy()
+            for i, image, uint8 in zip(batch, images, as_uint8):
                 path = out / f"{image_seeds[i]:010d}.png"  # the file name jobs/sample.py gives it
                 if image_classes is not None:
                     path = out / names[image_classes[i]] / path.name  # a folder per class, as image folders are
                 path.parent.mkdir(exist_ok=True)
-                path.write_bytes(png(image))
-            kept.extend(images)
-    if image_classes is None:
-        save_grid(torch.stack(kept[:64]), out / "samples.png")
-    else:  # a row per class
-        rows = classes.rows(image_classes)
-        save_grid(torch.stack([kept[i] for row in rows for i in row]), out / "samples.png", nrow=len(rows[0]))
+                path.write_bytes(png(uint8))
+                if i in shown:
+                    kept[i] = image
+            if args.npz:
+                every.extend(as_uint8)
+    save_grid(torch.stack([kept[i] for i in order]), out / "samples.png", nrow=nrow)
+    if args.npz:
+        import numpy as np
+
+        labels = np.asarray(image_classes if image_classes is not None else [-1] * len(image_seeds), dtype=np.int64)
+        seeds_of_images = np.asarray(image_seeds, dtype=np.int64)
+        np.savez_compressed(args.npz, images=np.stack(every), seeds=seeds_of_images, labels=labels)
     what = "one per seed" if image_classes is None else f"{len(set(image_classes))} classes, a folder each"
     print(
         f"wrote {len(image_seeds)} PNGs ({what}) and samples.png to {out}: {label}, model batch {model_batch}, "

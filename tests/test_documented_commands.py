@@ -607,6 +607,7 @@ BENCH = {  # script -> the test that runs it at smoke size
     "bench/gpu.sh": "tests/test_entry_points.py::test_the_gpu_script_runs_its_steps_at_smoke_size",
     "bench/preflight.py": "tests/test_entry_points.py::test_the_gpu_script_runs_its_steps_at_smoke_size",  # its step 0
     "bench/quality.py": "test_bench_quality",
+    "bench/curve.py": "tests/test_quality.py::test_the_curve_script_judges_each_checkpoint_once",
     "bench/load.py": "test_bench_load",
     "bench/data.py": "test_bench_data",
     "bench/scaling.py": "test_bench_scaling",

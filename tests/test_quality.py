@@ -99,6 +99,18 @@ def test_guidance_draws_the_digit_asked_for(digits_shards, tmp_path):
     assert report["real"]["class_agreement"] > 0.95  # the judge's accuracy on the real test digits
 
 
+def test_the_curve_script_judges_each_checkpoint_once(digits_shards, tmp_path):
+    """bench/curve.py at smoke size on the class-conditional fixture's run folder (one checkpoint):
+    a point per checkpoint with each guidance scale's class agreement, none judged twice."""
+    args = ["--run", DIGITS_CLASSES_MODEL, "--data", digits_shards, "--n", 20, "--steps", 2, "--guidance", 0, "2@0-500"]
+    for _ in range(2):
+        proc = run_main("bench/curve.py", *args, "--batch-size", 20, "--out", tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (point,) = json.loads((tmp_path / "curve.json").read_text())["points"]
+    assert point["step"] == 700 and point["images_seen"] == 700 * 128
+    assert {"fd", "confident", "class_agreement"} <= set(point["0"]) and 0 <= point["2@0-500"]["class_agreement"] <= 1
+
+
 def test_the_papers_claims_hold_on_the_digits(trained_digits, digits_shards, tmp_path):
     ddim = quality(
         trained_digits, digits_shards, tmp_path / "ddim", 360, 10, "--steps", 10, 50, "--etas", 0, 1, "--ddpm"

@@ -119,3 +119,12 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path):
 def test_missing_data_set_is_a_clear_error(tmp_path):
     proc = run_main("jobs/train.py", "--preset", "tiny", "--data", tmp_path / "none")
     assert proc.returncode == 1 and "no manifest.json at" in proc.stderr and "prepare_data.py" in proc.stderr
+
+
+def test_a_class_count_that_is_not_the_data_sets_is_named_before_ray_starts(digits_shards, tmp_path):
+    proc = run_main("jobs/train.py", "--preset", "tiny", "--data", digits_shards, "--num-classes", "3")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"num_classes 3 does not match {digits_shards}, which has 10 classes (0, 1, 2" in proc.stderr
+    assert proc.stderr.rstrip().endswith("give --num-classes 10")
+    proc = run_main("jobs/train.py", "--class-dropout", "1.5")
+    assert proc.returncode == 2 and "class_dropout must be in [0, 1], got 1.5" in proc.stderr
