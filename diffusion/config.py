@@ -126,7 +126,7 @@ class Recipe(Options):
 
     _kind = "recipe"
     # model and diffusion
-    model: str = option("cifar10", "UNet config: cifar10, cifar10-cpu, cifar10-cpu-deep, stl10, tiny or digits")
+    model: str = option("cifar10", "UNet config: cifar10, cifar10-cpu, stl10, tiny or digits")
     dropout: float = option(0.1, "dropout in every ResBlock", ge=0, lt=1)
     num_classes: int = option(
         0, "classes to condition on, the data set's (0: unconditional); sampled with classifier-free guidance", ge=0

@@ -72,9 +72,6 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # base width 64 with three levels (32 -> 16 -> 8), attention at 16; 6.5M parameters, 3.4x the
     # bf16 training throughput of the paper's 35.7M on such a CPU (bench/cpu_training.py).
     "cifar10-cpu": UNetConfig(ch=64, ch_mult=(1, 2, 2), dropout=0.0),
-    # cifar10-cpu with the paper's fourth level (32 -> 16 -> 8 -> 4, ch_mult 1-2-2-2): 9.0M parameters at
-    # its training speed on a 2-core CPU (the 4x4 and 8x8 levels cost little), a wider view for objects.
-    "cifar10-cpu-deep": UNetConfig(ch=64, ch_mult=(1, 2, 2, 2), dropout=0.0),
     # A small model for CPU tests and demos.
     "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0),
     # The 8x8 grey digits (jobs/prepare_data.py --dataset digits), trained on a CPU: 8 -> 4 -> 2
