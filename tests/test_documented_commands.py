@@ -204,6 +204,9 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/evaluate\.py --checkpoint runs/cifar10-cpu-linear ": (
             "tests/test_cifar10_cpu.py::test_evaluate_judges_cifar10_with_the_kept_judge_where_no_inception_weights_are_at_hand"
         ),
+        r"^python bench/quality\.py --checkpoint tests/fixtures/digits-ci-classes ": (
+            "tests/test_quality.py::test_guidance_draws_the_digit_asked_for"
+        ),
         r"^python bench/cifar10_judge\.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
         r"^python bench/cpu_training\.py": "tests/test_cifar10_cpu.py::test_the_cpu_training_bench_compares_every_choice",
         r"^bash bench/gpu\.sh --quality-smoke$": "tests/test_cifar10_cpu.py::test_the_gpu_quality_run_runs_its_steps_at_smoke_size",
