@@ -26,6 +26,7 @@ from diffusion.checkpoint import CHECKPOINT_FILE, METRICS_FILE, read_checkpoint,
 from diffusion.classifier import Scorer
 from diffusion.config import SamplerSettings
 from diffusion.pipeline import Pipeline
+from diffusion.platform.cli import add_options, given
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,10 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="a run folder of checkpoint-<step> folders")
     p.add_argument("--data", required=True, help="the prepared data set it trains on (the judge's reference)")
     p.add_argument("--n", type=int, default=300, help="samples per point and guidance scale")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "dpmpp_2m"], help="the curve's sampler")
-    p.add_argument("--steps", type=int, default=10, help="the sampler's steps")
-    p.add_argument("--spacing", default="quadratic", choices=["uniform", "quadratic"], help="its tau spacing")
-    p.add_argument("--clip", action="store_true", help="clip the predicted x_0 to [-1, 1]")
+    # The curve's sampler (SamplerSettings' flags but its guidance, which --guidance lists): DPM-Solver++(2M) 10.
+    guidance = {"guidance_scale", "guidance_min_t", "guidance_max_t"}
+    add_options(
+        p, SamplerSettings, skip=guidance, defaults={"sampler": "dpmpp_2m", "steps": 10, "spacing": "quadratic"}
+    )
     p.add_argument("--guidance", nargs="+", default=["1"], help="guidance scales (SCALE or SCALE@MIN-MAX)")
     p.add_argument("--every", type=int, default=1, help="judge the checkpoints whose step is a multiple of this")
     p.add_argument("--batch-size", type=int, default=100, help="samples per model call")
@@ -62,9 +64,7 @@ def point(payload: dict, scorer: Scorer, args, metrics: dict) -> dict:
         **{k: metrics.get(k) for k in ("heldout_loss", "heldout_loss_ema")},
     }
     for spec in args.guidance if pipeline.num_classes else ["1"]:
-        settings = SamplerSettings(
-            args.sampler, args.steps, spacing=args.spacing, clip=args.clip, **guidance_settings(spec)
-        )
+        settings = SamplerSettings(**given(args, SamplerSettings), **guidance_settings(spec))
         start = time.time()
         images = as_images(generate(pipeline, settings, args.n, args.batch_size))
         judged = scorer(images, labels(pipeline, 0, args.n))
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         run=args.run,
         metric=judge.metric,
         n=args.n,
-        sampler=SamplerSettings(args.sampler, args.steps, spacing=args.spacing, clip=args.clip).label(1000),
+        sampler=SamplerSettings(**given(args, SamplerSettings)).label(1000),
         guidance=args.guidance,
         floor=scorer.floor,
         machine=machine(),
