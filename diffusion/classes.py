@@ -21,8 +21,10 @@ UNCONDITIONAL = (
 
 
 def describe(names: Sequence[str]) -> str:
-    """A model's classes in words, for an error message: 'the model's 10 classes are 0 airplane, ...'."""
-    return f"the model's {len(names)} classes are " + ", ".join(f"{i} {name}" for i, name in enumerate(names))
+    """A model's classes in words, for an error message: 'the model's 10 classes are 0 airplane, ...'
+    (a name alone where it is its index, as the digits')."""
+    listed = (name if name == str(i) else f"{i} {name}" for i, name in enumerate(names))
+    return f"the model's {len(names)} classes are " + ", ".join(listed)
 
 
 def parse(spec: str | Sequence[str | int]) -> list[str]:
