@@ -69,10 +69,16 @@ def test_worker_output_passes_stdout_and_says_once_that_stderr_is_hidden(capsys)
         {"lines": [], "is_err": True},
         {"lines": ["b", "c"], "is_err": True},
         {"lines": ["d"], "is_err": True},
+        {
+            "lines": ["WARNING: 12 PYTHON worker processes have been started on node: 0f3 with address: 10.0.0.5."],
+            "pid": "raylet",
+            "is_err": False,
+        },  # Ray's advice when a busy machine starts its workers slowly
+        {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet", "is_err": False},
     ]
     for data in batches:
         output(data)
-    assert shown == batches[:1] and output.hidden == 3
+    assert shown == [batches[0], batches[-1]] and output.hidden == 4
     assert capsys.readouterr().out == (
         "Ray's own log lines are hidden (--verbose shows them; its processes' logs are in /tmp/ray/session_x/logs)\n"
     )

@@ -8,7 +8,8 @@ messages and Python's warnings. Unless verbose, the driver shows its workers' st
 (`WorkerOutput`) and says once where its processes' logs are, and Ray's, Serve's and MLflow's INFO
 lines on the driver go too (`quiet_driver`). Ray's reports of dead workers or tasks and of
 resources it cannot schedule (`(raylet) ...`, `(autoscaler ...)`) are not workers' stderr and
-still show.
+still show; of the raylet's, only its advice that many worker processes have started (said when a
+busy machine starts Ray Data's workers slowly) goes with Ray's lines.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ RAY_PRINT_LOGS = "ray_print_logs"  # the name ray.init gives the driver's printe
 
 # Said at every local start ("Set RAY_AUTH_MODE=disabled to opt out"): nothing to act on.
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+# The raylet's "WARNING: 12 PYTHON worker processes have been started on node ...": advice, not a fault.
+WORKER_POOL_ADVICE = "worker processes have been started on node"
 
 
 def project_lines_to_stdout() -> logging.Logger:
@@ -47,17 +51,19 @@ def quiet_driver() -> None:
 
 
 class WorkerOutput:
-    """The driver's printer of its workers' output (`show`, Ray's own) for their stdout alone:
-    the first time a worker's stderr is dropped, one line says how to see it."""
+    """The driver's printer of its workers' output (`show`, Ray's own) for their stdout alone (and
+    not the raylet's worker-pool advice): the first time a line is dropped, one line says how to
+    see it."""
 
     def __init__(self, show: Callable[[dict], None], logs_dir: str):
         self.show, self.logs_dir, self.hidden = show, logs_dir, 0
 
     def __call__(self, data: dict) -> None:
-        if not data.get("is_err"):
+        lines = data.get("lines", ())
+        worker_pool_advice = data.get("pid") == "raylet" and all(WORKER_POOL_ADVICE in line for line in lines)
+        if not data.get("is_err") and not worker_pool_advice:
             self.show(data)
             return
-        lines = data.get("lines", ())
         if lines and not self.hidden:
             print(
                 f"Ray's own log lines are hidden (--verbose shows them; its processes' logs are in {self.logs_dir})",
