@@ -126,7 +126,18 @@ class Recipe(Options):
 
     _kind = "recipe"
     # model and diffusion
-    model: str = option("cifar10", "UNet config: cifar10, cifar10-cpu, stl10, tiny or digits")
+    model: str = option(
+        "cifar10",
+        "UNet preset, the shape the options below change: cifar10, cifar10-cpu, stl10, ddpm-256, tiny, digits",
+    )
+    image_size: int = option(0, "image size the UNet takes (0: the data's)", ge=0)
+    in_channels: int = option(0, "image channels (0: the data's)", ge=0)
+    ch: int = option(0, "UNet base width, a multiple of 32 (0: the preset's)", ge=0)
+    ch_mult: str = option("", "width multipliers, one a resolution, halved after each but the last: e.g. 1,2,2,2")
+    num_res_blocks: int = option(0, "residual blocks a resolution (0: the preset's)", ge=0)
+    attn_resolutions: str = option(
+        "", "feature-map sizes with self-attention, e.g. 16 or 16,8, or none (default: the preset's levels)"
+    )
     dropout: float = option(0.1, "dropout in every ResBlock", ge=0, lt=1)
     num_classes: int = option(
         0, "classes to condition on, the data set's (0: unconditional); sampled with classifier-free guidance", ge=0
@@ -158,7 +169,25 @@ class Recipe(Options):
 
         if self.model not in UNET_CONFIGS:
             raise OptionError(f"model must be one of {', '.join(UNET_CONFIGS)}, got {self.model!r}")
+        sizes(self.ch_mult, "ch_mult", "1,2,2,2")
+        sizes(self.attn_resolutions, "attn_resolutions", "16,8", none_ok=True)
         return self
+
+
+def sizes(text: str, name: str, example: str, none_ok: bool = False) -> tuple[int, ...] | None:
+    """A comma-separated list of positive integers ("1,2,2"); None for "" (the preset's) and, with
+    `none_ok`, () for "none"; an OptionError naming `name` and an `example` otherwise."""
+    if not text.strip():
+        return None
+    if none_ok and text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise OptionError(f"{name} must be positive integers separated by commas (e.g. {example}), got {text!r}")
+    return values
 
 
 RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))

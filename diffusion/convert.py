@@ -37,6 +37,7 @@ from torch import Tensor
 from .config import Recipe
 from .errors import InputError
 from .schedule import make_betas
+from .training import shape_fields
 from .unet import UNET_CONFIGS, UNet, UNetConfig
 
 LAYOUTS = (
@@ -384,7 +385,7 @@ def _payload(state: dict, config: UNetConfig, betas: Tensor, sampling: dict, sou
     """A checkpoint payload for imported weights (EMA and raw alike: releases publish one set)."""
     kept = {"dropout": config.dropout, "num_classes": config.num_classes}
     preset = next((name for name, c in UNET_CONFIGS.items() if replace(c, **kept) == config), "custom")
-    recipe = Recipe(model=preset, num_timesteps=len(betas), **kept)
+    recipe = Recipe(model=preset, num_timesteps=len(betas), **kept, **shape_fields(config))
     return {
         "model": state,
         "ema": state,

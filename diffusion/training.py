@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Recipe
+from .config import Recipe, sizes
 from .ema import EMA
+from .errors import OptionError
 from .guidance import classifier_free_guidance
 from .images import random_flip, to_model_input
 from .samplers import ddim_sample, make_generators, randn
 from .schedule import NoiseSchedule, l_simple, make_betas
 from .speed import fast_cuda_kernels
-from .unet import UNet, UNetConfig, build_unet
+from .unet import UNET_CONFIGS, UNet, UNetConfig, build_unet, shaped
 
 Batch = tuple[Tensor, Tensor | None]  # uint8 images (B, H, W, C) and their int64 labels (B,) (-1: none), or None
 
@@ -40,6 +41,63 @@ Batch = tuple[Tensor, Tensor | None]  # uint8 images (B, H, W, C) and their int6
 def lr_at(recipe: Recipe, step: int) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then constant (the DDPM reference)."""
     return recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup_steps))
+
+
+def recipe_unet(recipe: Recipe) -> UNetConfig:
+    """The UNet a recipe trains: its preset (`model`) shaped by its options (0 or empty: the
+    preset's), conditioned on its `num_classes`; ValueError where the shape is impossible."""
+    return shaped(
+        UNET_CONFIGS[recipe.model],
+        recipe.image_size,
+        recipe.in_channels,
+        recipe.ch,
+        sizes(recipe.ch_mult, "ch_mult", "1,2,2,2"),
+        recipe.num_res_blocks,
+        sizes(recipe.attn_resolutions, "attn_resolutions", "16,8", none_ok=True),
+        dropout=recipe.dropout,
+        num_classes=recipe.num_classes,
+    )
+
+
+def shaped_to_data(recipe: Recipe, height: int, width: int, channels: int) -> Recipe:
+    """`recipe` with its UNet's shape written out for images of height x width x channels (its
+    size and channels the data's unless given): the recipe a checkpoint records. An OptionError
+    naming the fix where the data and the network cannot meet."""
+    prepare = "jobs/prepare_data.py --size N (resize and center-crop to N x N)"
+    if height != width:
+        raise OptionError(
+            f"the data's images are {width}x{height}: the UNet takes square ones; prepare them with {prepare}"
+        )
+    if recipe.in_channels and recipe.in_channels != channels:
+        raise OptionError(
+            f"in_channels {recipe.in_channels} does not match the data's {channels}: drop --in-channels (the data's is "
+            "the default)"
+        )
+    if recipe.image_size and recipe.image_size != height:
+        raise OptionError(
+            f"image_size {recipe.image_size} does not match the data's {height}: drop --image-size (the data's is the "
+            f"default), or prepare the data with jobs/prepare_data.py --size {recipe.image_size}"
+        )
+    try:
+        unet = recipe_unet(recipe.replace(image_size=height, in_channels=channels))
+    except ValueError as e:
+        raise OptionError(
+            f"the {recipe.model} UNet cannot take {height}x{width} images: {e}; prepare them at another size with "
+            f"{prepare}, or give --ch-mult (one level per halving) and --attn-resolutions"
+        ) from None
+    return recipe.replace(**shape_fields(unet))
+
+
+def shape_fields(unet: UNetConfig) -> dict:
+    """A UNet's shape as a recipe's options."""
+    return {
+        "image_size": unet.image_size,
+        "in_channels": unet.in_channels,
+        "ch": unet.ch,
+        "ch_mult": ",".join(map(str, unet.ch_mult)),
+        "num_res_blocks": unet.num_res_blocks,
+        "attn_resolutions": ",".join(map(str, unet.attn_resolutions)) or "none",
+    }
 
 
 @dataclass
@@ -54,16 +112,24 @@ class TrainState:
 
 
 def build_state(
-    recipe: Recipe, device: torch.device, rank: int = 0, channels_last: bool = True, unet: UNetConfig | None = None
+    recipe: Recipe,
+    device: torch.device,
+    rank: int = 0,
+    channels_last: bool = True,
+    unet: UNetConfig | None = None,
+    weights: dict | None = None,
 ) -> TrainState:
     """Model, Adam, EMA and noise schedule on `device`, initialised from `recipe.seed` (the same
-    weights on every rank). The UNet is the recipe's named one (conditioned on its `num_classes`),
-    or `unet` (a checkpoint's own, `diffusion.checkpoint.unet_config_of`, to resume or fine-tune it)."""
+    weights on every rank), or from `weights` (a fine-tune: model and EMA start as them). The UNet
+    is the recipe's (`recipe_unet`), or `unet` (a checkpoint's own, `diffusion.checkpoint.unet_config_of`,
+    to resume or fine-tune it)."""
     if device.type == "cuda":
         fast_cuda_kernels()
     torch.manual_seed(recipe.seed)
-    overrides = {} if unet else {"num_classes": recipe.num_classes}
-    model = build_unet(unet or recipe.model, dropout=recipe.dropout, **overrides).to(device)
+    model = build_unet(unet or recipe_unet(recipe), dropout=recipe.dropout)
+    if weights is not None:
+        load_initial_weights(model, weights)
+    model = model.to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(recipe, 0), **fastest_adam(device))
@@ -76,6 +142,14 @@ def build_state(
         rank=rank,
         memory_format=memory_format,
     )
+
+
+def load_initial_weights(model: UNet, weights: dict) -> None:
+    """`weights` into `model`; a class-conditional model may start from unconditional weights, its
+    class embedding left at zero (the unconditional model for every class)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [name for name in missing if not name.startswith("class_embed.")]:
+        raise ValueError(f"the weights do not fit the UNet: missing {missing}, unexpected {unexpected}")
 
 
 def fastest_adam(device: torch.device) -> dict:

@@ -72,6 +72,9 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # base width 64 with three levels (32 -> 16 -> 8), attention at 16; 6.5M parameters, 3.4x the
     # bf16 training throughput of the paper's 35.7M on such a CPU (bench/cpu_training.py).
     "cifar10-cpu": UNetConfig(ch=64, ch_mult=(1, 2, 2), dropout=0.0),
+    # DDPM's CelebA-HQ and LSUN 256x256 models (google/ddpm-church-256 and its kin): six levels
+    # (256 -> 8), widths 128-512, attention at 16; 114M parameters.
+    "ddpm-256": UNetConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
     # A small model for CPU tests and demos.
     "tiny": UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0),
     # The 8x8 grey digits (jobs/prepare_data.py --dataset digits), trained on a CPU: 8 -> 4 -> 2
@@ -266,6 +269,27 @@ class UNet(nn.Module):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
             h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def shaped(
+    base: UNetConfig,
+    image_size: int = 0,
+    in_channels: int = 0,
+    ch: int = 0,
+    ch_mult: tuple[int, ...] | None = None,
+    num_res_blocks: int = 0,
+    attn_resolutions: tuple[int, ...] | None = None,
+    **fields,
+) -> UNetConfig:
+    """`base` with the shape given (0 or None: base's) and any other `fields`. At another image size,
+    base's attention stays at its levels (16 of 32 is 32 of 64) unless `attn_resolutions` is given.
+    ValueError where the shape is impossible (the size cannot be halved as often as ch_mult asks)."""
+    size = image_size or base.image_size
+    if attn_resolutions is None:
+        attn_resolutions = tuple(size // (base.image_size // r) for r in base.attn_resolutions)
+    given = {"in_channels": in_channels, "ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks}
+    changes = {"image_size": size, **{key: value for key, value in given.items() if value}}
+    return UNetConfig(**{**base.to_dict(), **changes, "attn_resolutions": attn_resolutions, **fields})
 
 
 def build_unet(name_or_config: str | UNetConfig | dict = "cifar10", **overrides) -> UNet:

@@ -83,7 +83,7 @@ def test_build_unet_from_config_dict_and_overrides():
     [
         (
             "imagenet",
-            "unknown UNet config 'imagenet': choose one of cifar10, stl10, cifar10-cpu, tiny, digits",
+            "unknown UNet config 'imagenet': choose one of cifar10, stl10, cifar10-cpu, ddpm-256, tiny, digits",
         ),
         ({"ch": 100}, "ch must be a multiple of 32"),
         (

@@ -20,7 +20,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,19 +32,40 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from ..checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, parse_checkpoint, restore_state, save_checkpoint
+from ..checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    parse_checkpoint,
+    restore_state,
+    save_checkpoint,
+    unet_config_of,
+)
 from ..config import Recipe
+from ..digest import weights_digest
 from ..errors import OptionError
 from ..fid import FeatureStats, InceptionFeatures, frechet_distance, inception_weights
 from ..images import from_uint8, grid
 from ..pipeline import as_uint8_hwc
 from ..speed import use_bf16
-from ..training import DeviceData, HeldoutSet, TrainState, build_state, ddim_samples, fits_on_device, train_loop
+from ..training import (
+    DeviceData,
+    HeldoutSet,
+    TrainState,
+    build_state,
+    ddim_samples,
+    fits_on_device,
+    recipe_unet,
+    shape_fields,
+    shaped_to_data,
+    train_loop,
+)
+from ..unet import UNetConfig
 from . import tracking
 from .checkpoint_uris import read_checkpoint
 from .evaluate import inception_judge, reference_stats
 from .logs import PROJECT_LOGGER, project_lines_to_stdout
 from .resources import Workers, connect, use_assigned_resources
+from .run_folder import RunRecord
 from .settings import PLACEMENTS, RunSettings, TrainJob
 from .shards import ShardSet
 from .storage import open_location
@@ -137,6 +158,46 @@ def train_on_ray(job: TrainJob) -> ray.train.Result:
     return result
 
 
+@dataclass(frozen=True)
+class InitialWeights:
+    """The weights a fine-tune starts from (--init-from), and the recipe it trains them with."""
+
+    sha256: str
+    unet: UNetConfig  # theirs, conditioned and regularised as the recipe asks
+    recipe: Recipe  # the job's, with the weights' shape
+    weights: dict  # their EMA (sampling) weights
+
+    @classmethod
+    def read(cls, job: TrainJob, manifest: dict) -> InitialWeights:
+        """--init-from's weights, read as --checkpoint reads them; an OptionError where they cannot
+        start this job (their shape against the data's, the recipe's shape options or classes)."""
+        recipe, where = job.recipe, f"--init-from {job.settings.init_from}"
+        payload = read_checkpoint(job.settings.init_from, endpoint_url=job.settings.endpoint_url)
+        source = unet_config_of(payload)
+        shape = shape_fields(source)
+        data = (manifest["height"], manifest["width"], manifest["channels"])
+        if (source.image_size, source.image_size, source.in_channels) != data:
+            raise OptionError(
+                f"{where} takes {source.image_size}x{source.image_size} images of {source.in_channels} channel(s), "
+                f"the data's are {data[1]}x{data[0]} of {data[2]}: prepare the data with jobs/prepare_data.py --size "
+                f"{source.image_size}, or fine-tune weights of the data's size"
+            )
+        given = [
+            f"--{k.replace('_', '-')} {getattr(recipe, k)}"
+            for k, v in shape.items()
+            if getattr(recipe, k) not in (0, "", v)
+        ]
+        if given:
+            raise OptionError(f"{where} has its own network shape: drop {', '.join(given)}")
+        if source.num_classes not in (0, recipe.num_classes):
+            raise OptionError(
+                f"{where} is a UNet of {source.num_classes} classes: give --num-classes {source.num_classes}"
+            )
+        weights = payload["ema"]
+        unet = replace(source, num_classes=recipe.num_classes, dropout=recipe.dropout)
+        return cls(weights_digest(weights), unet, recipe.replace(**shape), weights)
+
+
 class Training:
     """One training run, made ready on the driver: the checked job, its data and held-out set,
     its MLflow run (new, with `mlflow_tags`, or the one of its name), and the TorchTrainer.
@@ -146,7 +207,20 @@ class Training:
         job = resolve(job)
         s = job.settings
         self.shards = ShardSet.open(s.data, s.endpoint_url, verify="size")  # before starting Ray
-        check_classes(job.recipe, self.shards.manifest, s.data)
+        manifest = self.shards.manifest
+        check_classes(job.recipe, manifest, s.data)
+        self.init = InitialWeights.read(job, manifest) if s.init_from else None
+        if self.init:
+            job, unet = TrainJob(self.init.recipe, s), self.init.unet
+        else:
+            job = TrainJob(shaped_to_data(job.recipe, manifest["height"], manifest["width"], manifest["channels"]), s)
+            unet = recipe_unet(job.recipe)
+        self.unet = unet
+        self.folder = open_location(f"{s.storage.rstrip('/')}/{s.name}", s.endpoint_url, check=False)
+        resumed = RunRecord.of_resumed(self.folder)
+        if resumed:
+            resumed.check_resume(job.recipe, unet.to_dict(), s.data, self.shards.digest, self.folder.uri)
+            self.init = None  # the run's checkpoint holds its weights
         if s.fid_every and self.shards.manifest["dataset"] == "digits":
             raise OptionError(
                 "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
@@ -158,7 +232,10 @@ class Training:
         self.job = job = resolve_workers(job)
         s = job.settings
         self.heldout, self.train_splits, heldout_source = heldout_images(self.shards, s)
-        self.run = tracking.training_run(job, mlflow_tags)
+        self.run = tracking.training_run(job, mlflow_tags, resumed.mlflow_run_id if resumed else None)
+        RunRecord(self.run.id, s.data, self.shards.digest, job.recipe.to_dict(), unet.to_dict()).write(self.folder)
+        if self.init:
+            self.run.set_tags({"init_from_sha256": self.init.sha256})
         self.run.set_tags({"heldout_source": heldout_source})
         name = f"{self.shards.manifest['dataset']}:{s.data.rstrip('/').rsplit('/', 1)[-1]}"
         splits = self.train_splits or self.shards.manifest["splits"]
@@ -183,6 +260,8 @@ class Training:
                 "run_id": self.run.id,
                 "heldout": ray.put(self.heldout),
                 "classes": manifest["classes"] if job.recipe.num_classes else [],
+                "unet": self.unet.to_dict(),
+                "initial_weights": ray.put(self.init.weights) if self.init else None,
                 "dataset_bytes": len(self.shards) * image_bytes,
                 "fid_reference": fid_reference(s, self.shards, self.run) if s.fid_every else None,
             },
@@ -498,7 +577,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     threads = use_assigned_resources(reading_share=0.0 if s.gpus_per_worker else 1 / world)
     bf16 = use_bf16(s.precision, device, training=True)
     channels_last = s.channels_last == "on" or (s.channels_last == "auto" and device.type == "cuda")
-    state = build_state(recipe, device, rank, channels_last)
+    initial = loop_config["initial_weights"]
+    unet = UNetConfig(**loop_config["unet"])
+    state = build_state(recipe, device, rank, channels_last, unet, ray.get(initial) if initial else None)
     resumed = restore_from_ray_checkpoint(state)
     net = prepare_model(state.model, move_to_device=False)  # DDP; every rank starts from rank 0's weights
     if s.compile:

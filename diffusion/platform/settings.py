@@ -103,6 +103,11 @@ class RunSettings(Tracking, Speed, Endpoint, FidWeights, Options):
     heldout_size: int = option(1000, "images in the fixed held-out (image, t, noise) set", ge=1)
     storage: str = option("runs", "where runs and checkpoints go (folder or s3://bucket/prefix)")
     name: str = option("", "run name; the same name resumes (default: derived from model and schedule)")
+    init_from: str = option(
+        "",
+        "fine-tune: start a new run from these weights, anything --checkpoint reads (the network's shape is "
+        "theirs, the rest this recipe's)",
+    )
     # cadence
     log_every: int = option(100, "steps between progress lines and metrics", ge=1)
     eval_every: int = option(5000, "steps between held-out L_simple evaluations", ge=1)

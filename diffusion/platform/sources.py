@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -67,7 +68,15 @@ STL10_SPLITS = {
     "unlabeled": ("unlabeled_X.bin", None),
 }
 DIGITS_SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MODE_NAMES = {
+    "L": "grey",
+    "LA": "grey with alpha",
+    "RGBA": "RGBA",
+    "P": "palette",
+    "CMYK": "CMYK",
+    "1": "black and white",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CHUNK = 1000
 
 
@@ -236,25 +245,28 @@ def digits_source(splits: list[str]) -> Source:
 # ---------------------------------------------------------------------------- image folders
 
 
-def _list_folder(root: Path) -> tuple[list[str], callable]:
-    """Relative POSIX paths of the images under a folder or in a tar/tar.gz, and a function
-    that yields (relative path, bytes) in a deterministic order."""
+def _images_and_others(files: list[str]) -> tuple[list[str], list[str]]:
+    is_image = [PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES for n in files]
+    return [n for n, i in zip(files, is_image) if i], [n for n, i in zip(files, is_image) if not i]
+
+
+def _list_folder(root: Path) -> tuple[list[str], list[str], callable]:
+    """Relative POSIX paths of the images under a folder or in a tar/tar.gz, of its other files
+    (skipped), and a function that yields (relative path, bytes) in a deterministic order."""
     if root.is_dir():
-        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        names, others = _images_and_others(
+            sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        )
 
         def read_all(wanted: set[str]):
             for name in names:
                 if name in wanted:
                     yield name, (root / name).read_bytes()
 
-        return names, read_all
+        return names, others, read_all
     if root.is_file() and tarfile.is_tarfile(root):
         with tarfile.open(root, "r|*") as tar:
-            names = [
-                m.name.lstrip("./")
-                for m in tar
-                if m.isfile() and PurePosixPath(m.name).suffix.lower() in IMAGE_SUFFIXES
-            ]
+            names, others = _images_and_others([m.name.lstrip("./") for m in tar if m.isfile()])
 
         def read_all(wanted: set[str]):
             with tarfile.open(root, "r|*") as tar:  # one streaming pass, in archive order
@@ -263,7 +275,7 @@ def _list_folder(root: Path) -> tuple[list[str], callable]:
                     if m.isfile() and name in wanted:
                         yield name, tar.extractfile(m).read()
 
-        return names, read_all
+        return names, others, read_all
     raise DataError(f"{root} is neither a folder nor a tar/tar.gz archive of class sub-folders")
 
 
@@ -277,7 +289,9 @@ def imagefolder_source(root: Path, splits: list[str] | None, size: int | None) -
 
     if not root.exists():
         raise DataError(f"{root} does not exist: pass --source as a folder or tar/tar.gz of class sub-folders")
-    names, read_all = _list_folder(root)
+    names, others, read_all = _list_folder(root)
+    if others:
+        print(f"skipped {len(others)} file(s) that are not images ({', '.join(IMAGE_SUFFIXES)}): {others[0]}, ...")
     if not names:
         raise DataError(
             f"no JPEG/PNG images under {root}: expected class sub-folders, <class>/<image>.jpg "
@@ -305,9 +319,10 @@ def imagefolder_source(root: Path, splits: list[str] | None, size: int | None) -
 
     def chunks() -> Iterator[Chunk]:
         buffer: dict[str, tuple[list, list]] = {}
-        reference = None
+        reference, converted = None, Counter()
         for name, data in read_all(set(selected)):
-            image = _decode(Image, root, name, data, size)
+            image, mode = _decode(Image, root, name, data, size)
+            converted[mode] += mode != "RGB"
             if reference is None:
                 reference = (name, image.shape)
             elif image.shape != reference[1]:
@@ -325,16 +340,22 @@ def imagefolder_source(root: Path, splits: list[str] | None, size: int | None) -
         for split, (images, labels) in buffer.items():
             if images:
                 yield split, np.stack(images), np.asarray(labels, dtype=np.int64)
+        if converted.total():
+            modes = ", ".join(f"{n} {MODE_NAMES.get(m, m)} ({m})" for m, n in converted.items() if n)
+            print(f"converted to RGB: {modes}")
 
     fingerprint = {"source": str(root.resolve()), **_tree_stat(root), "size": size}
     return Source("imagefolder", splits, classes, chunks(), fingerprint, count=len(selected))
 
 
-def _decode(Image, root: Path, name: str, data: bytes, size: int | None) -> np.ndarray:
+def _decode(Image, root: Path, name: str, data: bytes, size: int | None) -> tuple[np.ndarray, str]:
+    """An image file's pixels as RGB uint8 (H, W, 3), resized and cropped to `size`, and its own mode."""
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        mode = image.mode
+        image = image.convert("RGB")
     except Exception as e:  # PIL raises several types for broken files
-        raise DataError(f"cannot decode {root}/{name}: {e}") from None
+        raise DataError(f"cannot decode {root}/{name}: {e}; remove or replace that file") from None
     if size:
         w, h = image.size
         scale = size / min(w, h)
@@ -342,7 +363,7 @@ def _decode(Image, root: Path, name: str, data: bytes, size: int | None) -> np.n
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image, dtype=np.uint8), mode
 
 
 def _tree_stat(root: Path) -> dict:

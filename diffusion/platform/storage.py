@@ -40,7 +40,7 @@ class Location:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write file `name` (a path under this folder: its folders are made on a local disk)."""
         path = self.join(name)
-        if isinstance(self.fs, pafs.LocalFileSystem) and "/" in name:
+        if isinstance(self.fs, pafs.LocalFileSystem):
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
         with self.fs.open_output_stream(path) as f:
             f.write(data)

@@ -9,8 +9,8 @@ rather than its GenAI one.
 
 Runs are tagged `kind` (training, sampling, evaluation, sweep) and with MLflow's standard
 source tags (mlflow.source.git.commit, .name, .type, mlflow.user); a training run also carries
-its run name (RUN_NAME_TAG), which is how a resumed run finds its MLflow run again, and the
-URI of its latest checkpoint (CHECKPOINT_TAG), which `runs:/<run_id>` stands for. A finished
+its run name (RUN_NAME_TAG; a resumed run finds its MLflow run by the id its run folder
+records, `diffusion.platform.run_folder`), and the URI of its latest checkpoint (CHECKPOINT_TAG), which `runs:/<run_id>` stands for. A finished
 training run logs its final and its best weights as MLflow Models (`SamplerModel`: a pyfunc
 that samples images) at their checkpoints' steps, each with the run's metrics of its step, which
 the Model Registry can hold.
@@ -130,6 +130,16 @@ class Run:
         return run
 
     @classmethod
+    def get(cls, run_id: str) -> Run | None:
+        """MLflow run `run_id` of this tracking store, if it has one."""
+        uri = tracking_uri()
+        try:
+            client(uri).get_run(run_id)
+        except MlflowException:
+            return None
+        return cls(run_id, uri)
+
+    @classmethod
     def find(cls, experiment: str, where: str) -> Run | None:
         """The first run of `experiment` matching the MLflow search filter `where`, if any."""
         uri = tracking_uri()
@@ -204,15 +214,18 @@ def run_page(experiment: str, run_id: str, tab: str = "") -> str:
     return f"#/experiments/{experiment}/runs/{run_id}{'/' + tab if tab else ''}?workflowType=machine_learning"
 
 
-def training_run(job, tags: dict | None = None) -> Run:
-    """The MLflow run of a training run (a TrainJob): the one tagged with its name (a resume),
-    or a new one with `tags`. Params are every option, recipe and run settings; a resume that
-    changes some (say max_steps) records them in a tag, as MLflow params cannot change."""
+def training_run(job, tags: dict | None = None, resumed_run_id: str | None = None) -> Run:
+    """The MLflow run of a training run (a TrainJob): `resumed_run_id`, the one its run folder
+    recorded, where it resumes, else a new one with `tags`. Params are every option, recipe and
+    run settings; a resume that changes some (say max_steps) records them in a tag, as MLflow
+    params cannot change."""
     import ray  # here, not above: a logged model loads with MLflow alone
 
     params = {k: str(v) for k, v in job.to_dict().items()}
     experiment, name = job.settings.experiment, job.settings.name
-    run = Run.find(experiment, f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    run = Run.get(resumed_run_id) if resumed_run_id else None
+    if resumed_run_id and run is None:
+        print(f"MLflow run {resumed_run_id} of this run is not in {tracking_uri()}: a new MLflow run continues it")
     if run is not None:
         logged = run.params
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
