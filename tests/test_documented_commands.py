@@ -169,7 +169,7 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python jobs/train\.py --preset tiny$": "trained",
         r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-63 --out samples$": "test_generate",
         r"^python jobs/generate\.py --checkpoint runs/tiny-linear --seeds 0-7 --out figures --figures": "test_generate",
-        r"^python jobs/export\.py": "test_export",
+        r"^python jobs/export\.py(?! --checkpoint runs/mine)": "test_export",
         r"^python jobs/sample\.py --checkpoint runs:/ID .*--figures --out s3://": "test_sample",
         r"^python jobs/serve\.py --checkpoint runs/tiny-linear$": "test_serve",
         r"^curl -s -X POST 127\.0\.0\.1:8000/|^curl -N -X POST 127\.0\.0\.1:8000/": "test_serve",
@@ -210,6 +210,9 @@ COVERAGE: dict[str, dict[str, str]] = {
         r"^python bench/cifar10_judge\.py": "tests/test_cifar10_cpu.py::test_the_judge_script_trains_resumes_and_records",
         r"^python bench/cpu_training\.py": "tests/test_cifar10_cpu.py::test_the_cpu_training_bench_compares_every_choice",
         r"^bash bench/gpu\.sh --quality-smoke$": "tests/test_cifar10_cpu.py::test_the_gpu_quality_run_runs_its_steps_at_smoke_size",
+        r"^python jobs/\w+\.py .*(~/pictures|data/mine|runs/mine)": (
+            "tests/test_own_images.py::test_an_image_folder_of_64x64_images_end_to_end"
+        ),
         r"^python tune/sweep\.py": "tests/test_sweep.py::swept",  # the CLI, 3 trials with ASHA
         r"^python tune/screenshot\.py --sweep": "tests/test_sweep.py::test_the_compare_page_screenshot_shows_the_trials",
         r"^python tune/screenshot\.py --run": "tests/test_mlflow_models.py::test_the_run_page_shows_the_models_and_the_sample_grid",

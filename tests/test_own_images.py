@@ -255,6 +255,13 @@ def test_a_resume_is_refused_with_another_data_set_network_or_schedule(tmp_path)
         ),
         ((recipe.replace(schedule="cosine"), unet, "data/mine", "1" * 64), "(schedule 'linear' there, 'cosine' asked)"),
     ]
+    at_64 = shaped_to_data(RECIPES["tiny"], 64, 64, 3)
+    cases.append(
+        (
+            (at_64, recipe_unet(at_64).to_dict(), "data/mine-64", "3" * 64),
+            "not data/mine-64 of 64x64x3 images, the run's 32x32x3 (jobs/prepare_data.py --size 32)",
+        )
+    )
     for args, message in cases:
         with pytest.raises(OptionError) as error:
             record.check_resume(*args, where)

@@ -75,10 +75,16 @@ class RunRecord:
         """An OptionError naming what differs unless a start with this recipe, UNet and data set may
         resume this run (whose folder is `where`)."""
         fix = f"give another --name or --storage for a new run, or {where}'s own to resume it"
+        recorded, there, asked = Recipe.from_dict(self.recipe), as_json(self.unet), as_json(unet)
         same_data = data_sha256 == self.data_sha256 if self.data_sha256 else data == self.data
         if not same_data:
-            raise OptionError(f"{where} trains on another data set ({self.data}), not {data}: {fix}")
-        recorded, there, asked = Recipe.from_dict(self.recipe), as_json(self.unet), as_json(unet)
+            shape = [(u["image_size"], u["in_channels"]) for u in (there, asked)]
+            sizes = f" of {shape[1][0]}x{shape[1][0]}x{shape[1][1]} images, the run's {shape[0][0]}x{shape[0][0]}x{shape[0][1]}"
+            raise OptionError(
+                f"{where} trains on another data set ({self.data}), not {data}"
+                + (sizes + f" (jobs/prepare_data.py --size {shape[0][0]})" if shape[0] != shape[1] else "")
+                + f": {fix}"
+            )
         differ = [
             f"{name} {there[name]} there, {asked.get(name)} asked"
             for name in there
