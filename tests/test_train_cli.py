@@ -7,7 +7,8 @@ import pytest
 
 from diffusion.config import Recipe
 from diffusion.platform.settings import PRESETS, RunSettings, TrainJob
-from diffusion.training import lr_at
+from diffusion.training import lr_at, recipe_unet
+from diffusion.unet import build_unet
 from helpers import ROOT, run_main
 
 spec = importlib.util.spec_from_file_location("train_cli", ROOT / "jobs" / "train.py")
@@ -32,6 +33,9 @@ def test_presets_follow_the_ddpm_recipe():
     assert PRESETS["stl10"].recipe.model == "stl10" and PRESETS["tiny"].recipe.model == "tiny"
     digits = PRESETS["digits"].validate()  # the recipe bench/quality.py measured (README: 12m40s on 2 cores)
     assert (digits.recipe.model, digits.recipe.flip, digits.settings.data) == ("digits", False, "data/digits")
+    classes = PRESETS["cifar10-classes"].validate()  # CIFAR-10's ten classes; its weights fit a 16 MB release
+    assert (classes.recipe.num_classes, classes.settings.sample_guidance, classes.settings.sample_n) == (10, 3.0, 80)
+    assert 2 * sum(p.numel() for p in build_unet(recipe_unet(classes.recipe)).parameters()) < 16e6  # float16
 
 
 def test_learning_rate_warms_up_linearly_then_stays():
