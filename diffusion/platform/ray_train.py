@@ -209,18 +209,20 @@ class Training:
         self.shards = ShardSet.open(s.data, s.endpoint_url, verify="size")  # before starting Ray
         manifest = self.shards.manifest
         check_classes(job.recipe, manifest, s.data)
-        self.init = InitialWeights.read(job, manifest) if s.init_from else None
+        self.folder = open_location(f"{s.storage.rstrip('/')}/{s.name}", s.endpoint_url, check=False)
+        resumed = RunRecord.of_resumed(self.folder)
+        self.init = InitialWeights.read(job, manifest) if s.init_from and not resumed else None
         if self.init:
             job, unet = TrainJob(self.init.recipe, s), self.init.unet
+        elif resumed and s.init_from:  # a fine-tune resumed: the run's network, its source not read again
+            unet = replace(UNetConfig(**resumed.unet), dropout=job.recipe.dropout, num_classes=job.recipe.num_classes)
+            job = TrainJob(job.recipe.replace(**shape_fields(unet)), s)
         else:
             job = TrainJob(shaped_to_data(job.recipe, manifest["height"], manifest["width"], manifest["channels"]), s)
             unet = recipe_unet(job.recipe)
         self.unet = unet
-        self.folder = open_location(f"{s.storage.rstrip('/')}/{s.name}", s.endpoint_url, check=False)
-        resumed = RunRecord.of_resumed(self.folder)
         if resumed:
             resumed.check_resume(job.recipe, unet.to_dict(), s.data, self.shards.digest, self.folder.uri)
-            self.init = None  # the run's checkpoint holds its weights
         if s.fid_every and self.shards.manifest["dataset"] == "digits":
             raise OptionError(
                 "in-training FID uses Inception, which does not apply to the 8x8 grey digits: drop --fid-every and "
