@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffusion.platform.logs import WorkerOutput
+from diffusion.platform.logs import WithoutPoolAdvice, WorkerOutput
 from helpers import ROOT, cli_env
 
 DRIVER = """
@@ -69,16 +69,40 @@ def test_worker_output_passes_stdout_and_says_once_that_stderr_is_hidden(capsys)
         {"lines": [], "is_err": True},
         {"lines": ["b", "c"], "is_err": True},
         {"lines": ["d"], "is_err": True},
-        {
-            "lines": ["WARNING: 12 PYTHON worker processes have been started on node: 0f3 with address: 10.0.0.5."],
-            "pid": "raylet",
-            "is_err": False,
-        },  # Ray's advice when a busy machine starts its workers slowly
-        {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet", "is_err": False},
     ]
     for data in batches:
         output(data)
-    assert shown == [batches[0], batches[-1]] and output.hidden == 4
+    assert shown == batches[:1] and output.hidden == 3
     assert capsys.readouterr().out == (
         "Ray's own log lines are hidden (--verbose shows them; its processes' logs are in /tmp/ray/session_x/logs)\n"
     )
+
+
+def test_the_raylets_worker_pool_advice_is_hidden_and_its_other_messages_shown():
+    shown = []
+    printer = WithoutPoolAdvice(lambda data, ignore_prefix: shown.append(data))
+    advice = "WARNING: 12 PYTHON worker processes have been started on node: 0f3 with address: 10.0.0.5, which is 6x"
+    messages = [
+        {"lines": [advice], "pid": "raylet", "is_err": False},  # Ray's advice when a busy machine starts workers slowly
+        {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet", "is_err": False},
+        {"lines": [advice], "pid": 123, "is_err": False},  # a worker that prints those words is shown
+    ]
+    for data in messages:
+        printer(data, False)
+    assert shown == messages[1:]
+    from ray._private import worker as ray_worker
+
+    from diffusion.platform.logs import hide_worker_pool_advice
+
+    # The raylet's messages reach the driver through Ray's error listener, which calls this global.
+    assert "print_to_stdstream" in ray_worker.listen_error_messages.__code__.co_names
+    original = ray_worker.print_to_stdstream
+    try:
+        hide_worker_pool_advice(True)
+        assert isinstance(ray_worker.print_to_stdstream, WithoutPoolAdvice)
+        assert ray_worker.print_to_stdstream.show is original
+        hide_worker_pool_advice(True)  # once only
+        assert ray_worker.print_to_stdstream.show is original
+    finally:
+        hide_worker_pool_advice(False)
+    assert ray_worker.print_to_stdstream is original

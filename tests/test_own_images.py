@@ -1,10 +1,9 @@
 """A user's own image folder, end to end at smoke size, as README's commands run it: 64x64 images
 of two classes (a grey one, an RGBA one and a note among them) prepared, trained from scratch,
-resumed, fine-tuned, sampled, served and exported, every output's size checked; one MLflow run
+exported, fine-tuned, sampled and served, every output's size checked; one MLflow run
 per training run."""
 
 import json
-import shutil
 import signal
 from dataclasses import asdict
 
@@ -117,11 +116,7 @@ def test_an_image_folder_of_64x64_images_end_to_end(tmp_path, ray_address, mlflo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     source = read_checkpoint(exported)
 
-    # Resumed with more steps, its source gone: it continues its checkpoint and its MLflow run.
-    shutil.rmtree(exported)
-    proc = train(data, tuned, "mine", 4, mlflow_uri, ray_address, "--init-from", exported, "--lr", "1e-4")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # Another data set is refused before Ray starts.
+    # Another data set is refused before Ray starts (a resume's MLflow run: tests/test_train.py).
     proc = train(cifar_shards, runs, "mine", 8, mlflow_uri, ray_address)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{runs}/mine trains on another data set ({data}), not {cifar_shards} of 32x32x3 images" in proc.stderr
@@ -129,15 +124,14 @@ def test_an_image_folder_of_64x64_images_end_to_end(tmp_path, ray_address, mlflo
 
     client, (first, second) = runs_named(mlflow_uri, "mine")
     loss_steps = [[m.step for m in client.get_metric_history(r.info.run_id, "loss")] for r in (first, second)]
-    assert loss_steps == [[2, 4], [2, 4]]
+    assert loss_steps == [[2, 4], [2]]
     assert first.data.params["storage"] == str(runs) and second.data.params["storage"] == str(tuned)
-    assert "max_steps" in second.data.tags["resumed_with_changes"]
     assert second.data.params["init_from"] == str(exported) and len(second.data.tags["init_from_sha256"]) == 64
     assert json.loads((tuned / "mine" / "run.json").read_text())["mlflow_run_id"] == second.info.run_id
 
     # The fine-tune's first held-out loss is the exported model's own on the same held-out set.
     tuned_payload = read_checkpoint(tuned / "mine")
-    assert unet_config_of(tuned_payload).image_size == 64 and tuned_payload["step"] == 4
+    assert unet_config_of(tuned_payload).image_size == 64 and tuned_payload["step"] == 2
     heldout = [m for m in client.get_metric_history(second.info.run_id, "heldout_loss") if m.step == 0]
     heldout_ema = [m for m in client.get_metric_history(second.info.run_id, "heldout_loss_ema") if m.step == 0]
     assert heldout[0].value == pytest.approx(heldout_ema[0].value, rel=1e-6)  # both the source's weights
@@ -158,6 +152,11 @@ def test_an_image_folder_of_64x64_images_end_to_end(tmp_path, ray_address, mlflo
         wait_for_http(f"http://127.0.0.1:{port}/healthz", 180, server, any_status=False)
         status, _, body = post(f"http://127.0.0.1:{port}/v1/samples", {"n": 2, "seed": 0, "steps": 2, "format": "npz"})
         assert status == 200 and npz(body).shape == (2, 64, 64, 3)
+        output = ""
+        while "try: " not in output:  # from its request to try on, a stop is a clean shutdown
+            line = server.stdout.readline()
+            assert line, output
+            output += line
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=120) == 0

@@ -51,19 +51,17 @@ def quiet_driver() -> None:
 
 
 class WorkerOutput:
-    """The driver's printer of its workers' output (`show`, Ray's own) for their stdout alone (and
-    not the raylet's worker-pool advice): the first time a line is dropped, one line says how to
-    see it."""
+    """The driver's printer of its workers' output (`show`, Ray's own) for their stdout alone:
+    the first time a worker's stderr is dropped, one line says how to see it."""
 
     def __init__(self, show: Callable[[dict], None], logs_dir: str):
         self.show, self.logs_dir, self.hidden = show, logs_dir, 0
 
     def __call__(self, data: dict) -> None:
-        lines = data.get("lines", ())
-        worker_pool_advice = data.get("pid") == "raylet" and all(WORKER_POOL_ADVICE in line for line in lines)
-        if not data.get("is_err") and not worker_pool_advice:
+        if not data.get("is_err"):
             self.show(data)
             return
+        lines = data.get("lines", ())
         if lines and not self.hidden:
             print(
                 f"Ray's own log lines are hidden (--verbose shows them; its processes' logs are in {self.logs_dir})",
@@ -85,3 +83,28 @@ def hide_workers_stderr() -> None:
     output = WorkerOutput(printers[0], ray_worker._global_node.get_logs_dir_path())
     dispatcher.remove_handler(RAY_PRINT_LOGS)
     dispatcher.add_handler(RAY_PRINT_LOGS, output)  # the same name: ray.shutdown removes it
+
+
+class WithoutPoolAdvice:
+    """Ray's printer of the raylet's messages to the driver (`show`: `print_to_stdstream`, which its
+    error listener calls), but for its advice that many worker processes have started."""
+
+    def __init__(self, show: Callable[[dict, bool], None]):
+        self.show = show
+
+    def __call__(self, data: dict, ignore_prefix: bool) -> None:
+        lines = data.get("lines") or [""]
+        if not (data.get("pid") == "raylet" and all(WORKER_POOL_ADVICE in line for line in lines)):
+            self.show(data, ignore_prefix)
+
+
+def hide_worker_pool_advice(hidden: bool) -> None:
+    """After ray.init: Ray's printer of the raylet's messages without (`hidden`) or with its
+    worker-pool advice; nothing where this Ray prints them some other way."""
+    from ray._private import worker as ray_worker
+
+    show = getattr(ray_worker, "print_to_stdstream", None)
+    if show is None:
+        return
+    original = show.show if isinstance(show, WithoutPoolAdvice) else show
+    ray_worker.print_to_stdstream = WithoutPoolAdvice(original) if hidden else original

@@ -59,6 +59,7 @@ def start_ray(verbose: bool) -> None:
         logs.quiet_driver()
     try:
         ray.init(logging_level=logging.INFO if verbose else logging.WARNING)
+        logs.hide_worker_pool_advice(not verbose)
         if not verbose:
             logs.hide_workers_stderr()
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
