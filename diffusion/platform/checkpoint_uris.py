@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import checkpoint as local
 from ..checkpoint import CHECKPOINT_FILE, METRICS_FILE, CheckpointError, choose_checkpoint, is_uri, parse_checkpoint
+from .run_folder import checkpoint_names
 from .storage import open_location
 
 MODEL_CHECKPOINT = Path("artifacts") / CHECKPOINT_FILE  # inside an MLflow Model folder of this project
@@ -58,8 +59,7 @@ def _checkpoint_file(location, uri: str, which: str) -> str:
         return location.path
     if location.exists(CHECKPOINT_FILE):
         return location.join(CHECKPOINT_FILE)
-    entries = location.fs.get_file_info(pafs.FileSelector(location.path))
-    complete = [e.base_name for e in entries if location.exists(posixpath.join(e.base_name, CHECKPOINT_FILE))]
+    complete = checkpoint_names(location)
 
     def metrics_of(name: str) -> str | None:
         metrics = posixpath.join(name, METRICS_FILE)

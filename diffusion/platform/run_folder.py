@@ -13,7 +13,7 @@ import json
 import posixpath
 from dataclasses import asdict, dataclass
 
-from ..checkpoint import CHECKPOINT_FILE, CHECKPOINT_PREFIX, recipe_of, unet_config_of
+from ..checkpoint import CHECKPOINT_FILE, CHECKPOINT_PREFIX, parse_checkpoint, recipe_of, unet_config_of
 from ..config import Recipe
 from ..errors import OptionError
 from .storage import Location
@@ -59,8 +59,6 @@ class RunRecord:
             return None
         if folder.exists(RECORD_FILE):
             return cls(**json.loads(folder.read_bytes(RECORD_FILE)))
-        from ..checkpoint import parse_checkpoint
-
         path = posixpath.join(names[-1], CHECKPOINT_FILE)
         payload = parse_checkpoint(folder.read_bytes(path), f"{folder.uri}/{path}")
         unet = unet_config_of(payload).to_dict()
